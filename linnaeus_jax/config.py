@@ -1,0 +1,323 @@
+"""The config schema, its validation and its resolution against the data.
+
+Key paths are the original's YACS paths lower-cased with the same nesting
+(`DATA.H5.LABELS_PATH` -> `config.data.h5.labels_path`); names that are data keep their case
+(task keys such as `taxa_L10`, components `TEMPORAL`). `base_config()` holds every known key with
+the original's defaults; files in `configs/` start from it. `validate()` lists every unknown key
+and every inconsistent value in one error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+
+import ml_collections
+
+TASK_KEYS = ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")
+HEAD_TYPES = ("Linear",)
+LR_SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)
+LOSSES = ("CrossEntropyLoss", "LabelSmoothingCrossEntropy", "SoftTargetCrossEntropy")
+# Subtrees whose keys are data (task keys, component names): any key may appear there, but each
+# entry must have the shape of the template.
+OPEN_SUBTREES = {"model.classification.heads": "head", "data.meta.components": "component"}
+
+
+class ConfigError(ValueError):
+  """A config problem; the message lists every problem found."""
+
+
+def _component(enabled, source, dim, idx):
+  return dict(enabled=enabled, source=source, columns=[], dim=dim, idx=idx, allow_missing=True,
+              oor_mask=False)
+
+
+def head_template():
+  return ml_collections.ConfigDict(dict(type="Linear", num_classes=0))
+
+
+def component_template():
+  return ml_collections.ConfigDict(_component(False, "", 1, 0))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every known key, with the original's defaults where it has one."""
+  c = ml_collections.ConfigDict()
+  c.data = dict(
+      h5=dict(labels_path="", images_path="", train_labels_path="", val_labels_path="",
+              train_images_path="", val_images_path="", train_val_split_ratio=0.9,
+              train_val_split_seed=42),
+      hybrid=dict(use_hybrid=False, images_dir="", file_extension=".jpg",
+                  allow_missing_images=False),
+      task_keys_h5=list(TASK_KEYS),
+      partial=dict(levels=False),
+      out_of_region=dict(include=True),
+      upward_major_check=False,
+      meta=dict(active=True, components=dict(
+          TEMPORAL=_component(True, "temporal", 2, 0),
+          SPATIAL=_component(True, "spatial", 3, 1),
+          ELEVATION=_component(False, "elevation_broadrange_2", 10, 2))),
+      img_size=384,
+      batch_size=64,  # global batch (all devices of all processes)
+      batch_size_val=128,
+      num_workers=0,  # Grain worker processes; 0 decodes in the main process with threads
+      prefetch_threads=4,
+      # Ours: the built-in synthetic dataset, generated into the cache on first use.
+      synthetic=dict(enabled=False, cache_dir="", options=dict(
+          num_orders=2, families_per_order=2, genera_per_family=3, species_per_genus=4,
+          img_size=64, max_samples_per_species=200, min_samples_per_species=40,
+          zipf_exponent=0.5, null_species_rate=0.04, null_genus_rate=0.02,
+          missing_temporal_rate=0.05, missing_spatial_rate=0.05, missing_elevation_rate=0.05,
+          out_of_region_rate=0.05, temporal_hours=False, image_format="jpeg", seed=0)),
+  )
+  c.model = dict(
+      name="mFormerV1",
+      in_chans=3,
+      convnext_stages=dict(depths=[3, 3], dims=[96, 192, 384, 768], layer_scale_init_value=1e-6),
+      rope_stages=dict(depths=[5, 2], dims=[384, 768], num_heads=[6, 12], mlp_ratio=[4.0, 4.0],
+                       rope_theta=10000.0, rope_mixed=True),
+      drop_rate=0.0,
+      drop_path_rate=0.2,
+      only_last_cls=False,
+      label_smoothing=0.1,
+      # Ours (reference/README.md decisions 1, 2, 4): compatibility switches and precision.
+      rope_mode="rotate",  # 'rotate' | 'cos_only' (original defect, converted checkpoints only)
+      attn_scale="rsqrt_head_dim",  # 'rsqrt_head_dim' | 'inv_head_dim' (original flash path)
+      meta_missing="learned_token",  # 'learned_token' | 'zeros' (the original)
+      attention_impl="xla",  # 'xla' | 'cudnn'
+      dtype="float32",  # compute dtype; parameters stay float32
+      classification=dict(heads={k: dict(type="Linear", num_classes=0) for k in TASK_KEYS}),
+  )
+  c.train = dict(
+      epochs=300,
+      steps=0,  # optimizer updates; when > 0 it overrides epochs
+      clip_grad=5.0,
+      auto_resume=True,
+      phase1_mask_null_loss=False,
+      nonfinite_patience=5,  # ours: stop after this many non-finite (skipped) steps in a row
+  )
+  c.optimizer = dict(name="adamw", eps=1e-8, betas=[0.9, 0.999], weight_decay=0.05)
+  c.lr_scheduler = dict(name="cosine", base_lr=1e-4, warmup_lr=5e-7, min_lr=1e-5,
+                        warmup_epochs=5.0, warmup_fraction=-1.0, warmup_steps=0)
+  c.loss = dict(task_specific=dict(train=dict(funcs=["CrossEntropyLoss"] * 4),
+                                   val=dict(funcs=["CrossEntropyLoss"] * 4)),
+                grad_weighting=dict(task=dict(init_weights=[])))
+  c.schedule = dict(
+      meta_masking=dict(enabled=True, start_prob=1.0, end_prob=0.0, end_steps=0,
+                        end_fraction=-1.0),
+      # Intervals: steps > fraction (of total steps) > epochs; <= 0 means unset.
+      validation=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0),
+      checkpoint=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
+                      keep_last_n=2),
+      metrics=dict(console_interval=100, tensorboard_interval=50),
+  )
+  c.misc = dict(seed=42)
+  c.mesh = dict(data=-1)  # devices on the data axis; -1 = all
+  return c
+
+
+def load_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns base_config() updated with `config`, so absent keys get their defaults."""
+  merged = base_config()
+  _merge(merged, config)
+  return merged
+
+
+def _merge(dst, src, prefix=""):
+  for key, value in src.items():
+    if isinstance(value, ml_collections.ConfigDict) and key in dst and isinstance(
+        dst[key], ml_collections.ConfigDict):
+      _merge(dst[key], value, prefix + key + ".")
+    else:
+      with dst.unlocked():
+        dst[key] = value
+
+
+def _unknown_keys(node, ref, path, problems):
+  for key in node.keys():
+    full = f"{path}.{key}" if path else key
+    if full in OPEN_SUBTREES:
+      template = head_template() if OPEN_SUBTREES[full] == "head" else component_template()
+      for name, entry in node[key].items():
+        if not isinstance(entry, ml_collections.ConfigDict):
+          problems.append(f"{full}.{name} must be a dict like {template.to_dict()}")
+          continue
+        _unknown_keys(entry, template, f"{full}.{name}", problems)
+      continue
+    if key not in ref:
+      hint = difflib.get_close_matches(key, list(ref.keys()), n=1)
+      problems.append(f"unknown key {full}" + (f" (did you mean {path + '.' if path else ''}"
+                                               f"{hint[0]}?)" if hint else ""))
+      continue
+    if isinstance(node[key], ml_collections.ConfigDict) and isinstance(
+        ref[key], ml_collections.ConfigDict):
+      _unknown_keys(node[key], ref[key], full, problems)
+
+
+def enabled_components(config) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """Enabled metadata components sorted by idx (the packing order), [] if meta is inactive."""
+  if not config.data.meta.active:
+    return []
+  comps = [(n, c) for n, c in config.data.meta.components.items() if c.enabled and c.idx >= 0]
+  return sorted(comps, key=lambda nc: nc[1].idx)
+
+
+def task_level(task_key: str) -> float:
+  """`taxa_L33_5` -> 33.5 (the original parsed it as 335)."""
+  if "_L" not in task_key:
+    raise ConfigError(f"task key {task_key!r} has no _L<level> suffix")
+  return float(task_key.split("_L", 1)[1].replace("_", "."))
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Raises ConfigError listing every unknown key and inconsistent value."""
+  problems: list[str] = []
+  _unknown_keys(config, base_config(), "", problems)
+  if problems:  # value checks below would only add noise about misspelled keys
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+  d, m, t = config.data, config.model, config.train
+
+  tasks = list(d.task_keys_h5)
+  try:
+    levels = [task_level(k) for k in tasks]
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+      problems.append(f"data.task_keys_h5 must be strictly ascending in level, finest first: {tasks}")
+  except ConfigError as e:
+    problems.append(str(e))
+  if not tasks:
+    problems.append("data.task_keys_h5 is empty")
+  heads = m.classification.heads
+  if sorted(heads.keys()) != sorted(tasks):
+    problems.append(f"model.classification.heads has {sorted(heads.keys())} but "
+                    f"data.task_keys_h5 is {tasks}")
+  for name, head in heads.items():
+    if head.type not in HEAD_TYPES:
+      problems.append(f"model.classification.heads.{name}.type {head.type!r} not in {HEAD_TYPES}")
+  for phase in ("train", "val"):
+    funcs = list(config.loss.task_specific[phase].funcs)
+    if len(funcs) != len(tasks):
+      problems.append(f"loss.task_specific.{phase}.funcs has {len(funcs)} entries for "
+                      f"{len(tasks)} tasks")
+    for f in funcs:
+      if f not in LOSSES:
+        problems.append(f"loss.task_specific.{phase}.funcs: {f!r} not in {LOSSES}")
+  weights = list(config.loss.grad_weighting.task.init_weights)
+  if weights and len(weights) != len(tasks):
+    problems.append(f"loss.grad_weighting.task.init_weights has {len(weights)} entries for "
+                    f"{len(tasks)} tasks")
+
+  idxs = {}
+  for name, comp in d.meta.components.items():
+    if not comp.enabled:
+      continue
+    if comp.dim < 1:
+      problems.append(f"data.meta.components.{name}.dim must be >= 1, got {comp.dim}")
+    if not comp.source:
+      problems.append(f"data.meta.components.{name}.source is empty")
+    if comp.columns and len(comp.columns) != comp.dim:
+      problems.append(f"data.meta.components.{name}.columns has {len(comp.columns)} names but "
+                      f"dim is {comp.dim}")
+    if comp.idx in idxs:
+      problems.append(f"data.meta.components {idxs[comp.idx]} and {name} share idx {comp.idx}")
+    idxs[comp.idx] = name
+
+  if d.img_size % 32:
+    problems.append(f"data.img_size must be a multiple of 32 (four stride-2 stages after the "
+                    f"stride-4 stem), got {d.img_size}")
+  if d.batch_size < 1 or d.batch_size % num_devices:
+    problems.append(f"data.batch_size {d.batch_size} must be a positive multiple of the "
+                    f"{num_devices} devices")
+  if d.batch_size_val > 0 and d.batch_size_val % num_devices:
+    problems.append(f"data.batch_size_val {d.batch_size_val} must be a multiple of the "
+                    f"{num_devices} devices")
+  if not 0.0 < d.h5.train_val_split_ratio <= 1.0:
+    problems.append(f"data.h5.train_val_split_ratio must be in (0, 1], got "
+                    f"{d.h5.train_val_split_ratio}")
+  if d.synthetic.enabled and d.synthetic.options.img_size != d.img_size:
+    problems.append(f"data.synthetic.options.img_size ({d.synthetic.options.img_size}) differs "
+                    f"from data.img_size ({d.img_size})")
+  if not d.synthetic.enabled and not (d.h5.labels_path or d.h5.train_labels_path):
+    problems.append("no data: set data.h5.labels_path (or train_labels_path), or enable "
+                    "data.synthetic")
+
+  cs, rs = m.convnext_stages, m.rope_stages
+  if len(cs.dims) != 4:
+    problems.append(f"model.convnext_stages.dims needs 4 entries, got {list(cs.dims)}")
+  elif list(rs.dims) != list(cs.dims[2:]):
+    problems.append(f"model.rope_stages.dims {list(rs.dims)} must equal "
+                    f"model.convnext_stages.dims[2:] {list(cs.dims[2:])}")
+  if len(cs.depths) < 2 or min(cs.depths[:2]) < 1:
+    problems.append(f"model.convnext_stages.depths needs two positive entries, got "
+                    f"{list(cs.depths)}")
+  for key in ("depths", "dims", "num_heads", "mlp_ratio"):
+    if len(rs[key]) != 2:
+      problems.append(f"model.rope_stages.{key} needs 2 entries, got {list(rs[key])}")
+  if len(rs.dims) == 2 and len(rs.num_heads) == 2:
+    for dim, heads in zip(rs.dims, rs.num_heads):
+      if dim % heads or (dim // heads) % 2:
+        problems.append(f"model.rope_stages: dim {dim} with {heads} heads needs an even "
+                        f"integer head dim")
+  for key, allowed in (("rope_mode", ("rotate", "cos_only")),
+                       ("attn_scale", ("rsqrt_head_dim", "inv_head_dim")),
+                       ("meta_missing", ("learned_token", "zeros")),
+                       ("attention_impl", ("xla", "cudnn")),
+                       ("dtype", ("float32", "bfloat16"))):
+    if m[key] not in allowed:
+      problems.append(f"model.{key} {m[key]!r} not in {allowed}")
+  if not m.rope_stages.rope_mixed:
+    problems.append("model.rope_stages.rope_mixed=False (axial RoPE) is not supported yet")
+  if not 0.0 <= m.drop_path_rate < 1.0:
+    problems.append(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+
+  if t.nonfinite_patience < 1:
+    problems.append("train.nonfinite_patience must be >= 1")
+  if t.steps <= 0 and t.epochs <= 0:
+    problems.append("set train.steps or train.epochs to a positive number")
+  if config.optimizer.name not in OPTIMIZERS:
+    problems.append(f"optimizer.name {config.optimizer.name!r} not in {OPTIMIZERS}")
+  lr = config.lr_scheduler
+  if lr.name not in LR_SCHEDULES:
+    problems.append(f"lr_scheduler.name {lr.name!r} not in {LR_SCHEDULES}")
+  if lr.base_lr <= 0:
+    problems.append(f"lr_scheduler.base_lr must be positive, got {lr.base_lr}")
+  if lr.min_lr > lr.base_lr:
+    problems.append(f"lr_scheduler.min_lr {lr.min_lr} exceeds base_lr {lr.base_lr}")
+  mm = config.schedule.meta_masking
+  if mm.enabled:
+    for key in ("start_prob", "end_prob"):
+      if not 0.0 <= mm[key] <= 1.0:
+        problems.append(f"schedule.meta_masking.{key} must be in [0, 1], got {mm[key]}")
+    if mm.end_steps <= 0 and mm.end_fraction < 0 and mm.start_prob != mm.end_prob:
+      problems.append("schedule.meta_masking is enabled with start_prob != end_prob but has no "
+                      "end: set end_steps or end_fraction")
+  if config.schedule.checkpoint.keep_last_n < 1:
+    problems.append("schedule.checkpoint.keep_last_n must be >= 1")
+  for key in ("console_interval", "tensorboard_interval"):
+    if config.schedule.metrics[key] < 1:
+      problems.append(f"schedule.metrics.{key} must be >= 1")
+  if problems:
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def resolve_steps(steps: int, fraction: float, epochs: float, total_steps: int,
+                  steps_per_epoch: int) -> int:
+  """The one precedence rule (reference Decision 8): steps > fraction > epochs; 0 = unset."""
+  if steps > 0:
+    return int(steps)
+  if fraction >= 0:
+    return max(1, round(total_steps * fraction))
+  if epochs > 0:
+    return max(1, round(epochs * steps_per_epoch))
+  return 0
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  if config.train.steps > 0:
+    return int(config.train.steps)
+  return int(math.ceil(config.train.epochs * steps_per_epoch))
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,362 @@
+"""A learnable synthetic taxonomic dataset in the original's `labels.h5` schema.
+
+The task needs both the image and the metadata:
+- order, family and genus are visible: the order sets the background tint, the family the colour
+  of the shape, the genus its form (disk, square, triangle, ...);
+- sibling species of one genus look nearly identical (a 4% size difference) but live in different
+  regions (lat/lon), peak in different months and occupy different elevation bands, so only the
+  metadata tells them apart.
+
+Output (`reference/data.md` §1): `labels.h5` with `img_identifiers`, `taxa_L10/L20/L30/L40`
+(uint32 raw taxon ids, 0 = null), `temporal`, `spatial`, `elevation_<set>` (with `column_names`,
+`method` and `scales` attributes), `raw_lat`, `raw_lon`, `raw_elevation`, `raw_date_observed`,
+`in_region` and a `/metadata` group; images as JPEG files in `images/` or as `images.h5`.
+
+    python -m linnaeus_jax.data.synthetic --out=DIR [--species_per_genus=4 ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+
+import h5py
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("disk", "square", "triangle", "cross", "ring", "diamond")
+TASK_KEYS = ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")  # species, genus, family, order
+ELEVATION_SOURCE = "elevation_broadrange_2"
+# Sibling k of a genus lives around REGIONS[(k + genus) % 4] (lat, lon in degrees).
+REGIONS = ((48.0, -105.0), (45.0, 15.0), (-22.0, -58.0), (-25.0, 135.0))
+ELEVATION_BANDS_M = (150.0, 800.0, 1600.0, 2800.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticOptions:
+  """Generator options; equal options give byte-identical arrays and images."""
+  num_orders: int = 2
+  families_per_order: int = 2
+  genera_per_family: int = 3
+  species_per_genus: int = 4
+  img_size: int = 64
+  max_samples_per_species: int = 200
+  min_samples_per_species: int = 40
+  zipf_exponent: float = 0.5  # samples of the species of rank r: max * r**-exponent
+  null_species_rate: float = 0.04  # rows whose species is unknown
+  null_genus_rate: float = 0.02  # rows whose species and genus are unknown
+  missing_temporal_rate: float = 0.05
+  missing_spatial_rate: float = 0.05
+  missing_elevation_rate: float = 0.05
+  out_of_region_rate: float = 0.05
+  temporal_hours: bool = False  # temporal width 4 (month + hour) instead of 2
+  elevation_scales: tuple[float, ...] = (100.0, 500.0, 1000.0, 2000.0, 5000.0)
+  image_format: str = "jpeg"  # 'jpeg' (a folder of files) or 'h5' (images.h5)
+  seed: int = 0
+
+  def validate(self) -> None:
+    problems = []
+    for name in ("num_orders", "families_per_order", "genera_per_family", "species_per_genus",
+                 "img_size", "max_samples_per_species", "min_samples_per_species"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.min_samples_per_species > self.max_samples_per_species:
+      problems.append("min_samples_per_species exceeds max_samples_per_species")
+    for name in ("null_species_rate", "null_genus_rate", "missing_temporal_rate",
+                 "missing_spatial_rate", "missing_elevation_rate", "out_of_region_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    if self.null_species_rate + self.null_genus_rate >= 1.0:
+      problems.append("null_species_rate + null_genus_rate must be < 1")
+    if self.img_size < 16:
+      problems.append(f"img_size must be >= 16, got {self.img_size}")
+    if self.image_format not in ("jpeg", "h5"):
+      problems.append(f"image_format must be 'jpeg' or 'h5', got {self.image_format!r}")
+    if not self.elevation_scales or min(self.elevation_scales) <= 0:
+      problems.append("elevation_scales must be a non-empty list of positive numbers")
+    if problems:
+      raise ValueError("Invalid synthetic dataset options:\n  " + "\n  ".join(problems))
+
+  def fingerprint(self) -> str:
+    """Short hash naming the cache folder of these options."""
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Taxonomy:
+  """Raw taxon ids per level; species s belongs to genus s // species_per_genus, and so on."""
+  species: np.ndarray
+  genus: np.ndarray
+  family: np.ndarray
+  order: np.ndarray
+  species_genus: np.ndarray  # (S,) genus index of each species
+  genus_family: np.ndarray  # (G,)
+  family_order: np.ndarray  # (F,)
+
+
+def make_taxonomy(opts: SyntheticOptions, rng: np.random.Generator) -> Taxonomy:
+  n_o = opts.num_orders
+  n_f = n_o * opts.families_per_order
+  n_g = n_f * opts.genera_per_family
+  n_s = n_g * opts.species_per_genus
+  ids = rng.choice(np.arange(1, 2_000_000, dtype=np.int64), size=n_o + n_f + n_g + n_s,
+                   replace=False).astype(np.uint32)
+  order, family, genus, species = np.split(ids, np.cumsum([n_o, n_f, n_g]))
+  return Taxonomy(species=species, genus=genus, family=family, order=order,
+                  species_genus=np.arange(n_s) // opts.species_per_genus,
+                  genus_family=np.arange(n_g) // opts.genera_per_family,
+                  family_order=np.arange(n_f) // opts.families_per_order)
+
+
+def species_counts(opts: SyntheticOptions, n_species: int, rng: np.random.Generator) -> np.ndarray:
+  """Zipf-like imbalance: the species of (random) rank r gets max * r**-exponent samples."""
+  ranks = rng.permutation(n_species) + 1
+  counts = np.round(opts.max_samples_per_species * ranks ** -opts.zipf_exponent)
+  return np.maximum(counts, opts.min_samples_per_species).astype(np.int64)
+
+
+def encode_spatial(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+  lat, lon = np.radians(lat_deg), np.radians(lon_deg)
+  return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)],
+                  axis=-1).astype(np.float32)
+
+
+def encode_temporal(month: np.ndarray, hour: np.ndarray | None) -> np.ndarray:
+  cols = [np.sin(2 * np.pi * month / 12), np.cos(2 * np.pi * month / 12)]
+  if hour is not None:
+    cols += [np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)]
+  return np.stack(cols, axis=-1).astype(np.float32)
+
+
+def encode_elevation(elev_m: np.ndarray, scales) -> np.ndarray:
+  cols = []
+  for s in scales:
+    cols += [np.sin(2 * np.pi * elev_m / s), np.cos(2 * np.pi * elev_m / s)]
+  return np.stack(cols, axis=-1).astype(np.float32)
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+  """HSV in [0, 1] -> RGB float array in [0, 255]."""
+  i = int(h * 6) % 6
+  f = h * 6 - int(h * 6)
+  p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+  rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+  return np.array(rgb) * 255.0
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float):
+  if shape == "square":
+    k, offset = 4, np.pi / 4
+  elif shape == "triangle":
+    k, offset = 3, 0.0
+  elif shape == "diamond":
+    k, offset = 4, 0.0
+  else:
+    raise ValueError(shape)
+  t = angle + offset + 2 * np.pi * np.arange(k) / k
+  sx = 0.6 if shape == "diamond" else 1.0
+  return [(cx + r * sx * np.cos(a), cy + r * np.sin(a)) for a in t]
+
+
+def render(opts: SyntheticOptions, genus: int, family: int, order: int, sibling: int,
+           rng: np.random.Generator) -> np.ndarray:
+  """One uint8 HxWx3 image of a member of `genus` (sibling index only changes the size by 4%)."""
+  size = opts.img_size
+  bg = _hsv(order / opts.num_orders + 0.55, 0.35, 0.35 + 0.4 * (order % 2))
+  img = Image.fromarray(np.clip(bg + rng.normal(0, 6, 3), 0, 255).astype(np.uint8)[None, None]
+                        .repeat(size, 0).repeat(size, 1))
+  draw = ImageDraw.Draw(img)
+  n_fam = opts.num_orders * opts.families_per_order
+  colour = _hsv(family / n_fam, 0.85, 0.95) * rng.uniform(0.85, 1.0)
+  fill = tuple(int(c) for c in np.clip(colour, 0, 255))
+  r = size * rng.uniform(0.2, 0.28) * (1.0 + 0.04 * (sibling - (opts.species_per_genus - 1) / 2))
+  cx, cy = rng.uniform(r, size - r, 2)
+  angle = rng.uniform(0, 2 * np.pi)
+  shape = SHAPES[genus % len(SHAPES)]
+  if shape == "disk":
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+  elif shape == "ring":
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r / 3)))
+  elif shape == "cross":
+    w = r / 3
+    c, s = np.cos(angle), np.sin(angle)
+    for dx, dy in ((c, s), (-s, c)):
+      draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=fill,
+                width=max(2, int(2 * w)))
+  else:
+    draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+  arr = np.asarray(img, dtype=np.float32)
+  if (genus // len(SHAPES)) % 2 == 1:  # genera beyond the sixth get a striped texture
+    stripes = (np.arange(size) // max(2, size // 16)) % 2 == 0
+    arr[stripes] *= 0.8
+  arr += rng.normal(0, 8, arr.shape)
+  return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose: bool = True):
+  """Writes the dataset into `out_dir` and returns its paths as a dict."""
+  opts.validate()
+  rng = np.random.default_rng(opts.seed)
+  tax = make_taxonomy(opts, rng)
+  n_species = len(tax.species)
+  counts = species_counts(opts, n_species, rng)
+  sp = rng.permutation(np.repeat(np.arange(n_species), counts))
+  n = len(sp)
+  g = tax.species_genus[sp]
+  f = tax.genus_family[g]
+  o = tax.family_order[f]
+  sibling = sp % opts.species_per_genus
+
+  # Labels, with partial (null) species or species+genus.
+  u = rng.random(n)
+  null_genus = u < opts.null_genus_rate
+  null_species = null_genus | (u < opts.null_genus_rate + opts.null_species_rate)
+  labels = {
+      "taxa_L10": np.where(null_species, 0, tax.species[sp]).astype(np.uint32),
+      "taxa_L20": np.where(null_genus, 0, tax.genus[g]).astype(np.uint32),
+      "taxa_L30": tax.family[f].astype(np.uint32),
+      "taxa_L40": tax.order[o].astype(np.uint32),
+  }
+
+  # Metadata: each sibling has its own region, season and elevation band.
+  region = np.array(REGIONS)[(sibling + g) % len(REGIONS)]
+  lat = np.clip(region[:, 0] + rng.normal(0, 6, n), -89, 89)
+  lon = (region[:, 1] + rng.normal(0, 10, n) + 180) % 360 - 180
+  month = ((3 * sibling + g + np.round(rng.normal(0, 1.0, n))) % 12 + 1).astype(np.int64)
+  day = rng.integers(1, 29, n)
+  hour = rng.integers(0, 24, n)
+  elev = np.maximum(np.array(ELEVATION_BANDS_M)[(sibling + 2 * g) % len(ELEVATION_BANDS_M)]
+                    + rng.normal(0, 120, n), 1.0)
+  miss_t = rng.random(n) < opts.missing_temporal_rate
+  miss_s = rng.random(n) < opts.missing_spatial_rate
+  miss_e = rng.random(n) < opts.missing_elevation_rate
+  in_region = (rng.random(n) >= opts.out_of_region_rate).astype(np.uint8)
+
+  temporal = encode_temporal(month, hour if opts.temporal_hours else None)
+  temporal[miss_t] = 0.0
+  spatial = encode_spatial(lat, lon)
+  spatial[miss_s] = 0.0
+  elevation = encode_elevation(elev, opts.elevation_scales)
+  elevation[miss_e] = np.tile([0.0, 1.0], len(opts.elevation_scales))  # the original's null form
+  dates = np.array([f"2020-{m:02d}-{d:02d}T{h:02d}:00:00" for m, d, h in zip(month, day, hour)],
+                   dtype=object)
+  dates[miss_t] = ""
+
+  os.makedirs(out_dir, exist_ok=True)
+  ids = np.array([f"{100000 + i}_0.jpg" for i in range(n)], dtype=object)
+  labels_path = os.path.join(out_dir, "labels.h5")
+  tmp = labels_path + ".tmp"
+  with h5py.File(tmp, "w") as h5:
+    h5.create_dataset("img_identifiers", data=ids, dtype=h5py.string_dtype())
+    for key, col in labels.items():
+      h5.create_dataset(key, data=col)
+    t_cols = ["month_sin", "month_cos"] + (["hour_sin", "hour_cos"] if opts.temporal_hours else [])
+    ds = h5.create_dataset("temporal", data=temporal)
+    ds.attrs["column_names"] = t_cols
+    ds.attrs["method"] = "sinusoidal"
+    ds = h5.create_dataset("spatial", data=spatial)
+    ds.attrs["column_names"] = ["spatial_x", "spatial_y", "spatial_z"]
+    ds.attrs["method"] = "unit_sphere"
+    ds = h5.create_dataset(ELEVATION_SOURCE, data=elevation)
+    ds.attrs["column_names"] = [f"elev_{s:g}_{fn}" for s in opts.elevation_scales
+                                for fn in ("sin", "cos")]
+    ds.attrs["method"] = "sinusoidal"
+    ds.attrs["scales"] = np.asarray(opts.elevation_scales, np.float32)
+    h5.create_dataset("raw_lat", data=np.where(miss_s, np.nan, lat).astype(np.float32))
+    h5.create_dataset("raw_lon", data=np.where(miss_s, np.nan, lon).astype(np.float32))
+    h5.create_dataset("raw_elevation", data=np.where(miss_e, np.nan, elev).astype(np.float32))
+    h5.create_dataset("raw_date_observed", data=dates, dtype=h5py.string_dtype())
+    h5.create_dataset("in_region", data=in_region)
+    meta = h5.create_group("metadata")
+    meta.attrs["config_json"] = json.dumps({"generator": "linnaeus_jax.data.synthetic",
+                                            **dataclasses.asdict(opts)})
+
+  # Images: each row's image drawn from its own seed so that files can be regenerated one by one.
+  t0 = time.time()
+  images_dir = os.path.join(out_dir, "images")
+  images_path = os.path.join(out_dir, "images.h5")
+  h5img = None
+  if opts.image_format == "h5":
+    h5img = h5py.File(images_path + ".tmp", "w")
+    dset = h5img.create_dataset("images", (n, opts.img_size, opts.img_size, 3), np.uint8,
+                                chunks=(1, opts.img_size, opts.img_size, 3))
+  else:
+    os.makedirs(images_dir, exist_ok=True)
+  for i in range(n):
+    img_rng = np.random.default_rng([opts.seed, i])
+    img = render(opts, int(g[i]), int(f[i]), int(o[i]), int(sibling[i]), img_rng)
+    if h5img is not None:
+      dset[i] = img
+    else:
+      buf = io.BytesIO()
+      Image.fromarray(img).save(buf, format="JPEG", quality=92)
+      with open(os.path.join(images_dir, ids[i]), "wb") as fh:
+        fh.write(buf.getvalue())
+    if verbose and (i + 1) % 2000 == 0:
+      print(f"  synthetic: {i + 1}/{n} images ({time.time() - t0:.1f}s)", file=sys.stderr)
+  if h5img is not None:
+    h5img.close()
+    os.replace(images_path + ".tmp", images_path)
+  os.replace(tmp, labels_path)  # labels.h5 last: its presence marks a complete dataset
+  paths = {"labels_path": labels_path}
+  paths.update({"images_path": images_path} if h5img is not None else {"images_dir": images_dir})
+  if verbose:
+    print(f"synthetic dataset: {n} rows, {n_species} species -> {out_dir}", file=sys.stderr)
+  return paths
+
+
+def default_cache_dir() -> str:
+  """`$LINNAEUS_JAX_CACHE/synthetic`, by default `~/.cache/linnaeus_jax/synthetic`."""
+  root = os.environ.get("LINNAEUS_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "linnaeus_jax"))
+  return os.path.join(root, "synthetic")
+
+
+def ensure(opts: SyntheticOptions, cache_dir: str | None = None) -> dict:
+  """Generates the dataset for `opts` into the cache unless it is already there."""
+  out = os.path.join(cache_dir or default_cache_dir(), opts.fingerprint())
+  labels = os.path.join(out, "labels.h5")
+  if not os.path.exists(labels):
+    print(f"Generating the synthetic dataset into {out} (first use) ...", file=sys.stderr)
+    return generate(out, opts)
+  paths = {"labels_path": labels}
+  if opts.image_format == "h5":
+    paths["images_path"] = os.path.join(out, "images.h5")
+  else:
+    paths["images_dir"] = os.path.join(out, "images")
+  return paths
+
+
+def main(argv=None) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", required=True, help="output folder")
+  for field in dataclasses.fields(SyntheticOptions):
+    default = field.default
+    if isinstance(default, tuple):
+      parser.add_argument(f"--{field.name}", type=lambda s: tuple(float(x) for x in s.split(",")),
+                          default=default, help=f"comma-separated (default {default})")
+    elif isinstance(default, bool):
+      parser.add_argument(f"--{field.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
+                          default=default, help=f"(default {default})")
+    else:
+      parser.add_argument(f"--{field.name}", type=type(default), default=default,
+                          help=f"(default {default})")
+  args = vars(parser.parse_args(argv))
+  out = args.pop("out")
+  try:
+    opts = SyntheticOptions(**args)
+    opts.validate()
+  except ValueError as e:
+    parser.error(str(e))
+  generate(out, opts)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,12 @@
+"""Model registry: `config.model.name` -> class with `from_config(config, rngs)`."""
+
+from linnaeus_jax.models.mformer_v1 import MFormerV1
+
+MODELS = {"mFormerV1": MFormerV1}
+
+
+def build(config, rngs):
+  name = config.model.name
+  if name not in MODELS:
+    raise ValueError(f"unknown model.name {name!r}; known: {sorted(MODELS)}")
+  return MODELS[name].from_config(config, rngs)

@@ -1,0 +1,59 @@
+"""Small shared pieces: initialisers matching the original, LayerNorm in float32, DropPath."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch trunc_normal_(std=0.02, a=-2, b=2) truncates at +-2 absolute, i.e. at 100 std: a normal.
+dense_init = nnx.initializers.normal(0.02)
+
+
+def torch_uniform_bias(fan_in: int):
+  """PyTorch's default Conv/Linear bias: U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def linear(din: int, dout: int, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
+  """Dense with the original's init (N(0, 0.02^2) kernel, zero bias), float32 parameters."""
+  return nnx.Linear(din, dout, kernel_init=dense_init, bias_init=nnx.initializers.zeros,
+                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def conv(din: int, dout: int, kernel: int, stride: int, rngs: nnx.Rngs, dtype=jnp.float32,
+         groups: int = 1, padding="VALID") -> nnx.Conv:
+  """Conv2d (NHWC) with the original's init: N(0, 0.02^2) kernel, PyTorch-default bias."""
+  fan_in = din // groups * kernel * kernel
+  return nnx.Conv(din, dout, (kernel, kernel), strides=stride, padding=padding,
+                  feature_group_count=groups, kernel_init=dense_init,
+                  bias_init=torch_uniform_bias(fan_in), dtype=dtype, param_dtype=jnp.float32,
+                  rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm whose statistics are always float32; output in the input's dtype."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
+                              rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def drop_path(x, rate: float, key, train: bool):
+  """Stochastic depth: drop the whole residual branch per sample, rescale by 1/keep."""
+  if not train or rate == 0.0 or key is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)  # the original's exact erf GELU

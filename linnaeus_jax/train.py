@@ -1,0 +1,297 @@
+"""The training loop: data, state, jitted steps, validation, checkpoints and logs.
+
+Sections: Setup (config resolved against the data) / State / Steps / Loop. One train step is one
+optimizer update, `jax.jit`-ed over a `data` mesh with the state donated; every random draw comes
+from fold_in(seed key, step), so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from linnaeus_jax import checkpoint as ckpt_lib
+from linnaeus_jax import config as config_lib
+from linnaeus_jax import losses, masking, metric_writers, metrics, models, optim, preprocessing
+from linnaeus_jax import sharding
+from linnaeus_jax.data import labels as labels_lib
+from linnaeus_jax.data import pipeline, synthetic
+
+
+# ----------------------------------------------------------------------------- Setup
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
+  """Validates `config`, loads the data and returns (resolved config, dataset).
+
+  The resolved config has the synthetic dataset's paths and each head's `num_classes` as found
+  in the data; it is what `config.json` records.
+  """
+  config = config_lib.load_overrides(config)
+  config_lib.validate(config, num_devices)
+  if config.data.synthetic.enabled and not config.data.h5.labels_path:
+    s = config.data.synthetic
+    paths = synthetic.ensure(synthetic.SyntheticOptions(**s.options.to_dict()),
+                             s.cache_dir or None)
+    config.data.h5.labels_path = paths["labels_path"]
+    if "images_dir" in paths:
+      config.data.hybrid.use_hybrid = True
+      config.data.hybrid.images_dir = paths["images_dir"]
+    else:
+      config.data.h5.images_path = paths["images_path"]
+  data = labels_lib.load(config)
+  problems = []
+  for task in data.task_keys:
+    head = config.model.classification.heads[task]
+    if head.num_classes and head.num_classes != data.num_classes[task]:
+      problems.append(f"model.classification.heads.{task}.num_classes is {head.num_classes} but "
+                      f"the data has {data.num_classes[task]} classes")
+    head.num_classes = data.num_classes[task]
+  if problems:
+    raise config_lib.ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+  return config, data
+
+
+def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(workdir, "assets"), exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(config))
+  assets = {
+      "class_to_idx.json": {t: {str(k): v for k, v in m.items()}
+                            for t, m in data.class_to_idx.items()},
+      "num_classes.json": data.num_classes,
+      "taxonomy_tree.json": {"__taxonomy_tree_version__": "1.0", "task_keys": data.task_keys,
+                             "num_classes": data.num_classes,
+                             "hierarchy_map_raw": {t: {str(c): p for c, p in h.items()}
+                                                   for t, h in data.hierarchy.items()}},
+  }
+  for name, obj in assets.items():
+    with open(os.path.join(workdir, "assets", name), "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- State
+
+
+def create_state(config, mesh):
+  """(graphdef, state) with state = {params, opt_state, step, rng, nonfinite_streak}, replicated."""
+  model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(config.misc.seed)))
+  graphdef, _ = nnx.split(model)
+
+  def init(tx):
+    _, params = nnx.split(models.build(config, nnx.Rngs(config.misc.seed)))
+    params = params.to_pure_dict()
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(config.misc.seed),
+            "nonfinite_streak": jnp.zeros((), jnp.int32)}
+  return graphdef, init
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- Steps
+
+
+def _inputs(batch, config):
+  image = preprocessing.normalize(batch["image"])
+  return image, batch["meta"], batch["meta_valid"]
+
+
+def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMaskSchedule):
+  tasks = list(config.data.task_keys_h5)
+  funcs = list(config.loss.task_specific.train.funcs)
+  weights = list(config.loss.grad_weighting.task.init_weights) or None
+  partial = config.data.partial.levels
+
+  def loss_fn(params, batch, key, meta_valid):
+    image, meta, _ = _inputs(batch, config)
+    logits = nnx.merge(graphdef, params)(image, meta, meta_valid, train=True, key=key)
+    per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
+                                  smoothing=config.model.label_smoothing, partial_levels=partial,
+                                  mask_nulls=config.train.phase1_mask_null_loss)
+    return losses.total_loss(per_task, tasks, weights), (per_task, logits)
+
+  def step(state, batch):
+    key = jax.random.fold_in(state["rng"], state["step"])
+    k_mask, k_drop = jax.random.split(key)
+    p_mask = mask_schedule.prob(state["step"])
+    meta_valid = masking.full_mask(k_mask, batch["meta_valid"], p_mask)
+    (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, k_drop, meta_valid)
+    grad_norm = optim.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {"params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "step": state["step"] + 1, "rng": state["rng"],
+                 "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1)}
+    counts = metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"], tasks)
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
+           "schedule/meta_mask_prob": p_mask,
+           "meta_valid_frac": jnp.mean(meta_valid.astype(jnp.float32)),
+           **{f"loss/{t}": per_task[t][0] for t in tasks}, **counts}
+    return new_state, out
+  return step
+
+
+def make_eval_step(graphdef, config):
+  tasks = list(config.data.task_keys_h5)
+  funcs = list(config.loss.task_specific.val.funcs)
+
+  def step(params, batch):
+    image, meta, meta_valid = _inputs(batch, config)
+    logits = nnx.merge(graphdef, params)(image, meta, meta_valid, train=False)
+    per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
+                                  smoothing=config.model.label_smoothing,
+                                  partial_levels=config.data.partial.levels,
+                                  mask_nulls=config.train.phase1_mask_null_loss,
+                                  example_mask_B=batch["example_mask"])
+    return metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"], tasks)
+  return step
+
+
+def evaluate(eval_step, params, dataset, mesh, tasks) -> dict:
+  total = None
+  for batch in dataset:
+    total = metrics.accumulate(total, eval_step(params, sharding.global_batch(batch, mesh)))
+  return metrics.finalize(total, tasks)
+
+
+# ----------------------------------------------------------------------------- Loop
+
+
+def _every(interval: int, step: int) -> bool:
+  return interval > 0 and step % interval == 0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last validation metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config)
+  config, data = resolve(config, jax.device_count())
+  write_assets(workdir, config, data)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  tasks = list(config.data.task_keys_h5)
+  logging.info("data: %s", data.summary())
+
+  spe = labels_lib.steps_per_epoch(len(data.train), config.data.batch_size)
+  total = config_lib.total_steps(config, spe)
+  sched = config.schedule
+  val_every = config_lib.resolve_steps(sched.validation.interval_steps,
+                                       sched.validation.interval_fraction,
+                                       sched.validation.interval_epochs, total, spe)
+  ckpt_every = config_lib.resolve_steps(sched.checkpoint.interval_steps,
+                                        sched.checkpoint.interval_fraction,
+                                        sched.checkpoint.interval_epochs, total, spe)
+  lr_fn = optim.lr_schedule(config, total, spe)
+  tx = optim.build(config, lr_fn)
+  mask_schedule = masking.MetaMaskSchedule.from_config(config, total, spe)
+
+  graphdef, init = create_state(config, mesh)
+  repl = sharding.replicated(mesh)
+  state_shape = jax.eval_shape(lambda: init(tx))
+  state_sharding = jax.tree.map(lambda _: repl, state_shape)
+  train_ds = pipeline.train_dataset(data, config, total, pidx, pcount)
+  train_iter = iter(train_ds)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               sched.checkpoint.keep_last_n)
+  start = ckpt.latest_step()
+  if start is not None and not config.train.auto_resume:
+    raise RuntimeError(f"{workdir} already holds checkpoints (latest step {start}) and "
+                       "train.auto_resume is False: use a new workdir")
+  if start is not None:
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            state_shape, state_sharding)
+    state, progress = ckpt.restore(start, abstract, train_iter)
+    # Re-materialise restored arrays so that the donating step may consume them.
+    state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)
+    logging.info("resumed from step %d (epoch %.2f)", start, progress.get("epoch", 0))
+  else:
+    state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
+    start = 0
+  n_params = count_params(state["params"])
+
+  train_step = jax.jit(make_train_step(graphdef, tx, config, lr_fn, mask_schedule),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, config))
+  writer = metric_writers.MetricWriter(workdir)
+  if pidx == 0:
+    print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
+          f"rows; {total} steps ({spe} per epoch), batch {config.data.batch_size} on "
+          f"{jax.device_count()} device(s); workdir {workdir}", flush=True)
+
+  def validate(step):
+    ds = pipeline.eval_dataset(data, config, pidx, pcount)
+    if ds is None:
+      return {}
+    t0 = time.time()
+    result = evaluate(eval_step, state["params"], ds, mesh, tasks)
+    result["duration_sec"] = time.time() - t0
+    writer.write(step, "val", result)
+    if pidx == 0:
+      accs = "  ".join(f"{t} {result[f'acc1/{t}']:.1f}%" for t in tasks)
+      progress_bar.newline()
+      print(f"[val step {step}] loss {result['loss']:.4f}  top-1: {accs}", flush=True)
+    return result
+
+  def save(step):
+    ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe,
+                                        "total_steps": total})
+
+  progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
+  last_val = {}
+  t_last, s_last = time.time(), start
+  log_every = sched.metrics.tensorboard_interval
+  try:
+    for step in range(start, total):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, out = train_step(state, batch)
+      done = step + 1
+      if _every(log_every, done) or _every(sched.metrics.console_interval, done) or done == total:
+        out = jax.device_get(out)
+        acc_counts = {k: float(out[k]) for k in out if k == "n" or "correct" in k}
+        train_m = {k: float(v) for k, v in out.items() if k not in acc_counts}
+        train_m.update({f"acc1/{t}": 100 * acc_counts[f"correct1/{t}"] / max(acc_counts["n"], 1)
+                        for t in tasks})
+        now = time.time()
+        train_m["img_per_sec"] = (done - s_last) * config.data.batch_size / max(now - t_last, 1e-9)
+        t_last, s_last = now, done
+        train_m["epoch"] = done / spe
+        if int(state["nonfinite_streak"]) >= config.train.nonfinite_patience:
+          raise FloatingPointError(
+              f"loss or gradients non-finite for {int(state['nonfinite_streak'])} steps in a row "
+              f"at step {done}; updates were skipped. The last good checkpoint "
+              f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
+        if _every(log_every, done):
+          writer.write(done, "train", train_m)
+        if _every(sched.metrics.console_interval, done) or done == total:
+          progress_bar.update(done, train_m["loss"])
+      if _every(val_every, done) and done != total:
+        last_val = validate(done)
+      if _every(ckpt_every, done) and done != total:
+        save(done)
+    if ckpt.latest_step() != total:
+      save(total)
+    elif pidx == 0:
+      print(f"Training already finished at step {total}; running the final validation.")
+    last_val = validate(total)
+  finally:
+    ckpt.close()
+    writer.close()
+  return last_val
