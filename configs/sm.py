@@ -21,4 +21,7 @@ def get_config():
   c.data.img_size = 384
   c.data.batch_size = 64
   c.data.batch_size_val = 128
+  # The original ramps full metadata masking 1.0 -> 0.0 but gives no end (it fell back to 5000
+  # steps); an end is required here.
+  c.schedule.meta_masking.end_fraction = 0.3
   return c

@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
       classification=dict(heads={k: dict(type="Linear", num_classes=0) for k in TASK_KEYS}),
   )
   c.train = dict(
-      epochs=300,
+      epochs=300.0,
       steps=0,  # optimizer updates; when > 0 it overrides epochs
       clip_grad=5.0,
       auto_resume=True,

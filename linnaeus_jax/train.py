@@ -8,7 +8,6 @@ from fold_in(seed key, step), so a resumed run repeats the uninterrupted one.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
@@ -91,7 +90,7 @@ def create_state(config, mesh):
 
   def init(tx):
     _, params = nnx.split(models.build(config, nnx.Rngs(config.misc.seed)))
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.PRNGKey(config.misc.seed),
             "nonfinite_streak": jnp.zeros((), jnp.int32)}
@@ -175,6 +174,11 @@ def evaluate(eval_step, params, dataset, mesh, tasks) -> dict:
 # ----------------------------------------------------------------------------- Loop
 
 
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def _every(interval: int, step: int) -> bool:
   return interval > 0 and step % interval == 0
 
@@ -187,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   write_assets(workdir, config, data)
   pidx, pcount = jax.process_index(), jax.process_count()
   tasks = list(config.data.task_keys_h5)
-  logging.info("data: %s", data.summary())
+  _log(f"data: {data.summary()}")
 
   spe = labels_lib.steps_per_epoch(len(data.train), config.data.batch_size)
   total = config_lib.total_steps(config, spe)
@@ -220,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, progress = ckpt.restore(start, abstract, train_iter)
     # Re-materialise restored arrays so that the donating step may consume them.
     state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)
-    logging.info("resumed from step %d (epoch %.2f)", start, progress.get("epoch", 0))
+    _log(f"resumed from step {start} (epoch {progress.get('epoch', 0):.2f}) in {ckpt.directory}")
   else:
     state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
     start = 0

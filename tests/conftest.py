@@ -1,0 +1,60 @@
+"""Shared fixtures: a small synthetic dataset (made once per session) and a tiny config."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from linnaeus_jax import config as config_lib  # noqa: E402
+from linnaeus_jax.data import synthetic  # noqa: E402
+
+SMALL = synthetic.SyntheticOptions(num_orders=2, families_per_order=2, genera_per_family=2,
+                                   species_per_genus=2, img_size=32, max_samples_per_species=60,
+                                   min_samples_per_species=30, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synthetic"))
+  paths = synthetic.generate(out, SMALL, verbose=False)
+  return out, paths
+
+
+def tiny_config(dataset_dir: str, **train):
+  """A very small mFormerV1 over the session's synthetic dataset."""
+  c = config_lib.base_config()
+  d = c.data
+  d.h5.labels_path = os.path.join(dataset_dir, "labels.h5")
+  d.hybrid.use_hybrid = True
+  d.hybrid.images_dir = os.path.join(dataset_dir, "images")
+  d.img_size = 32
+  d.partial.levels = True
+  d.meta.components.ELEVATION.enabled = True
+  d.batch_size = 16
+  d.batch_size_val = 32
+  d.prefetch_threads = 2
+  m = c.model
+  m.convnext_stages.depths = [1, 1]
+  m.convnext_stages.dims = [16, 24, 32, 48]
+  m.rope_stages.depths = [1, 1]
+  m.rope_stages.dims = [32, 48]
+  m.rope_stages.num_heads = [2, 2]
+  m.drop_path_rate = 0.1
+  c.train.steps = 30
+  c.lr_scheduler.base_lr = 3e-3
+  c.lr_scheduler.warmup_steps = 5
+  c.schedule.meta_masking.end_fraction = 0.5
+  c.schedule.meta_masking.start_prob = 0.5
+  c.schedule.validation.interval_steps = 0
+  c.schedule.validation.interval_epochs = 0
+  c.schedule.checkpoint.interval_steps = 10
+  c.schedule.metrics.console_interval = 10
+  c.schedule.metrics.tensorboard_interval = 1
+  for k, v in train.items():
+    c.train[k] = v
+  return c

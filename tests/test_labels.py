@@ -1,0 +1,142 @@
+import h5py
+import numpy as np
+import pytest
+
+from linnaeus_jax import config as config_lib
+from linnaeus_jax.data import labels
+
+from conftest import tiny_config
+
+
+def _write(path, **cols):
+  """A hand-made labels.h5: every keyword is a dataset."""
+  with h5py.File(path, "w") as h5:
+    for k, v in cols.items():
+      if isinstance(v, (list, np.ndarray)) and len(v) and isinstance(v[0], str):
+        h5.create_dataset(k, data=np.array(v, dtype=object), dtype=h5py.string_dtype())
+      else:
+        h5.create_dataset(k, data=np.asarray(v))
+  return str(path)
+
+
+def _hand_config(path, partial=True, **data):
+  c = config_lib.base_config()
+  c.data.h5.labels_path = path
+  c.data.hybrid.use_hybrid = True
+  c.data.hybrid.images_dir = "/nonexistent"
+  c.data.task_keys_h5 = ["taxa_L10", "taxa_L20"]
+  c.model.classification.heads = {"taxa_L10": dict(type="Linear", num_classes=0),
+                                  "taxa_L20": dict(type="Linear", num_classes=0)}
+  c.data.partial.levels = partial
+  c.data.meta.components.TEMPORAL.enabled = False
+  c.data.h5.train_val_split_ratio = 1.0
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+SPECIES = np.array([30, 10, 0, 20, 10, 0], np.uint32)
+GENUS = np.array([7, 5, 5, 0, 5, 0], np.uint32)  # 10, 20 -> 5 ... 30 -> 7; row 5 all-null
+
+
+def test_class_maps_and_filters_by_hand(tmp_path):
+  path = _write(tmp_path / "l.h5", img_identifiers=[f"{i}.jpg" for i in range(6)],
+                taxa_L10=SPECIES, taxa_L20=GENUS, spatial=np.ones((6, 3), np.float32))
+  d = labels.load(_hand_config(path))
+  assert d.class_to_idx["taxa_L10"] == {"null": 0, 10: 1, 20: 2, 30: 3}
+  assert d.class_to_idx["taxa_L20"] == {"null": 0, 5: 1, 7: 2}
+  assert d.filter_counts == {"all_null": 1}
+  order = np.argsort(d.train.raw_row)
+  np.testing.assert_array_equal(d.train.raw_row[order], [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(d.train.labels[order], [[3, 2], [1, 1], [0, 1], [2, 0], [1, 1]])
+  # Without partial levels, any null drops the row and class 0 is a real taxon.
+  d = labels.load(_hand_config(path, partial=False))
+  assert d.class_to_idx["taxa_L10"] == {10: 0, 20: 1, 30: 2}
+  assert d.filter_counts == {"all_null": 1, "any_null": 2}
+  np.testing.assert_array_equal(np.sort(d.train.raw_row), [0, 1, 4])
+  # Upward-major: nulls are allowed only above the highest labelled rank (row 2: genus, no species).
+  d = labels.load(_hand_config(path, upward_major_check=True))
+  assert d.filter_counts["upward_major"] == 1
+  assert 2 not in set(d.train.raw_row)
+  assert 3 in set(d.train.raw_row)  # species known, genus unknown: kept
+
+
+def test_hierarchy_and_multi_parent_error(tmp_path):
+  path = _write(tmp_path / "l.h5", img_identifiers=[f"{i}.jpg" for i in range(6)],
+                taxa_L10=SPECIES, taxa_L20=GENUS, spatial=np.ones((6, 3), np.float32))
+  assert labels.load(_hand_config(path)).hierarchy == {"taxa_L10": {1: 1, 3: 2}}
+  bad = _write(tmp_path / "bad.h5", img_identifiers=["a", "b"], taxa_L10=np.array([10, 10]),
+               taxa_L20=np.array([5, 7]), spatial=np.ones((2, 3), np.float32))
+  with pytest.raises(labels.DataError, match=r"taxon 10 \(taxa_L10\) has several parents .*\[5, 7\]"):
+    labels.load(_hand_config(bad))
+
+
+def test_schema_problems_listed_together(tmp_path):
+  path = _write(tmp_path / "l.h5", img_identifiers=["a", "b"], taxa_L10=np.array([1, 2]),
+                spatial=np.ones((2, 4), np.float32))
+  c = _hand_config(path)
+  c.data.meta.components.TEMPORAL.enabled = True
+  with pytest.raises(labels.DataError) as e:
+    labels.load(c)
+  msg = str(e.value)
+  assert "missing task dataset 'taxa_L20'" in msg
+  assert "missing source dataset 'temporal' of component TEMPORAL" in msg
+  assert "spatial has width 4 but component SPATIAL has dim 3" in msg
+
+
+def test_validity_sources_in_order_of_preference(tmp_path):
+  elev_null = np.tile([0.0, 1.0], 5)
+  elev = np.stack([elev_null, np.full(10, 0.5), elev_null]).astype(np.float32)
+  common = dict(img_identifiers=["a", "b", "c"], taxa_L10=np.array([1, 2, 3]),
+                taxa_L20=np.array([9, 9, 9]), spatial=np.array([[0, 0, 0], [1, 0, 0], [0, 0, 1]],
+                                                                 np.float32),
+                elevation_broadrange_2=elev)
+
+  def load(**extra):
+    c = _hand_config(_write(tmp_path / f"{len(extra)}.h5", **common, **extra))
+    c.data.meta.components.ELEVATION.enabled = True
+    table = labels.load(c).train
+    return table.take(np.argsort(table.raw_row))
+  # Value rules: all-zero spatial and the [0,1,...] elevation pattern count as missing.
+  t = load()
+  np.testing.assert_array_equal(t.meta_valid, [[False, False], [True, True], [True, False]])
+  # Raw columns win over values: a real 0 m elevation is valid, a NaN latitude is not.
+  t = load(raw_lat=np.array([0.0, np.nan, 10.0], np.float32),
+           raw_lon=np.array([0.0, 1.0, 2.0], np.float32),
+           raw_elevation=np.array([0.0, 5.0, np.nan], np.float32))
+  np.testing.assert_array_equal(t.meta_valid, [[True, True], [False, True], [True, False]])
+  assert np.all(t.meta["SPATIAL"][1] == 0)  # invalid values are zeroed
+  # An explicit <source>_valid dataset wins over everything.
+  t = load(raw_lat=np.array([0.0, np.nan, 10.0], np.float32),
+           raw_lon=np.array([0.0, 1.0, 2.0], np.float32),
+           spatial_valid=np.array([0, 1, 1], np.uint8))
+  np.testing.assert_array_equal(t.meta_valid[:, 0], [False, True, True])
+
+
+def test_out_of_region_and_oor_mask(small_dataset):
+  c = tiny_config(small_dataset[0])
+  with h5py.File(c.data.h5.labels_path, "r") as h5:
+    in_region = h5["in_region"][:].astype(bool)
+  c.data.h5.train_val_split_ratio = 1.0
+  all_rows = labels.load(c)
+  assert len(all_rows.train) == len(in_region)
+  c.data.out_of_region.include = False
+  d = labels.load(c)
+  assert d.filter_counts["out_of_region"] == int((~in_region).sum())
+  assert in_region[d.train.raw_row].all()
+  c.data.out_of_region.include = True
+  c.data.meta.components.SPATIAL.oor_mask = True
+  d = labels.load(c)
+  spatial = [n for n, _ in d.components].index("SPATIAL")
+  assert not d.train.meta_valid[~in_region[d.train.raw_row], spatial].any()
+
+
+def test_single_file_split_is_the_original_random_state_split(small_dataset):
+  c = tiny_config(small_dataset[0])
+  d = labels.load(c)
+  n = len(d.train) + len(d.val)
+  perm = np.random.RandomState(42).permutation(n)
+  n_train = int(n * 0.9)
+  np.testing.assert_array_equal(d.train.raw_row, perm[:n_train])  # no filter drops a row here
+  np.testing.assert_array_equal(d.val.raw_row, perm[n_train:])
+  assert d.num_classes["taxa_L10"] == 17 and d.num_classes["taxa_L40"] == 3

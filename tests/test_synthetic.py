@@ -1,0 +1,147 @@
+import dataclasses
+import os
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from linnaeus_jax.data import synthetic
+
+from conftest import SMALL
+
+
+def _arrays(path):
+  with h5py.File(path, "r") as h5:
+    return {k: h5[k][:] for k in h5.keys() if isinstance(h5[k], h5py.Dataset)}
+
+
+def test_schema(small_dataset):
+  out, paths = small_dataset
+  with h5py.File(paths["labels_path"], "r") as h5:
+    n = len(h5["img_identifiers"])
+    for t in synthetic.TASK_KEYS:
+      assert h5[t].dtype == np.uint32 and h5[t].shape == (n,)
+    assert h5["spatial"].shape == (n, 3)
+    assert list(h5["spatial"].attrs["column_names"]) == ["spatial_x", "spatial_y", "spatial_z"]
+    assert h5["temporal"].shape == (n, 2)
+    assert list(h5["temporal"].attrs["column_names"]) == ["month_sin", "month_cos"]
+    elev = h5[synthetic.ELEVATION_SOURCE]
+    assert elev.shape == (n, 2 * len(SMALL.elevation_scales))
+    assert list(elev.attrs["column_names"])[:2] == ["elev_100_sin", "elev_100_cos"]
+    assert h5["in_region"].dtype == np.uint8
+    for raw in ("raw_lat", "raw_lon", "raw_elevation", "raw_date_observed"):
+      assert h5[raw].shape == (n,)
+    assert "config_json" in h5["metadata"].attrs
+    ids = [x.decode() for x in h5["img_identifiers"][:]]
+  assert all(os.path.exists(os.path.join(paths["images_dir"], i)) for i in ids)
+  img = np.asarray(Image.open(os.path.join(paths["images_dir"], ids[0])))
+  assert img.shape == (SMALL.img_size, SMALL.img_size, 3) and img.dtype == np.uint8
+
+
+def test_encodings_match_closed_forms(small_dataset):
+  a = _arrays(small_dataset[1]["labels_path"])
+  ok = np.isfinite(a["raw_lat"])
+  lat, lon = np.radians(a["raw_lat"][ok]), np.radians(a["raw_lon"][ok])
+  np.testing.assert_allclose(a["spatial"][ok, 2], np.sin(lat), atol=1e-5)
+  np.testing.assert_allclose(a["spatial"][ok, 0], np.cos(lat) * np.cos(lon), atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(a["spatial"][ok], axis=1), 1.0, atol=1e-5)
+  assert np.all(a["spatial"][~ok] == 0)  # the original's null form
+  e_ok = np.isfinite(a["raw_elevation"])
+  np.testing.assert_allclose(a[synthetic.ELEVATION_SOURCE][e_ok, 0],
+                             np.sin(2 * np.pi * a["raw_elevation"][e_ok] / 100.0), atol=2e-3)
+  assert np.all(a[synthetic.ELEVATION_SOURCE][~e_ok] == np.tile([0, 1], 5))
+  month = np.array([int(d[5:7]) for d in a["raw_date_observed"] if d])
+  t_ok = np.array([len(d) > 0 for d in a["raw_date_observed"]])
+  np.testing.assert_allclose(a["temporal"][t_ok, 0], np.sin(2 * np.pi * month / 12), atol=1e-5)
+
+
+def test_taxonomy_is_a_tree_and_partial_labels(small_dataset):
+  a = _arrays(small_dataset[1]["labels_path"])
+  for child, parent in zip(synthetic.TASK_KEYS, synthetic.TASK_KEYS[1:]):
+    ok = (a[child] != 0) & (a[parent] != 0)
+    pairs = set(zip(a[child][ok], a[parent][ok]))
+    assert len({c for c, _ in pairs}) == len(pairs), f"{child} has a multi-parent taxon"
+  n_species = (SMALL.num_orders * SMALL.families_per_order * SMALL.genera_per_family
+               * SMALL.species_per_genus)
+  assert len(np.unique(a["taxa_L10"][a["taxa_L10"] != 0])) == n_species
+  null_sp = np.mean(a["taxa_L10"] == 0)
+  assert 0.0 < null_sp < 3 * (SMALL.null_species_rate + SMALL.null_genus_rate)
+  assert np.all(a["taxa_L20"][a["taxa_L20"] == 0] == a["taxa_L10"][a["taxa_L20"] == 0])
+  assert np.all(a["taxa_L30"] != 0) and np.all(a["taxa_L40"] != 0)
+
+
+def test_zipf_imbalance():
+  rng = np.random.default_rng(0)
+  opts = dataclasses.replace(SMALL, max_samples_per_species=100, min_samples_per_species=1,
+                             zipf_exponent=1.0)
+  counts = np.sort(synthetic.species_counts(opts, 8, rng))[::-1]
+  np.testing.assert_array_equal(counts, np.round(100 / np.arange(1, 9)))
+
+
+def test_deterministic_for_a_seed(tmp_path, small_dataset):
+  opts = dataclasses.replace(SMALL, max_samples_per_species=12, min_samples_per_species=10)
+  p1 = synthetic.generate(str(tmp_path / "a"), opts, verbose=False)
+  p2 = synthetic.generate(str(tmp_path / "b"), opts, verbose=False)
+  p3 = synthetic.generate(str(tmp_path / "c"), dataclasses.replace(opts, seed=99), verbose=False)
+  a1, a2, a3 = (_arrays(p["labels_path"]) for p in (p1, p2, p3))
+  for k in a1:
+    np.testing.assert_array_equal(a1[k], a2[k], err_msg=k)
+  assert not np.array_equal(a1["taxa_L10"], a3["taxa_L10"])
+  for name in os.listdir(p1["images_dir"])[:20]:
+    with open(os.path.join(p1["images_dir"], name), "rb") as f1, \
+        open(os.path.join(p2["images_dir"], name), "rb") as f2:
+      assert f1.read() == f2.read()
+
+
+def test_h5_image_format(tmp_path):
+  opts = dataclasses.replace(SMALL, max_samples_per_species=5, min_samples_per_species=5,
+                             image_format="h5")
+  paths = synthetic.generate(str(tmp_path), opts, verbose=False)
+  with h5py.File(paths["images_path"], "r") as h5:
+    imgs = h5["images"]
+    assert imgs.dtype == np.uint8 and imgs.shape[1:] == (32, 32, 3)
+    with h5py.File(paths["labels_path"], "r") as lab:
+      assert imgs.shape[0] == len(lab["img_identifiers"])
+
+
+def test_metadata_separates_siblings_that_images_do_not(small_dataset):
+  """Within a genus, species are told apart by metadata, not by their (near-identical) look."""
+  out, paths = small_dataset
+  a = _arrays(paths["labels_path"])
+  ids = [x.decode() for x in a["img_identifiers"]]
+  keep = (a["taxa_L10"] != 0) & np.isfinite(a["raw_lat"]) & np.isfinite(a["raw_elevation"])
+  feats = np.concatenate([a["spatial"], a[synthetic.ELEVATION_SOURCE][:, 4:]], 1)
+  meta_acc, img_gap, genus_gap = [], [], []
+  for genus in np.unique(a["taxa_L20"][keep]):
+    rows = np.flatnonzero(keep & (a["taxa_L20"] == genus))
+    species = a["taxa_L10"][rows]
+    cents = {s: feats[rows[species == s]].mean(0) for s in np.unique(species)}
+    names = list(cents)
+    pred = [names[int(np.argmin([np.linalg.norm(feats[r] - cents[s]) for s in names]))]
+            for r in rows]
+    meta_acc.append(np.mean(np.array(pred) == species))
+    mean_img = {s: np.mean([np.asarray(Image.open(os.path.join(paths["images_dir"], ids[r])),
+                                       np.float32) for r in rows[species == s][:20]], 0)
+                for s in names}
+    img_gap.append(np.abs(mean_img[names[0]] - mean_img[names[1]]).mean())
+    genus_gap.append(mean_img[names[0]])
+  assert np.mean(meta_acc) > 0.9  # nearest centroid on metadata alone
+  between_genera = np.mean([np.abs(x - y).mean() for x, y in zip(genus_gap, genus_gap[1:])])
+  assert np.mean(img_gap) < 0.5 * between_genera
+
+
+def test_invalid_options_all_reported():
+  bad = dataclasses.replace(SMALL, img_size=8, null_species_rate=1.5, image_format="png")
+  with pytest.raises(ValueError) as e:
+    bad.validate()
+  for needle in ("img_size", "null_species_rate", "image_format"):
+    assert needle in str(e.value)
+
+
+def test_cli(tmp_path):
+  synthetic.main(["--out", str(tmp_path), "--num_orders=1", "--families_per_order=1",
+                  "--genera_per_family=2", "--species_per_genus=2",
+                  "--max_samples_per_species=3", "--min_samples_per_species=3", "--img_size=32"])
+  with h5py.File(tmp_path / "labels.h5", "r") as h5:
+    assert len(h5["img_identifiers"]) == 12
