@@ -183,8 +183,12 @@ def _every(interval: int, step: int) -> bool:
   return interval > 0 and step % interval == 0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns the last validation metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last validation metrics.
+
+  `stop_at` ends the run after that step as an interruption would: no final checkpoint or
+  validation (a rerun resumes from the latest checkpoint).
+  """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   config, data = resolve(config, jax.device_count())
@@ -290,6 +294,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_val = validate(done)
       if _every(ckpt_every, done) and done != total:
         save(done)
+      if stop_at is not None and done >= stop_at:
+        return last_val
     if ckpt.latest_step() != total:
       save(total)
     elif pidx == 0:

@@ -1,0 +1,88 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from linnaeus_jax import train
+
+from conftest import ROOT, tiny_config
+
+
+def _losses(workdir):
+  """step -> train loss; later lines (a resumed run) override earlier ones."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec["phase"] == "train":
+        out[rec["step"]] = rec["loss"]
+  return out
+
+
+def test_end_to_end_learns(small_dataset, tmp_path):
+  c = tiny_config(small_dataset[0], steps=80)
+  c.schedule.validation.interval_steps = 40
+  val = train.run(c, str(tmp_path))
+  losses = _losses(tmp_path)
+  assert sorted(losses) == list(range(1, 81))
+  assert np.mean([losses[s] for s in range(71, 81)]) < 0.7 * np.mean([losses[s] for s in range(1, 6)])
+  # Chance is 1/2 for the 2 orders and 1/4 for the 4 families (null classes never occur there).
+  assert val["acc1/taxa_L40"] > 80.0
+  assert val["acc1/taxa_L30"] > 50.0
+  assert val["num_examples"] > 0
+  for name in ("config.json", "metrics.jsonl", "assets/class_to_idx.json"):
+    assert os.path.exists(tmp_path / name), name
+  resolved = json.load(open(tmp_path / "config.json"))
+  assert resolved["model"]["classification"]["heads"]["taxa_L10"]["num_classes"] == 17
+  assert os.listdir(tmp_path / "tensorboard")
+  phases = {json.loads(l)["phase"] for l in open(tmp_path / "metrics.jsonl")}
+  assert phases == {"train", "val"}
+
+
+def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
+  c = tiny_config(small_dataset[0], steps=20)
+  train.run(c, str(tmp_path / "straight"))
+  train.run(c, str(tmp_path / "resumed"), stop_at=15)  # interrupted after step 15
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10"]
+  train.run(c, str(tmp_path / "resumed"))  # resumes from step 10
+  a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  np.testing.assert_allclose([b[s] for s in range(11, 21)], [a[s] for s in range(11, 21)],
+                             rtol=1e-6)
+  # A finished run resumes at its end: no step is trained again.
+  n_lines = sum(1 for _ in open(tmp_path / "resumed" / "metrics.jsonl"))
+  train.run(c, str(tmp_path / "resumed"))
+  lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")][n_lines:]
+  assert [l["phase"] for l in lines] == ["val"]
+
+
+def test_refuses_to_resume_when_auto_resume_is_off(small_dataset, tmp_path):
+  c = tiny_config(small_dataset[0], steps=10)
+  train.run(c, str(tmp_path))
+  c.train.auto_resume = False
+  with pytest.raises(RuntimeError, match="already holds checkpoints"):
+    train.run(c, str(tmp_path))
+
+
+def test_head_size_mismatch_with_data_is_an_error(small_dataset, tmp_path):
+  c = tiny_config(small_dataset[0])
+  c.model.classification.heads.taxa_L10.num_classes = 5
+  with pytest.raises(ValueError, match="taxa_L10.num_classes is 5 but the data has 17"):
+    train.resolve(c)
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "linnaeus_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_bad_config_clearly(tmp_path):
+  r = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.data.img_size=50",
+            "--config.model.rope_mode=spin")
+  assert r.returncode == 1
+  assert "multiple of 32" in r.stderr and "rope_mode 'spin'" in r.stderr
+  r = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.train.stepz=5")
+  assert r.returncode != 0 and "stepz" in r.stderr
