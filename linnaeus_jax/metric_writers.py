@@ -47,28 +47,31 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Progress:
-  """`step/total [bar] loss img/s ETA`; redrawn in place on a terminal, one line per call else."""
+  """`step/total [bar] loss img/s ETA`; redrawn in place on a terminal, one line per call else.
+
+  Rates come from the interval since the previous update (the first one includes compilation,
+  so it shows no ETA).
+  """
 
   def __init__(self, total: int, start: int, batch_size: int, stream=sys.stderr):
-    self.total, self.start, self.batch = total, start, batch_size
-    self.t0, self.stream = time.time(), stream
+    self.total, self.batch, self.stream = total, batch_size, stream
     self.tty = stream.isatty()
-    self.last_step, self.last_time = start, self.t0
+    self.last_step, self.last_time = start, time.time()
+    self.sec_per_step = None
     self.enabled = jax.process_index() == 0
 
   def update(self, step: int, loss: float) -> None:
     if not self.enabled:
       return
     now = time.time()
-    ips = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
+    dt = (now - self.last_time) / max(step - self.last_step, 1)
+    first = self.sec_per_step is None
+    self.sec_per_step = dt if first else 0.7 * self.sec_per_step + 0.3 * dt
     self.last_step, self.last_time = step, now
-    done = (step - self.start) / max(self.total - self.start, 1)
-    rate = (now - self.t0) / max(step - self.start, 1)
-    eta = rate * (self.total - step)
+    eta = "--:--" if first else _fmt_time(self.sec_per_step * (self.total - step))
     bar = "#" * int(20 * step / max(self.total, 1))
-    line = (f"step {step}/{self.total} [{bar:<20}] loss {loss:.4f}  {ips:.1f} img/s  "
-            f"ETA {_fmt_time(eta)}")
-    del done
+    line = (f"step {step}/{self.total} [{bar:<20}] loss {loss:.4f}  "
+            f"{self.batch / max(dt, 1e-9):.1f} img/s  ETA {eta}")
     self.stream.write(("\r" + line) if self.tty else line + "\n")
     self.stream.flush()
 

@@ -127,3 +127,22 @@ def test_resize_squashes_with_area_interpolation():
   np.testing.assert_array_equal(out[..., 0], [[0, 200], [0, 200]])  # box average of each half
   gray = preprocessing.to_rgb_uint8(np.full((3, 3), 7, np.uint8), 3)
   assert gray.shape == (3, 3, 3) and (gray == 7).all()
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+  """mp_prefetch pickles the source into spawned workers: images.h5 must open lazily there."""
+  import dataclasses
+  opts = dataclasses.replace(SMALL, max_samples_per_species=6, min_samples_per_species=6,
+                             image_format="h5")
+  paths = synthetic.generate(str(tmp_path), opts, verbose=False)
+  c = tiny_config(str(tmp_path))
+  c.data.hybrid.use_hybrid = False
+  c.data.h5.images_path = paths["images_path"]
+  data = labels.load(c)
+  inline = list(pipeline.train_dataset(data, c, num_steps=4))
+  c.data.num_workers = 2
+  workers = list(pipeline.train_dataset(data, c, num_steps=4))
+  assert len(workers) == 4
+  for a, b in zip(inline, workers):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["labels"]["taxa_L10"], b["labels"]["taxa_L10"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import grain
+from absl import flags
 import h5py
 import numpy as np
 
@@ -112,6 +113,8 @@ def _finish(ds: grain.MapDataset, config, local_batch: int) -> grain.IterDataset
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.data.prefetch_threads),
                                             prefetch_buffer_size=2 * local_batch))
   if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; library use has not parsed them
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return it
 

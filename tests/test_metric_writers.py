@@ -1,0 +1,44 @@
+import io
+import json
+import os
+
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from linnaeus_jax import metric_writers
+
+
+def _events(path):
+  """Parses a TFRecord event file: (u64 length, u32 crc, payload, u32 crc) records."""
+  data = open(path, "rb").read()
+  pos = 0
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+    pos += 12 + n + 4
+
+
+def test_jsonl_and_tensorboard_hold_the_same_values(tmp_path):
+  w = metric_writers.MetricWriter(str(tmp_path))
+  w.write(10, "train", {"loss": 1.5, "acc1/taxa_L10": 50.0, "num_examples": 3})
+  w.write(20, "val", {"loss": 0.5})
+  w.close()
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines == [{"step": 10, "phase": "train", "loss": 1.5, "acc1/taxa_L10": 50.0,
+                    "num_examples": 3}, {"step": 20, "phase": "val", "loss": 0.5}]
+  tb_dir = tmp_path / "tensorboard"
+  events = [e for f in os.listdir(tb_dir)
+            for e in _events(tb_dir / f) if e.summary.value]
+  got = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
+  assert got[(10, "train/acc1/taxa_L10")] == 50.0 and got[(20, "val/loss")] == 0.5
+
+
+def test_progress_lines():
+  out = io.StringIO()
+  p = metric_writers.Progress(total=100, start=0, batch_size=8, stream=out)
+  p.update(10, 2.0)
+  p.update(20, 1.0)
+  first, second = out.getvalue().splitlines()
+  assert first.startswith("step 10/100 [##") and "ETA --:--" in first
+  assert "loss 1.0000" in second and "img/s" in second and "ETA 00:0" in second
