@@ -20,8 +20,8 @@ from flax import nnx
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import losses, masking, metric_writers, metrics, models, optim, preprocessing
-from linnaeus_jax import sharding
+from linnaeus_jax import evaluate, losses, masking, metric_writers, metrics, models, optim
+from linnaeus_jax import preprocessing, sharding
 from linnaeus_jax.data import labels as labels_lib
 from linnaeus_jax.data import pipeline, synthetic
 
@@ -104,11 +104,6 @@ def count_params(params) -> int:
 # ----------------------------------------------------------------------------- Steps
 
 
-def _inputs(batch, config):
-  image = preprocessing.normalize(batch["image"])
-  return image, batch["meta"], batch["meta_valid"]
-
-
 def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMaskSchedule):
   tasks = list(config.data.task_keys_h5)
   funcs = list(config.loss.task_specific.train.funcs)
@@ -116,8 +111,8 @@ def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMask
   partial = config.data.partial.levels
 
   def loss_fn(params, batch, key, meta_valid):
-    image, meta, _ = _inputs(batch, config)
-    logits = nnx.merge(graphdef, params)(image, meta, meta_valid, train=True, key=key)
+    image = preprocessing.normalize(batch["image"])
+    logits = nnx.merge(graphdef, params)(image, batch["meta"], meta_valid, train=True, key=key)
     per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
                                   smoothing=config.model.label_smoothing, partial_levels=partial,
                                   mask_nulls=config.train.phase1_mask_null_loss)
@@ -146,29 +141,6 @@ def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMask
            **{f"loss/{t}": per_task[t][0] for t in tasks}, **counts}
     return new_state, out
   return step
-
-
-def make_eval_step(graphdef, config):
-  tasks = list(config.data.task_keys_h5)
-  funcs = list(config.loss.task_specific.val.funcs)
-
-  def step(params, batch):
-    image, meta, meta_valid = _inputs(batch, config)
-    logits = nnx.merge(graphdef, params)(image, meta, meta_valid, train=False)
-    per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
-                                  smoothing=config.model.label_smoothing,
-                                  partial_levels=config.data.partial.levels,
-                                  mask_nulls=config.train.phase1_mask_null_loss,
-                                  example_mask_B=batch["example_mask"])
-    return metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"], tasks)
-  return step
-
-
-def evaluate(eval_step, params, dataset, mesh, tasks) -> dict:
-  total = None
-  for batch in dataset:
-    total = metrics.accumulate(total, eval_step(params, sharding.global_batch(batch, mesh)))
-  return metrics.finalize(total, tasks)
 
 
 # ----------------------------------------------------------------------------- Loop
@@ -237,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   train_step = jax.jit(make_train_step(graphdef, tx, config, lr_fn, mask_schedule),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, config))
+  eval_step = jax.jit(evaluate.make_eval_step(graphdef, config))
   writer = metric_writers.MetricWriter(workdir)
   if pidx == 0:
     print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
@@ -249,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
     if ds is None:
       return {}
     t0 = time.time()
-    result = evaluate(eval_step, state["params"], ds, mesh, tasks)
+    result = evaluate.run(eval_step, state["params"], ds, mesh, tasks)
     result["duration_sec"] = time.time() - t0
     writer.write(step, "val", result)
     if pidx == 0:

@@ -1,7 +1,6 @@
 import os
 
 import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 
