@@ -15,6 +15,8 @@ def get_config():
   d.meta.components.ELEVATION.enabled = True
   d.batch_size = 64
   d.batch_size_val = 128
+  c.aug.autoaug.policy = "none"  # the synthetic task needs no augmentation to generalise
+  c.aug.random_erase.prob = 0.0
   m = c.model
   m.convnext_stages.depths = [1, 1]
   m.convnext_stages.dims = [32, 48, 64, 96]

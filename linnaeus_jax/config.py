@@ -50,7 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
               train_images_path="", val_images_path="", train_val_split_ratio=0.9,
               train_val_split_seed=42),
       hybrid=dict(use_hybrid=False, images_dir="", file_extension=".jpg",
-                  allow_missing_images=False),
+                  # Ours: 'error' | 'skip' | 'placeholder' (the original's ALLOW_MISSING_IMAGES).
+                  missing_image_policy="error",
+                  verify_images=dict(enabled=False, max_missing_ratio=1.0, max_missing_count=-1,
+                                     num_workers=8, decode=False, report_path="")),
+      sampler=dict(type="grouped"),  # 'grouped' (pairs for mixing) | 'standard'
+      taxonomy=dict(path="", multi_parent="error"),  # ours: taxonomy_tree.json; or 'majority' 
       task_keys_h5=list(TASK_KEYS),
       partial=dict(levels=False),
       out_of_region=dict(include=True),
@@ -112,7 +117,12 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
                       keep_last_n=2),
       metrics=dict(console_interval=100, tensorboard_interval=50),
+      mix=dict(group_levels=["taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"], min_group_size=4,
+               exclude_null_samples=False, null_task_keys=[]),
   )
+  c.aug = dict(autoaug=dict(policy="original"),  # 'none' | 'original' | 'rand-m<M>-n<N>'
+               random_erase=dict(prob=0.25, mode="pixel", area_range=[0.02, 0.4],
+                                 aspect_ratio=[0.3, 3.3], count=1))
   c.misc = dict(seed=42)
   c.mesh = dict(data=-1)  # devices on the data axis; -1 = all
   return c
@@ -232,6 +242,34 @@ def validate(config, num_devices: int = 1) -> None:
   if d.batch_size_val > 0 and d.batch_size_val % num_devices:
     problems.append(f"data.batch_size_val {d.batch_size_val} must be a multiple of the "
                     f"{num_devices} devices")
+  for key, value, allowed in (
+      ("data.hybrid.missing_image_policy", d.hybrid.missing_image_policy,
+       ("error", "skip", "placeholder")),
+      ("data.sampler.type", d.sampler.type, ("grouped", "standard")),
+      ("data.taxonomy.multi_parent", d.taxonomy.multi_parent, ("error", "majority"))):
+    if value not in allowed:
+      problems.append(f"{key} {value!r} not in {allowed}")
+  from linnaeus_jax.data import augment  # pylint: disable=g-import-not-at-top
+  if (problem := augment.check_policy(config.aug.autoaug.policy)):
+    problems.append(problem)
+  er = config.aug.random_erase
+  if er.mode not in ("pixel", "rand", "const"):
+    problems.append(f"aug.random_erase.mode {er.mode!r} not in ('pixel', 'rand', 'const')")
+  if er.count != 1:
+    problems.append("aug.random_erase.count must be 1 (one box per sample)")
+  if not 0.0 <= er.prob <= 1.0:
+    problems.append(f"aug.random_erase.prob must be in [0, 1], got {er.prob}")
+  mix = config.schedule.mix
+  if d.sampler.type == "grouped":
+    if not mix.group_levels or mix.group_levels[0] not in tasks:
+      problems.append(f"schedule.mix.group_levels[0] must be a task key of data.task_keys_h5, "
+                      f"got {list(mix.group_levels)[:1]}")
+    if (d.batch_size // num_devices) % 2:
+      problems.append(f"data.sampler.type 'grouped' pairs samples: the per-device batch "
+                      f"({d.batch_size} / {num_devices}) must be even")
+  for t in mix.null_task_keys:
+    if t not in tasks:
+      problems.append(f"schedule.mix.null_task_keys: {t!r} is not a task key")
   if not 0.0 < d.h5.train_val_split_ratio <= 1.0:
     problems.append(f"data.h5.train_val_split_ratio must be in (0, 1], got "
                     f"{d.h5.train_val_split_ratio}")

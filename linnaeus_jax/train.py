@@ -23,7 +23,7 @@ from linnaeus_jax import config as config_lib
 from linnaeus_jax import evaluate, losses, masking, metric_writers, metrics, models, optim
 from linnaeus_jax import preprocessing, sharding
 from linnaeus_jax.data import labels as labels_lib
-from linnaeus_jax.data import pipeline, synthetic
+from linnaeus_jax.data import augment, pipeline, synthetic
 
 
 # ----------------------------------------------------------------------------- Setup
@@ -66,18 +66,14 @@ def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
   os.makedirs(os.path.join(workdir, "assets"), exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config_lib.to_json(config))
-  assets = {
-      "class_to_idx.json": {t: {str(k): v for k, v in m.items()}
-                            for t, m in data.class_to_idx.items()},
-      "num_classes.json": data.num_classes,
-      "taxonomy_tree.json": {"__taxonomy_tree_version__": "1.0", "task_keys": data.task_keys,
-                             "num_classes": data.num_classes,
-                             "hierarchy_map_raw": {t: {str(c): p for c, p in h.items()}
-                                                   for t, h in data.hierarchy.items()}},
-  }
-  for name, obj in assets.items():
+  for name, text in data.assets().items():
     with open(os.path.join(workdir, "assets", name), "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1)
+      f.write(text)
+  if data.missing_images:
+    path = config.data.hybrid.verify_images.report_path or os.path.join(
+        workdir, "assets", "missing_images.json")
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(data.missing_images, f, indent=1)
 
 
 # ----------------------------------------------------------------------------- State
@@ -111,20 +107,27 @@ def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMask
   partial = config.data.partial.levels
 
   def loss_fn(params, batch, key, meta_valid):
+    k_erase, k_drop = jax.random.split(key)
     image = preprocessing.normalize(batch["image"])
-    logits = nnx.merge(graphdef, params)(image, batch["meta"], meta_valid, train=True, key=key)
+    er = config.aug.random_erase
+    if er.prob > 0:
+      image = augment.random_erasing(k_erase, image, er.prob, tuple(er.area_range),
+                                     tuple(er.aspect_ratio), er.mode, batch["example_mask"])
+    logits = nnx.merge(graphdef, params)(image, batch["meta"], meta_valid, train=True,
+                                         key=k_drop)
     per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
                                   smoothing=config.model.label_smoothing, partial_levels=partial,
-                                  mask_nulls=config.train.phase1_mask_null_loss)
+                                  mask_nulls=config.train.phase1_mask_null_loss,
+                                  example_mask_B=batch["example_mask"])
     return losses.total_loss(per_task, tasks, weights), (per_task, logits)
 
   def step(state, batch):
     key = jax.random.fold_in(state["rng"], state["step"])
-    k_mask, k_drop = jax.random.split(key)
+    k_mask, k_model = jax.random.split(key)
     p_mask = mask_schedule.prob(state["step"])
     meta_valid = masking.full_mask(k_mask, batch["meta_valid"], p_mask)
     (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, k_drop, meta_valid)
+        state["params"], batch, k_model, meta_valid)
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -169,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   tasks = list(config.data.task_keys_h5)
   _log(f"data: {data.summary()}")
 
-  spe = labels_lib.steps_per_epoch(len(data.train), config.data.batch_size)
+  spe = pipeline.steps_per_epoch(pipeline.train_groups(data, config), config.data.batch_size)
   total = config_lib.total_steps(config, spe)
   sched = config.schedule
   val_every = config_lib.resolve_steps(sched.validation.interval_steps,

@@ -38,6 +38,8 @@ def tiny_config(dataset_dir: str, **train):
   d.batch_size = 16
   d.batch_size_val = 32
   d.prefetch_threads = 2
+  c.aug.autoaug.policy = "none"
+  c.aug.random_erase.prob = 0.0
   m = c.model
   m.convnext_stages.depths = [1, 1]
   m.convnext_stages.dims = [16, 24, 32, 48]

@@ -3,7 +3,7 @@ import numpy as np
 from flax import nnx
 
 from linnaeus_jax import evaluate, models, preprocessing, sharding, train
-from linnaeus_jax.data import pipeline
+from linnaeus_jax.data import images, pipeline
 
 from conftest import tiny_config
 
@@ -20,10 +20,10 @@ def test_pass_over_padded_batches_equals_a_direct_forward(small_dataset):
   got = evaluate.run(step, params, pipeline.eval_dataset(data, c), mesh, data.task_keys)
   assert len(data.val) % 24 and got["num_examples"] == len(data.val)
 
-  reader = pipeline.ImageReader(data.val_images, c.data.img_size)
-  images = np.stack([reader(int(r), i) for r, i in zip(data.val.raw_row, data.val.image_id)])
+  reader = images.ImageReader(data.val_images, c.data.img_size)
+  pixels = np.stack([reader(int(r), i) for r, i in zip(data.val.raw_row, data.val.image_id)])
   logits = jax.jit(lambda p, x, m, v: nnx.merge(graphdef, p)(x, m, v))(
-      params, preprocessing.normalize(images), data.val.meta, data.val.meta_valid)
+      params, preprocessing.normalize(pixels), data.val.meta, data.val.meta_valid)
   for j, t in enumerate(data.task_keys):
     acc = 100 * np.mean(np.argmax(logits[t], -1) == data.val.labels[:, j])
     np.testing.assert_allclose(got[f"acc1/{t}"], acc, rtol=1e-6)

@@ -45,18 +45,18 @@ def test_class_maps_and_filters_by_hand(tmp_path):
   d = labels.load(_hand_config(path))
   assert d.class_to_idx["taxa_L10"] == {"null": 0, 10: 1, 20: 2, 30: 3}
   assert d.class_to_idx["taxa_L20"] == {"null": 0, 5: 1, 7: 2}
-  assert d.filter_counts == {"all_null": 1}
+  assert {k: v for k, v in d.dropped.items() if v} == {"all_null": 1}
   order = np.argsort(d.train.raw_row)
   np.testing.assert_array_equal(d.train.raw_row[order], [0, 1, 2, 3, 4])
   np.testing.assert_array_equal(d.train.labels[order], [[3, 2], [1, 1], [0, 1], [2, 0], [1, 1]])
   # Without partial levels, any null drops the row and class 0 is a real taxon.
   d = labels.load(_hand_config(path, partial=False))
   assert d.class_to_idx["taxa_L10"] == {10: 0, 20: 1, 30: 2}
-  assert d.filter_counts == {"all_null": 1, "any_null": 2}
+  assert {k: v for k, v in d.dropped.items() if v} == {"all_null": 1, "any_null": 2}
   np.testing.assert_array_equal(np.sort(d.train.raw_row), [0, 1, 4])
   # Upward-major: nulls are allowed only above the highest labelled rank (row 2: genus, no species).
   d = labels.load(_hand_config(path, upward_major_check=True))
-  assert d.filter_counts["upward_major"] == 1
+  assert d.dropped["upward_major"] == 1
   assert 2 not in set(d.train.raw_row)
   assert 3 in set(d.train.raw_row)  # species known, genus unknown: kept
 
@@ -69,6 +69,19 @@ def test_hierarchy_and_multi_parent_error(tmp_path):
                taxa_L20=np.array([5, 7]), spatial=np.ones((2, 3), np.float32))
   with pytest.raises(labels.DataError, match=r"taxon 10 \(taxa_L10\) has several parents .*\[5, 7\]"):
     labels.load(_hand_config(bad))
+  # Majority resolution keeps the most frequent parent, with a warning.
+  major = _write(tmp_path / "major.h5", img_identifiers=["a", "b", "c"],
+                 taxa_L10=np.array([10, 10, 10]), taxa_L20=np.array([5, 7, 7]),
+                 spatial=np.ones((3, 3), np.float32))
+  c = _hand_config(major)
+  c.data.taxonomy.multi_parent = "majority"
+  d = labels.load(c)
+  assert d.hierarchy == {"taxa_L10": {1: 2}} and d.class_to_idx["taxa_L20"][7] == 2
+  # A taxonomy_tree.json given explicitly replaces the co-occurrence links.
+  tree = tmp_path / "taxonomy_tree.json"
+  tree.write_text(d.taxonomy.to_json().replace('"1": 2', '"1": 1'))
+  c.data.taxonomy.path = str(tree)
+  assert labels.load(c).hierarchy == {"taxa_L10": {1: 1}}
 
 
 def test_schema_problems_listed_together(tmp_path):
@@ -122,7 +135,7 @@ def test_out_of_region_and_oor_mask(small_dataset):
   assert len(all_rows.train) == len(in_region)
   c.data.out_of_region.include = False
   d = labels.load(c)
-  assert d.filter_counts["out_of_region"] == int((~in_region).sum())
+  assert d.dropped["out_of_region"] == int((~in_region).sum())
   assert in_region[d.train.raw_row].all()
   c.data.out_of_region.include = True
   c.data.meta.components.SPATIAL.oor_mask = True
@@ -140,3 +153,63 @@ def test_single_file_split_is_the_original_random_state_split(small_dataset):
   np.testing.assert_array_equal(d.train.raw_row, perm[:n_train])  # no filter drops a row here
   np.testing.assert_array_equal(d.val.raw_row, perm[n_train:])
   assert d.num_classes["taxa_L10"] == 17 and d.num_classes["taxa_L40"] == 3
+
+
+def test_more_schema_errors(tmp_path):
+  path = _write(tmp_path / "l.h5", img_identifiers=["a", "b"], taxa_L10=np.array([1.5, 2.0]),
+                taxa_L20=np.array([1, 1]), spatial=np.ones((3, 3), np.float32))
+  with pytest.raises(labels.DataError) as e:
+    labels.load(_hand_config(path))
+  assert "taxa_L10 has dtype float64, expected integer" in str(e.value)
+  assert "spatial has 3 rows, expected 2" in str(e.value)
+  with pytest.raises(labels.DataError, match="cannot open labels file"):
+    labels.load(_hand_config(str(tmp_path / "nope.h5")))
+  empty = _write(tmp_path / "e.h5", img_identifiers=["a"], taxa_L10=np.array([0]),
+                 taxa_L20=np.array([0]), spatial=np.ones((1, 3), np.float32))
+  with pytest.raises(labels.DataError, match="no training rows survive"):
+    labels.load(_hand_config(empty))
+
+
+def test_missing_meta_filter(tmp_path):
+  path = _write(tmp_path / "l.h5", img_identifiers=["a", "b", "c"], taxa_L10=np.array([1, 2, 3]),
+                taxa_L20=np.array([9, 9, 9]),
+                spatial=np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32))
+  c = _hand_config(path)
+  c.data.meta.components.SPATIAL.allow_missing = False
+  d = labels.load(c)
+  assert d.dropped["missing_meta"] == 1 and sorted(d.train.raw_row) == [1, 2]
+
+
+def test_two_file_mode(small_dataset, tmp_path):
+  out, paths = small_dataset
+  c = tiny_config(out)
+  c.data.h5.labels_path = ""
+  c.data.h5.train_labels_path = paths["labels_path"]
+  c.data.h5.val_labels_path = paths["labels_path"]
+  c.data.h5.train_images_path = c.data.h5.val_images_path = paths["images_dir"]
+  d = labels.load(c)
+  n = len(d.train)
+  assert len(d.val) == n and d.rows_total == 2 * n  # whole files, no split
+  np.testing.assert_array_equal(d.train.raw_row, np.arange(n))
+
+
+def test_skip_policy_excludes_missing_images_up_front(small_dataset, tmp_path):
+  import shutil
+  out, paths = small_dataset
+  folder = tmp_path / "imgs"
+  shutil.copytree(paths["images_dir"], folder)
+  gone = sorted(folder.iterdir())[:3]
+  for f in gone:
+    f.unlink()
+  c = tiny_config(out)
+  c.data.hybrid.images_dir = str(folder)
+  c.data.hybrid.missing_image_policy = "skip"
+  d = labels.load(c)
+  assert d.dropped["missing_image"] == 3
+  assert sorted(d.missing_images["all"]) == sorted(f.name for f in gone)
+  used = {x.decode() for x in np.concatenate([d.train.image_id, d.val.image_id])}
+  assert not used & {f.name for f in gone}
+  c.data.hybrid.missing_image_policy = "error"
+  c.data.hybrid.verify_images.enabled = True
+  with pytest.raises(FileNotFoundError, match="3 of .* images missing"):
+    labels.load(c)

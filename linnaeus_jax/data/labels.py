@@ -1,22 +1,28 @@
 """labels.h5 -> in-memory row tables (reference/data.md §2, §7, §8).
 
-Every label and metadata column is read into numpy once; class maps, validity flags, row filters
-and the single-file split are vectorised. Only image decoding happens per sample (pipeline.py).
+Every label and metadata column is read into numpy once; class maps, validity flags, row filters,
+the single-file split and the taxonomy are vectorised. Only image decoding happens per sample
+(pipeline.py). Problems with the files are collected and raised together as a DataError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import h5py
 import numpy as np
 
 from linnaeus_jax import config as config_lib
+from linnaeus_jax import taxonomy as taxonomy_lib
+from linnaeus_jax.data import encoders, images as images_lib
 
 # Raw columns that, when present, give a component's validity explicitly (Decision 4).
 RAW_VALIDITY = {"SPATIAL": ("raw_lat", "raw_lon"), "TEMPORAL": ("raw_date_observed",),
                 "ELEVATION": ("raw_elevation",)}
+FILTERS = ("missing_image", "out_of_region", "missing_meta", "all_null", "any_null",
+           "upward_major")
 
 
 class DataError(ValueError):
@@ -27,7 +33,7 @@ class DataError(ValueError):
 class RowTable:
   """The N rows of one split that survived the filters."""
   raw_row: np.ndarray  # (N,) int64 row in its labels file
-  image_id: np.ndarray  # (N,) object str
+  image_id: np.ndarray  # (N,) identifiers as stored (bytes or str)
   labels: np.ndarray  # (N, T) int32 class indices
   meta: dict[str, np.ndarray]  # component -> (N, dim) float32, zeros where invalid
   meta_valid: np.ndarray  # (N, C) bool, C in packing order
@@ -48,42 +54,57 @@ class Dataset:
   components: list[tuple[str, int]]  # (name, dim) in packing order
   class_to_idx: dict[str, dict]  # task -> {raw taxon id (or "null"): class index}
   num_classes: dict[str, int]
-  hierarchy: dict[str, dict[int, int]]  # child task -> {child class: parent class}
-  filter_counts: dict[str, int]  # rows dropped by each filter, in order
+  taxonomy: taxonomy_lib.TaxonomyTree
+  rows_total: int  # rows in the labels file(s)
+  dropped: dict[str, int]  # rows dropped by each filter, in order
+  missing_images: dict[str, list[str]]  # split -> identifiers excluded as missing
   train_images: str  # folder or images.h5 path
   val_images: str
 
+  @property
+  def hierarchy(self) -> dict[str, dict[int, int]]:
+    return self.taxonomy.hierarchy_map()
+
   def summary(self) -> str:
-    drops = ", ".join(f"{k}: {v}" for k, v in self.filter_counts.items())
+    drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items() if v)
     classes = ", ".join(f"{t}: {n}" for t, n in self.num_classes.items())
-    return (f"{len(self.train)} train / {len(self.val)} val rows; classes {classes}; "
-            f"dropped {drops or 'none'}")
+    return (f"{len(self.train)} train / {len(self.val)} val rows of {self.rows_total}; "
+            f"classes {classes}; dropped {drops or 'none'}")
 
-
-def _decode(arr: np.ndarray) -> np.ndarray:
-  return np.array([x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in arr],
-                  dtype=object)
+  def assets(self) -> dict[str, str]:
+    """JSON assets in the original's formats: file name -> text."""
+    counts = {t: np.bincount(self.train.labels[:, j], minlength=self.num_classes[t]).tolist()
+              for j, t in enumerate(self.task_keys)}
+    return {
+        "class_to_idx.json": json.dumps({t: {str(k): v for k, v in m.items()}
+                                         for t, m in self.class_to_idx.items()}, indent=1),
+        "num_classes.json": json.dumps(self.num_classes, indent=1),
+        "taxonomy_tree.json": self.taxonomy.to_json(),
+        "class_label_counts.json": json.dumps({"train": counts}),
+    }
 
 
 def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
   """Reads the columns of one labels file; appends schema problems instead of raising."""
   try:
-    h5 = h5py.File(path, "r")
-  except OSError as e:
+    h5 = h5py.File(path, "r", locking=False)
+  except (OSError, FileNotFoundError) as e:
     problems.append(f"cannot open labels file {path}: {e}")
     return None
   with h5:
-    cols: dict = {}
+    cols: dict = {"path": path}
     if "img_identifiers" not in h5:
       problems.append(f"{path}: missing dataset 'img_identifiers'")
       return None
-    cols["image_id"] = _decode(h5["img_identifiers"][:])
-    n = len(cols["image_id"])
+    cols["image_id"] = h5["img_identifiers"][:]
+    n = cols["n"] = len(cols["image_id"])
     for t in task_keys:
       if t not in h5:
         problems.append(f"{path}: missing task dataset {t!r} (data.task_keys_h5)")
       elif h5[t].shape != (n,):
         problems.append(f"{path}: {t} has shape {h5[t].shape}, expected ({n},)")
+      elif h5[t].dtype.kind not in "iu":
+        problems.append(f"{path}: {t} has dtype {h5[t].dtype}, expected integer taxon ids")
       else:
         cols[t] = h5[t][:].astype(np.int64)
     for name, comp in components:
@@ -92,6 +113,9 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
         problems.append(f"{path}: missing source dataset {src!r} of component {name}")
         continue
       ds = h5[src]
+      if ds.dtype.kind not in "fiu":
+        problems.append(f"{path}: {src} has dtype {ds.dtype}, expected numbers")
+        continue
       data = ds[:].astype(np.float32)
       if data.ndim == 1:
         data = data[:, None]
@@ -113,7 +137,8 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
         continue
       cols[f"meta/{name}"] = data
       cols[f"valid/{name}"] = _validity(h5, name, src, data)
-    cols["in_region"] = h5["in_region"][:].astype(bool) if "in_region" in h5 else None
+    if "in_region" in h5:
+      cols["in_region"] = h5["in_region"][:].astype(bool)
   return cols
 
 
@@ -130,7 +155,7 @@ def _validity(h5, name: str, source: str, data: np.ndarray) -> np.ndarray:
     for r in raw:
       col = h5[r][:]
       if col.dtype.kind in "SOU":
-        valid &= np.array([len(x) > 0 for x in col])
+        valid &= np.char.str_len(col.astype("S")) > 0
       else:
         valid &= np.isfinite(col.astype(np.float64))
     return valid
@@ -138,89 +163,76 @@ def _validity(h5, name: str, source: str, data: np.ndarray) -> np.ndarray:
     _warned.add(name)
     logging.warning("component %s: no %s_valid or raw columns; validity inferred from values "
                     "(a real 0 m elevation or lat/lon 0 then counts as missing)", name, source)
-  if name.upper() == "ELEVATION":
-    null = np.tile(np.array([0.0, 1.0], np.float32), data.shape[1] // 2)
-    return ~np.all(np.isclose(data, null), axis=1)
-  return np.any(data != 0, axis=1) & np.all(np.isfinite(data), axis=1)
+  null = encoders.original_null_form(name, data.shape[1])
+  return ~np.all(data == null, axis=1) & np.all(np.isfinite(data), axis=1)
 
 
 def _class_maps(files: list[dict], task_keys, partial: bool):
-  maps, num = {}, {}
+  """Sorted non-null ids of all files (before filtering) -> indices; 0 = null with partial."""
+  maps, num, index = {}, {}, {}
   for t in task_keys:
-    ids = np.unique(np.concatenate([f[t] for f in files]))
-    ids = ids[ids != 0]
+    ids, inv = np.unique(np.concatenate([f[t] for f in files]), return_inverse=True)
+    has_zero = len(ids) and ids[0] == 0
+    real = ids[1:] if has_zero else ids
     m = {"null": 0} if partial else {}
-    m.update({int(i): k + int(partial) for k, i in enumerate(ids)})
+    m.update({int(i): k + int(partial) for k, i in enumerate(real)})
     maps[t], num[t] = m, len(m)
-  return maps, num
+    idx = (inv - int(has_zero) + int(partial)).astype(np.int32)
+    if has_zero and partial:
+      idx[inv == 0] = 0
+    index[t] = np.split(idx, np.cumsum([f["n"] for f in files])[:-1])
+  return maps, num, index
 
 
-def _to_index(raw: np.ndarray, class_map: dict, partial: bool) -> np.ndarray:
-  ids = np.array(sorted(k for k in class_map if k != "null"), dtype=np.int64)
-  pos = np.searchsorted(ids, raw)
-  out = (np.minimum(pos, len(ids) - 1) + int(partial)).astype(np.int32)
-  if partial:
-    out[raw == 0] = 0
-  return out
-
-
-def _filter(cols: dict, config, components, counts: dict) -> np.ndarray:
-  """Row indices surviving the filters of data.md §2.3, in the original's order."""
+def _filter(cols: dict, missing_image: np.ndarray | None, config, components,
+            dropped: dict) -> np.ndarray:
+  """Rows surviving the filters of data.md §2.3, in the original's order."""
   d = config.data
-  tasks = list(d.task_keys_h5)
-  keep = np.ones(len(cols["image_id"]), bool)
+  keep = np.ones(cols["n"], bool)
 
   def drop(name, mask):
-    counts[name] = counts.get(name, 0) + int(np.sum(keep & mask))
+    dropped[name] += int(np.sum(keep & mask))
     keep[mask] = False
-  if cols["in_region"] is not None and not d.out_of_region.include:
+  if missing_image is not None:
+    drop("missing_image", missing_image)
+  if "in_region" in cols and not d.out_of_region.include:
     drop("out_of_region", ~cols["in_region"])
   for name, comp in components:
     if not comp.allow_missing:
-      drop(f"missing_{name}", ~cols[f"valid/{name}"])
-  labels = np.stack([cols[t] for t in tasks], axis=1)
-  drop("all_null", np.all(labels == 0, axis=1))
+      drop("missing_meta", ~cols[f"valid/{name}"])
+  raw = np.stack([cols[t] for t in d.task_keys_h5], axis=1)
+  drop("all_null", np.all(raw == 0, axis=1))
   if not d.partial.levels:
-    drop("any_null", np.any(labels == 0, axis=1))
+    drop("any_null", np.any(raw == 0, axis=1))
   if d.upward_major_check:
-    nonzero = labels != 0
-    highest = np.where(nonzero.any(1), labels.shape[1] - 1 - np.argmax(nonzero[:, ::-1], 1), -1)
-    below = np.arange(labels.shape[1])[None, :] <= highest[:, None]
+    nonzero = raw != 0
+    highest = np.where(nonzero.any(1), raw.shape[1] - 1 - np.argmax(nonzero[:, ::-1], 1), -1)
+    below = np.arange(raw.shape[1])[None, :] <= highest[:, None]
     drop("upward_major", np.any(below & ~nonzero, axis=1))
   return np.flatnonzero(keep)
 
 
-def _table(cols: dict, rows: np.ndarray, config, components, maps) -> RowTable:
-  partial = config.data.partial.levels
-  labels = np.stack([_to_index(cols[t][rows], maps[t], partial)
-                     for t in config.data.task_keys_h5], axis=1)
+def _table(cols: dict, labels: np.ndarray, rows: np.ndarray, components) -> RowTable:
   valid = np.zeros((len(rows), len(components)), bool)
   meta = {}
   for c, (name, comp) in enumerate(components):
-    v = cols[f"valid/{name}"][rows].copy()
-    if comp.oor_mask and cols["in_region"] is not None:
-      v &= cols["in_region"][rows]
+    v = cols[f"valid/{name}"][rows]
+    if comp.oor_mask and "in_region" in cols:
+      v = v & cols["in_region"][rows]  # Decision: OOR masking clears the validity flag
     valid[:, c] = v
-    meta[name] = np.where(v[:, None], np.nan_to_num(cols[f"meta/{name}"][rows]), 0.0).astype(
-        np.float32)
-  return RowTable(rows.astype(np.int64), cols["image_id"][rows], labels, meta, valid)
+    m = cols[f"meta/{name}"][rows]
+    meta[name] = np.where(v[:, None] & np.isfinite(m), m, 0.0).astype(np.float32)
+  return RowTable(rows.astype(np.int64), cols["image_id"][rows], labels[rows], meta, valid)
 
 
-def _hierarchy(files: list[dict], task_keys, maps, partial, problems) -> dict:
-  """child task -> {child class: parent class} from co-occurring adjacent ranks."""
-  out = {}
-  for child, parent in zip(task_keys, task_keys[1:]):
-    pairs = np.unique(np.concatenate([np.stack([f[child], f[parent]], 1) for f in files]), axis=0)
-    pairs = pairs[(pairs[:, 0] != 0) & (pairs[:, 1] != 0)]
-    c_idx = _to_index(pairs[:, 0], maps[child], partial)
-    p_idx = _to_index(pairs[:, 1], maps[parent], partial)
-    uniq, counts = np.unique(c_idx, return_counts=True)
-    for bad in uniq[counts > 1]:
-      raw_c = pairs[c_idx == bad, 0][0]
-      problems.append(f"taxon {raw_c} ({child}) has several parents in {parent}: "
-                      f"{sorted(int(p) for p in pairs[c_idx == bad, 1])}")
-    out[child] = {int(c): int(p) for c, p in zip(c_idx, p_idx)}
-  return out
+def _paths(d) -> tuple[list[str], list[str]]:
+  """(labels files, image locations) for the single-file or two-file scenario."""
+  if d.h5.train_labels_path:
+    labels = [d.h5.train_labels_path] + ([d.h5.val_labels_path] if d.h5.val_labels_path else [])
+    imgs = [d.h5.train_images_path or d.hybrid.images_dir,
+            d.h5.val_images_path or d.hybrid.images_dir][:len(labels)]
+    return labels, imgs
+  return [d.h5.labels_path], [d.hybrid.images_dir if d.hybrid.use_hybrid else d.h5.images_path]
 
 
 def load(config) -> Dataset:
@@ -229,44 +241,67 @@ def load(config) -> Dataset:
   tasks = list(d.task_keys_h5)
   components = config_lib.enabled_components(config)
   problems: list[str] = []
-  two_files = bool(d.h5.train_labels_path)
-  paths = [d.h5.train_labels_path] + ([d.h5.val_labels_path] if d.h5.val_labels_path else []) \
-      if two_files else [d.h5.labels_path]
-  files = [_read(p, tasks, components, problems) for p in paths]
+  label_paths, image_paths = _paths(d)
+  for p in image_paths:
+    if not p:
+      problems.append("no images: set data.hybrid.use_hybrid + data.hybrid.images_dir, or "
+                      "data.h5.images_path (two files: data.h5.train_images_path, "
+                      "val_images_path)")
+  files = [_read(p, tasks, components, problems) for p in label_paths]
+  if not problems:
+    for f, loc in zip(files, image_paths):
+      if images_lib.is_h5(loc):
+        problems += images_lib.check_h5(loc, f["n"])
   if problems:
-    raise DataError("Data schema check failed:\n  " + "\n  ".join(problems))
+    raise DataError("Data schema check failed:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
   partial = d.partial.levels
-  maps, num = _class_maps(files, tasks, partial)
-  hierarchy = _hierarchy(files, tasks, maps, partial, problems)
-  if problems:
-    raise DataError("Data schema check failed:\n  " + "\n  ".join(problems))
-  counts: dict[str, int] = {}
-  tables = [_table(f, _filter(f, config, components, counts), config, components, maps)
-            for f in files]
-  if two_files:
+  maps, num, index = _class_maps(files, tasks, partial)
+  labels = [np.stack([index[t][i] for t in tasks], axis=1) for i in range(len(files))]
+  dropped = dict.fromkeys(FILTERS, 0)
+  missing = {}
+  policy = d.hybrid.missing_image_policy
+  tables = []
+  for i, (f, loc) in enumerate(zip(files, image_paths)):
+    split = ("train", "val")[i] if len(files) > 1 else "all"
+    absent = None
+    if not images_lib.is_h5(loc) and (policy == "skip" or d.hybrid.verify_images.enabled):
+      absent = images_lib.verify(loc, f["image_id"], d.hybrid.file_extension,
+                                 d.hybrid.verify_images, policy, split)
+      missing[split] = [images_lib.to_str(x) for x in f["image_id"][absent]]
+      if policy != "skip":
+        absent = None  # placeholder: train on zero images; error: verify() already raised
+    tables.append(_table(f, labels[i], _filter(f, absent, config, components, dropped),
+                         components))
+
+  if d.h5.train_labels_path:
     train = tables[0]
     val = tables[1] if len(tables) > 1 else tables[0].take(np.zeros(0, np.int64))
-    train_images = d.h5.train_images_path or d.hybrid.images_dir
-    val_images = d.h5.val_images_path or d.hybrid.images_dir
   else:
     n = len(tables[0])
     perm = np.random.RandomState(d.h5.train_val_split_seed).permutation(n)
     n_train = int(n * d.h5.train_val_split_ratio)
     train, val = tables[0].take(perm[:n_train]), tables[0].take(perm[n_train:])
-    train_images = val_images = d.hybrid.images_dir if d.hybrid.use_hybrid else d.h5.images_path
-  if not train_images:
-    raise DataError("no images: set data.hybrid.use_hybrid + data.hybrid.images_dir, or "
-                    "data.h5.images_path")
   if len(train) == 0:
-    raise DataError(f"no training rows survive the filters (dropped: {counts})")
+    raise DataError(f"Data schema check failed:\n  no training rows survive the filters "
+                    f"(dropped: {dropped})")
+
+  if d.taxonomy.path:
+    with open(d.taxonomy.path, encoding="utf-8") as fh:
+      tree = taxonomy_lib.TaxonomyTree.from_json(fh.read())
+    if tree.task_keys != tasks or tree.num_classes != num:
+      raise DataError(f"{d.taxonomy.path}: tasks {tree.task_keys} / classes {tree.num_classes} "
+                      f"do not match the data ({tasks} / {num})")
+  else:
+    names = {t: {v: k for k, v in m.items()} for t, m in maps.items()}
+    used = np.concatenate([train.labels, val.labels])  # links from the rows actually used
+    try:
+      tree = taxonomy_lib.TaxonomyTree.from_labels(used, tasks, num, null_class=partial,
+                                                   resolve=d.taxonomy.multi_parent, names=names)
+    except taxonomy_lib.TaxonomyError as e:
+      raise DataError(f"Data schema check failed:\n  {e}") from e
   return Dataset(train=train, val=val, task_keys=tasks,
                  components=[(n, c.dim) for n, c in components], class_to_idx=maps,
-                 num_classes=num, hierarchy=hierarchy, filter_counts=counts,
-                 train_images=train_images, val_images=val_images)
-
-
-def steps_per_epoch(n_rows: int, global_batch: int) -> int:
-  """Full global batches per epoch (the remainder, reshuffled each epoch, is left out)."""
-  if n_rows < global_batch:
-    raise DataError(f"{n_rows} training rows cannot fill one batch of {global_batch}")
-  return n_rows // global_batch
+                 num_classes=num, taxonomy=tree, rows_total=sum(f["n"] for f in files),
+                 dropped=dropped, missing_images=missing, train_images=image_paths[0],
+                 val_images=image_paths[-1])

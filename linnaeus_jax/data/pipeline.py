@@ -1,93 +1,72 @@
-"""Grain input pipelines over the row tables (reference/data.md §8).
+"""Grain input pipelines over the row tables (reference/data.md §5.2, §8).
 
-The global batch order is a pure function of (seed, epoch): each epoch is a seeded permutation of
-the training rows cut into global batches; each process reads its own slice of every global
-batch. Records are decoded in Grain's reader threads (and worker processes when
-`data.num_workers > 0`); `images.h5` is opened lazily in each process, never pickled.
+Training: the epoch order of `sampler.epoch_order` (a pure function of (seed, epoch)), each
+process reading its slice of every global batch; per record, the image is read, decoded, resized
+and (train only) augmented with a generator seeded by (seed, epoch, position). Validation: the
+rows in order, the last batch padded with `example_mask=False`. Records are decoded in Grain's
+reader threads, and in worker processes when `data.num_workers > 0` (`mp_prefetch`). Iterators
+support get_state/set_state, which the checkpoint saves.
 """
 
 from __future__ import annotations
 
-import os
-
 import grain
-from absl import flags
-import h5py
 import numpy as np
+from absl import flags
 
-from linnaeus_jax import preprocessing
-from linnaeus_jax.data import labels as labels_lib
-
-
-class ImageReader:
-  """Reads one image by (raw row, identifier) from a folder or an `images.h5` file."""
-
-  def __init__(self, location: str, img_size: int, file_extension: str = ".jpg",
-               allow_missing: bool = False):
-    self.location, self.img_size = location, img_size
-    self.ext, self.allow_missing = file_extension, allow_missing
-    self.is_h5 = location.endswith((".h5", ".hdf5"))
-    self._h5, self._pid = None, None
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_h5"], state["_pid"] = None, None  # h5py handles cannot be pickled or forked
-    return state
-
-  def path(self, image_id: str) -> str:
-    name = image_id if image_id.lower().endswith(self.ext.lower()) else image_id + self.ext
-    return os.path.join(self.location, name)
-
-  def __call__(self, raw_row: int, image_id: str) -> np.ndarray:
-    if self.is_h5:
-      if self._h5 is None or self._pid != os.getpid():
-        self._h5, self._pid = h5py.File(self.location, "r", locking=False), os.getpid()
-      return preprocessing.to_rgb_uint8(self._h5["images"][raw_row], self.img_size)
-    path = self.path(image_id)
-    try:
-      return preprocessing.to_rgb_uint8(path, self.img_size)
-    except (FileNotFoundError, OSError) as e:
-      if self.allow_missing:
-        return np.zeros((self.img_size, self.img_size, 3), np.uint8)
-      raise FileNotFoundError(f"image {path!r} (row {raw_row}) cannot be read: {e}. Set "
-                              "data.hybrid.allow_missing_images=True to train on a zero "
-                              "image instead.") from e
+from linnaeus_jax.data import augment, images, labels as labels_lib, sampler
 
 
-def _record(table: labels_lib.RowTable, reader: ImageReader, tasks, i: int, valid: bool = True):
-  if not valid:  # padding of the last evaluation batch
+def _record(table: labels_lib.RowTable, reader, tasks, i: int, group: int = -1,
+            pair_ok: bool = False):
+  """One example; i < 0 gives a padding record (example_mask False)."""
+  if i < 0:
     s = reader.img_size
     return {"image": np.zeros((s, s, 3), np.uint8),
             "labels": {t: np.int32(0) for t in tasks},
             "meta": {k: np.zeros(v.shape[1], np.float32) for k, v in table.meta.items()},
             "meta_valid": np.zeros(table.meta_valid.shape[1], bool),
+            "group_id": np.int32(-1), "pair_ok": np.bool_(False),
             "example_mask": np.bool_(False)}
   return {"image": reader(int(table.raw_row[i]), table.image_id[i]),
           "labels": {t: table.labels[i, j] for j, t in enumerate(tasks)},
           "meta": {k: v[i] for k, v in table.meta.items()},
           "meta_valid": table.meta_valid[i],
+          "group_id": np.int32(group), "pair_ok": np.bool_(pair_ok),
           "example_mask": np.bool_(True)}
 
 
 class TrainRecords:
-  """Local element k of this process -> the record of its row in the (seed, epoch) order."""
+  """Local element k of this process -> its training record (a picklable Grain map function)."""
 
-  def __init__(self, table, reader, tasks, global_batch, local_batch, process_index, seed):
-    self.table, self.reader, self.tasks = table, reader, tasks
-    self.gb, self.lb, self.pid, self.seed = global_batch, local_batch, process_index, seed
-    self.per_epoch = labels_lib.steps_per_epoch(len(table), global_batch) * global_batch
-    self._epoch, self._perm = -1, None
+  def __init__(self, table, reader, tasks, group, global_batch, local_batch, process_index,
+               seed, policy="none"):
+    self.table, self.reader, self.tasks, self.group = table, reader, tasks, group
+    self.gb, self.lb, self.pid, self.seed, self.policy = (global_batch, local_batch,
+                                                          process_index, seed, policy)
+    self.per_epoch = steps_per_epoch(group, global_batch) * global_batch
+    self._epoch, self._order = -1, None
 
-  def row(self, k: int) -> int:
-    g = (k // self.lb) * self.gb + self.pid * self.lb + k % self.lb  # global element
-    epoch, pos = divmod(g, self.per_epoch)
+  def position(self, k: int) -> tuple[int, int]:
+    """(epoch, position in the epoch's global order) of local element k."""
+    g = (k // self.lb) * self.gb + self.pid * self.lb + k % self.lb
+    return divmod(g, self.per_epoch)
+
+  def row(self, k: int) -> tuple[int, bool]:
+    epoch, pos = self.position(k)
     if epoch != self._epoch:
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.table))
+      self._order = sampler.epoch_order(self.group, self.seed, epoch, self.gb)
       self._epoch = epoch
-    return int(self._perm[pos])
+    rows, ok = self._order
+    return int(rows[pos]), bool(ok[pos])
 
   def __call__(self, k: int):
-    return _record(self.table, self.reader, self.tasks, self.row(k))
+    i, ok = self.row(k)
+    rec = _record(self.table, self.reader, self.tasks, i, self.group[i] if i >= 0 else -1, ok)
+    if i >= 0 and self.policy != "none":
+      rng = np.random.default_rng([self.seed, *self.position(k)])
+      rec["image"] = augment.apply_policy(rec["image"], self.policy, rng)
+    return rec
 
 
 class EvalRecords:
@@ -99,13 +78,26 @@ class EvalRecords:
 
   def __call__(self, k: int):
     g = (k // self.lb) * self.gb + self.pid * self.lb + k % self.lb
-    return _record(self.table, self.reader, self.tasks, min(g, len(self.table) - 1),
-                   valid=g < len(self.table))
+    return _record(self.table, self.reader, self.tasks, g if g < len(self.table) else -1)
 
 
-def _reader(config, location: str) -> ImageReader:
+def steps_per_epoch(group: np.ndarray, global_batch: int) -> int:
+  """Global batches per epoch: every row once, odd leftovers and the last batch padded."""
+  pairable = np.bincount(group[group >= 0]) // 2 if np.any(group >= 0) else np.zeros(1, int)
+  singles = len(group) - 2 * int(pairable.sum())
+  return -(-(len(group) + singles % 2) // global_batch)
+
+
+def train_groups(data: labels_lib.Dataset, config) -> np.ndarray:
+  if config.data.sampler.type == "grouped":
+    return sampler.mix_groups(data.train.labels, data.task_keys, config)
+  return np.full(len(data.train), -1, np.int32)
+
+
+def _reader(config, location: str) -> images.ImageReader:
   h = config.data.hybrid
-  return ImageReader(location, config.data.img_size, h.file_extension, h.allow_missing_images)
+  return images.ImageReader(location, config.data.img_size, h.file_extension,
+                            h.missing_image_policy)
 
 
 def _finish(ds: grain.MapDataset, config, local_batch: int) -> grain.IterDataset:
@@ -124,8 +116,9 @@ def train_dataset(data: labels_lib.Dataset, config, num_steps: int, process_inde
   """`num_steps` local batches of this process; iterate with `iter()`, checkpoint its state."""
   gb = config.data.batch_size
   lb = gb // process_count
-  fn = TrainRecords(data.train, _reader(config, data.train_images), data.task_keys, gb, lb,
-                    process_index, config.misc.seed)
+  fn = TrainRecords(data.train, _reader(config, data.train_images), data.task_keys,
+                    train_groups(data, config), gb, lb, process_index, config.misc.seed,
+                    config.aug.autoaug.policy)
   return _finish(grain.MapDataset.range(num_steps * lb).map(fn), config, lb)
 
 

@@ -29,6 +29,8 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
+from linnaeus_jax.data import encoders
+
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "diamond")
 TASK_KEYS = ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")  # species, genus, family, order
 ELEVATION_SOURCE = "elevation_broadrange_2"
@@ -119,26 +121,6 @@ def species_counts(opts: SyntheticOptions, n_species: int, rng: np.random.Genera
   ranks = rng.permutation(n_species) + 1
   counts = np.round(opts.max_samples_per_species * ranks ** -opts.zipf_exponent)
   return np.maximum(counts, opts.min_samples_per_species).astype(np.int64)
-
-
-def encode_spatial(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
-  lat, lon = np.radians(lat_deg), np.radians(lon_deg)
-  return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)],
-                  axis=-1).astype(np.float32)
-
-
-def encode_temporal(month: np.ndarray, hour: np.ndarray | None) -> np.ndarray:
-  cols = [np.sin(2 * np.pi * month / 12), np.cos(2 * np.pi * month / 12)]
-  if hour is not None:
-    cols += [np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)]
-  return np.stack(cols, axis=-1).astype(np.float32)
-
-
-def encode_elevation(elev_m: np.ndarray, scales) -> np.ndarray:
-  cols = []
-  for s in scales:
-    cols += [np.sin(2 * np.pi * elev_m / s), np.cos(2 * np.pi * elev_m / s)]
-  return np.stack(cols, axis=-1).astype(np.float32)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -238,12 +220,12 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
   miss_e = rng.random(n) < opts.missing_elevation_rate
   in_region = (rng.random(n) >= opts.out_of_region_rate).astype(np.uint8)
 
-  temporal = encode_temporal(month, hour if opts.temporal_hours else None)
+  temporal = encoders.temporal(month=month, hour=hour if opts.temporal_hours else None)
   temporal[miss_t] = 0.0
-  spatial = encode_spatial(lat, lon)
+  spatial = encoders.spatial(lat, lon)
   spatial[miss_s] = 0.0
-  elevation = encode_elevation(elev, opts.elevation_scales)
-  elevation[miss_e] = np.tile([0.0, 1.0], len(opts.elevation_scales))  # the original's null form
+  elevation = encoders.elevation(elev, opts.elevation_scales)
+  elevation[miss_e] = encoders.original_null_form("ELEVATION", elevation.shape[1])
   dates = np.array([f"2020-{m:02d}-{d:02d}T{h:02d}:00:00" for m, d, h in zip(month, day, hour)],
                    dtype=object)
   dates[miss_t] = ""
@@ -264,8 +246,7 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
     ds.attrs["column_names"] = ["spatial_x", "spatial_y", "spatial_z"]
     ds.attrs["method"] = "unit_sphere"
     ds = h5.create_dataset(ELEVATION_SOURCE, data=elevation)
-    ds.attrs["column_names"] = [f"elev_{s:g}_{fn}" for s in opts.elevation_scales
-                                for fn in ("sin", "cos")]
+    ds.attrs["column_names"] = encoders.elevation_column_names(opts.elevation_scales)
     ds.attrs["method"] = "sinusoidal"
     ds.attrs["scales"] = np.asarray(opts.elevation_scales, np.float32)
     h5.create_dataset("raw_lat", data=np.where(miss_s, np.nan, lat).astype(np.float32))

@@ -1,0 +1,131 @@
+"""Where images come from: a folder of files or `images.h5`; reading, checks and verification.
+
+Missing-image policy (`data.hybrid.missing_image_policy`): `error` fails naming the files (at
+start-up when verification runs, else when the image is read); `skip` verifies every file up
+front and excludes the missing rows, within `verify_images.max_missing_count/ratio`, listing them
+in `assets/missing_images.json`; `placeholder` trains on a zero image and counts it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+
+import h5py
+import numpy as np
+
+from linnaeus_jax import preprocessing
+
+POLICIES = ("error", "skip", "placeholder")
+
+
+def is_h5(location: str) -> bool:
+  return location.endswith((".h5", ".hdf5"))
+
+
+def to_str(image_id) -> str:
+  return image_id.decode("utf-8") if isinstance(image_id, bytes) else str(image_id)
+
+
+def file_path(folder: str, image_id, extension: str) -> str:
+  """`folder/image_id`, with `extension` appended only when the id lacks it (case-insensitive)."""
+  name = to_str(image_id)
+  if extension and not name.lower().endswith(extension.lower()):
+    name += extension
+  return os.path.join(folder, name)
+
+
+def check_h5(path: str, n_rows: int) -> list[str]:
+  """Problems with an images.h5 file meant to hold `n_rows` uint8 HWC RGB images."""
+  try:
+    with h5py.File(path, "r", locking=False) as h5:
+      if "images" not in h5:
+        return [f"{path}: missing dataset 'images'"]
+      ds = h5["images"]
+      problems = []
+      if ds.ndim != 4 or ds.shape[-1] != 3:
+        problems.append(f"{path}: images has shape {ds.shape}, expected (N, H, W, 3)")
+      if ds.dtype != np.uint8:
+        problems.append(f"{path}: images has dtype {ds.dtype}, expected uint8")
+      if ds.shape[0] != n_rows:
+        problems.append(f"{path}: images has {ds.shape[0]} rows but the labels file has {n_rows}")
+      return problems
+  except OSError as e:
+    return [f"cannot open images file {path}: {e}"]
+
+
+class MissingImagesError(FileNotFoundError):
+  pass
+
+
+def verify(folder: str, image_ids, extension: str, opts, policy: str, split: str) -> np.ndarray:
+  """Checks that every file exists (and decodes, with `opts.decode`); returns the missing mask.
+
+  Raises MissingImagesError naming the files under policy `error`, or when the missing count or
+  ratio exceeds `opts.max_missing_count` (< 0: unlimited) / `opts.max_missing_ratio`.
+  """
+  def bad(i):
+    path = file_path(folder, image_ids[i], extension)
+    if not os.path.exists(path):
+      return True
+    if opts.decode:
+      try:
+        preprocessing.to_rgb_uint8(path, 8)
+      except Exception:  # pylint: disable=broad-except  (any undecodable file)
+        return True
+    return False
+  n = len(image_ids)
+  workers = opts.num_workers if opts.num_workers > 0 else (os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    missing = np.fromiter(pool.map(bad, range(n), chunksize=4096), bool, n)
+  count = int(missing.sum())
+  if count:
+    names = [to_str(image_ids[i]) for i in np.flatnonzero(missing)[:10]]
+    listing = ", ".join(names) + (f", ... ({count} in all)" if count > 10 else "")
+    over = ((opts.max_missing_count >= 0 and count > opts.max_missing_count)
+            or count / max(n, 1) > opts.max_missing_ratio)
+    if policy == "error" or over:
+      why = ("data.hybrid.missing_image_policy is 'error'" if policy == "error" else
+             f"more than verify_images.max_missing_count={opts.max_missing_count} / "
+             f"max_missing_ratio={opts.max_missing_ratio}")
+      raise MissingImagesError(f"{count} of {n} {split} images missing or unreadable in "
+                               f"{folder} ({why}): {listing}")
+    logging.warning("%d of %d %s images missing (%s): %s", count, n, split, policy, listing)
+  return missing
+
+
+class ImageReader:
+  """Reads one image by (raw row, identifier) from a folder or an `images.h5` file.
+
+  Picklable for Grain's worker processes: the HDF5 handle is opened lazily per process.
+  """
+
+  def __init__(self, location: str, img_size: int, file_extension: str = ".jpg",
+               policy: str = "error"):
+    self.location, self.img_size = location, img_size
+    self.ext, self.policy = file_extension, policy
+    self.h5 = is_h5(location)
+    self._handle, self._pid = None, None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_handle"], state["_pid"] = None, None  # h5py handles cannot be pickled or forked
+    return state
+
+  def __call__(self, raw_row: int, image_id) -> np.ndarray:
+    if self.h5:
+      if self._handle is None or self._pid != os.getpid():
+        self._handle, self._pid = h5py.File(self.location, "r", locking=False), os.getpid()
+      return preprocessing.to_rgb_uint8(self._handle["images"][raw_row], self.img_size)
+    path = file_path(self.location, image_id, self.ext)
+    try:
+      return preprocessing.to_rgb_uint8(path, self.img_size)
+    except Exception as e:  # pylint: disable=broad-except  (missing or undecodable)
+      if self.policy == "placeholder":
+        logging.warning("image %s unreadable (%s); using a zero image", path, e)
+        return np.zeros((self.img_size, self.img_size, 3), np.uint8)
+      raise MissingImagesError(
+          f"image {path!r} (row {raw_row}) cannot be read: {e}. Set "
+          "data.hybrid.missing_image_policy to 'skip' (verify and exclude up front) or "
+          "'placeholder' (train on a zero image).") from e

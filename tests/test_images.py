@@ -1,0 +1,78 @@
+import dataclasses
+import os
+import pickle
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from linnaeus_jax.data import images, synthetic
+
+from conftest import SMALL
+
+
+def _opts(**kw):
+  base = dict(enabled=True, max_missing_ratio=1.0, max_missing_count=-1, num_workers=2,
+              decode=False, report_path="")
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def test_h5_mode_gives_the_same_pixels_as_the_folder(tmp_path):
+  opts = dataclasses.replace(SMALL, max_samples_per_species=4, min_samples_per_species=4)
+  p_jpg = synthetic.generate(str(tmp_path / "jpg"), opts, verbose=False)
+  p_h5 = synthetic.generate(str(tmp_path / "h5"), dataclasses.replace(opts, image_format="h5"),
+                            verbose=False)
+  r_h5 = pickle.loads(pickle.dumps(images.ImageReader(p_h5["images_path"], 32)))
+  img_h5 = r_h5(3, "unused")
+  img_jpg = images.ImageReader(p_jpg["images_dir"], 32)(3, b"100003_0.jpg")
+  assert img_h5.shape == img_jpg.shape == (32, 32, 3)
+  blocks = lambda x: x.astype(float).reshape(8, 4, 8, 4, 3).mean((1, 3))
+  assert np.abs(blocks(img_h5) - blocks(img_jpg)).mean() < 4  # JPEG loss only
+  assert r_h5._handle is not None and pickle.loads(pickle.dumps(r_h5))._handle is None
+  assert images.check_h5(p_h5["images_path"], 5)[0].endswith("but the labels file has 5")
+
+
+def _folder(tmp_path, small_dataset, n=3):
+  src = small_dataset[1]["images_dir"]
+  names = sorted(os.listdir(src))[:n]
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  for name in names:
+    shutil.copy(os.path.join(src, name), folder / name)
+  return str(folder), names
+
+
+def test_extension_appended_only_when_missing(tmp_path, small_dataset):
+  folder, names = _folder(tmp_path, small_dataset)
+  reader = images.ImageReader(folder, 32, ".JPG")
+  assert reader(0, names[0]).shape == (32, 32, 3)  # "x.jpg" ends with ".JPG" ignoring case
+  assert images.file_path(folder, "abc", ".jpg").endswith("abc.jpg")
+  assert images.file_path(folder, b"abc.JPG", ".jpg").endswith("abc.JPG")
+
+
+def test_runtime_policies(tmp_path, small_dataset):
+  folder, _ = _folder(tmp_path, small_dataset)
+  with pytest.raises(images.MissingImagesError, match="absent.jpg.*missing_image_policy"):
+    images.ImageReader(folder, 32)(5, "absent")
+  assert not images.ImageReader(folder, 32, policy="placeholder")(5, "absent").any()
+  (tmp_path / "imgs" / "corrupt.jpg").write_bytes(b"not a jpeg")
+  with pytest.raises(images.MissingImagesError, match="corrupt.jpg"):
+    images.ImageReader(folder, 32)(6, "corrupt.jpg")
+
+
+def test_verification_limits_and_decode(tmp_path, small_dataset):
+  folder, names = _folder(tmp_path, small_dataset)
+  (tmp_path / "imgs" / "corrupt.jpg").write_bytes(b"not a jpeg")
+  ids = np.array(names + ["gone.jpg", "corrupt.jpg"], dtype=object)
+  missing = images.verify(folder, ids, ".jpg", _opts(), "skip", "train")
+  np.testing.assert_array_equal(missing, [False, False, False, True, False])
+  missing = images.verify(folder, ids, ".jpg", _opts(decode=True), "skip", "train")
+  np.testing.assert_array_equal(missing, [False, False, False, True, True])
+  with pytest.raises(images.MissingImagesError, match="1 of 5 train images .*gone.jpg"):
+    images.verify(folder, ids, ".jpg", _opts(), "error", "train")
+  with pytest.raises(images.MissingImagesError, match="max_missing_count=0"):
+    images.verify(folder, ids, ".jpg", _opts(max_missing_count=0), "skip", "train")
+  with pytest.raises(images.MissingImagesError, match="max_missing_ratio=0.1"):
+    images.verify(folder, ids, ".jpg", _opts(max_missing_ratio=0.1), "skip", "train")
