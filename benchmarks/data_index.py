@@ -31,8 +31,8 @@ def build(path: str, n: int, seed: int = 0) -> None:
   sp = rng.integers(0, n_sp, n)
   g, f, o = sp % n_g, (sp % n_g) % n_f, ((sp % n_g) % n_f) % n_o
   with h5py.File(path + ".tmp", "w") as h5:
-    ids = np.char.add(np.arange(n).astype("S12"), b"_0.jpg")
-    h5.create_dataset("img_identifiers", data=ids)
+    ids = np.char.add(np.arange(n).astype("S12"), b"_0.jpg").astype(object)
+    h5.create_dataset("img_identifiers", data=ids, dtype=h5py.string_dtype())  # vlen, as ibrida
     h5.create_dataset("taxa_L10", data=np.where(rng.random(n) < 0.05, 0, 100000 + sp).astype(np.uint32))
     h5.create_dataset("taxa_L20", data=(50000 + g).astype(np.uint32))
     h5.create_dataset("taxa_L30", data=(20000 + f).astype(np.uint32))

@@ -61,6 +61,7 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
 
 
 def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
+  """config.json and the dataset's JSON assets (class maps, taxonomy, counts, missing images)."""
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.join(workdir, "assets"), exist_ok=True)

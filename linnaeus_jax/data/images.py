@@ -116,8 +116,9 @@ class ImageReader:
   def __call__(self, raw_row: int, image_id) -> np.ndarray:
     if self.h5:
       if self._handle is None or self._pid != os.getpid():
-        self._handle, self._pid = h5py.File(self.location, "r", locking=False), os.getpid()
-      return preprocessing.to_rgb_uint8(self._handle["images"][raw_row], self.img_size)
+        self._handle = h5py.File(self.location, "r", locking=False)["images"]
+        self._pid = os.getpid()
+      return preprocessing.to_rgb_uint8(self._handle[raw_row], self.img_size)
     path = file_path(self.location, image_id, self.ext)
     try:
       return preprocessing.to_rgb_uint8(path, self.img_size)

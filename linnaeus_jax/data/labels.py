@@ -96,8 +96,12 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
     if "img_identifiers" not in h5:
       problems.append(f"{path}: missing dataset 'img_identifiers'")
       return None
-    cols["image_id"] = h5["img_identifiers"][:]
-    n = cols["n"] = len(cols["image_id"])
+    ids = h5["img_identifiers"][:]
+    if ids.dtype == object:  # variable-length strings: compact fixed-width bytes, not objects
+      ids = np.array([x.encode() if isinstance(x, str) else x for x in ids], dtype="S") \
+          if len(ids) and isinstance(ids[0], str) else ids.astype("S")
+    cols["image_id"] = ids
+    n = cols["n"] = len(ids)
     for t in task_keys:
       if t not in h5:
         problems.append(f"{path}: missing task dataset {t!r} (data.task_keys_h5)")
@@ -106,7 +110,7 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
       elif h5[t].dtype.kind not in "iu":
         problems.append(f"{path}: {t} has dtype {h5[t].dtype}, expected integer taxon ids")
       else:
-        cols[t] = h5[t][:].astype(np.int64)
+        cols[t] = h5[t][:]
     for name, comp in components:
       src = comp.source
       if src not in h5:
@@ -116,7 +120,7 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
       if ds.dtype.kind not in "fiu":
         problems.append(f"{path}: {src} has dtype {ds.dtype}, expected numbers")
         continue
-      data = ds[:].astype(np.float32)
+      data = np.asarray(ds[:], np.float32)
       if data.ndim == 1:
         data = data[:, None]
       if data.shape[0] != n:
@@ -153,11 +157,13 @@ def _validity(h5, name: str, source: str, data: np.ndarray) -> np.ndarray:
   if raw and all(r in h5 for r in raw):
     valid = np.ones(len(data), bool)
     for r in raw:
-      col = h5[r][:]
-      if col.dtype.kind in "SOU":
-        valid &= np.char.str_len(col.astype("S")) > 0
-      else:
-        valid &= np.isfinite(col.astype(np.float64))
+      ds, step = h5[r], 1 << 20  # in chunks: string columns are large as Python objects
+      for a in range(0, len(data), step):
+        col = ds[a:a + step]
+        if col.dtype.kind in "SOU":
+          valid[a:a + step] &= np.char.str_len(col.astype("S")) > 0
+        else:
+          valid[a:a + step] &= np.isfinite(col)
     return valid
   if name not in _warned:
     _warned.add(name)
@@ -213,6 +219,7 @@ def _filter(cols: dict, missing_image: np.ndarray | None, config, components,
 
 
 def _table(cols: dict, labels: np.ndarray, rows: np.ndarray, components) -> RowTable:
+  """The rows `rows` of one file, in that order."""
   valid = np.zeros((len(rows), len(components)), bool)
   meta = {}
   for c, (name, comp) in enumerate(components):
@@ -256,6 +263,7 @@ def load(config) -> Dataset:
     raise DataError("Data schema check failed:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
   partial = d.partial.levels
+  rows_total = sum(f["n"] for f in files)
   maps, num, index = _class_maps(files, tasks, partial)
   labels = [np.stack([index[t][i] for t in tasks], axis=1) for i in range(len(files))]
   dropped = dict.fromkeys(FILTERS, 0)
@@ -271,17 +279,17 @@ def load(config) -> Dataset:
       missing[split] = [images_lib.to_str(x) for x in f["image_id"][absent]]
       if policy != "skip":
         absent = None  # placeholder: train on zero images; error: verify() already raised
-    tables.append(_table(f, labels[i], _filter(f, absent, config, components, dropped),
-                         components))
-
-  if d.h5.train_labels_path:
-    train = tables[0]
-    val = tables[1] if len(tables) > 1 else tables[0].take(np.zeros(0, np.int64))
-  else:
-    n = len(tables[0])
-    perm = np.random.RandomState(d.h5.train_val_split_seed).permutation(n)
-    n_train = int(n * d.h5.train_val_split_ratio)
-    train, val = tables[0].take(perm[:n_train]), tables[0].take(perm[n_train:])
+    rows = _filter(f, absent, config, components, dropped)
+    if d.h5.train_labels_path:
+      tables.append(_table(f, labels[i], rows, components))
+    else:  # one file: the original's split, taken after filtering; rows kept in file order
+      perm = np.random.RandomState(d.h5.train_val_split_seed).permutation(len(rows))
+      n_train = int(len(rows) * d.h5.train_val_split_ratio)
+      tables += [_table(f, labels[i], np.sort(rows[perm[:n_train]]), components),
+                 _table(f, labels[i], np.sort(rows[perm[n_train:]]), components)]
+    files[i] = labels[i] = None  # free the raw columns
+  train = tables[0]
+  val = tables[1] if len(tables) > 1 else tables[0].take(np.zeros(0, np.int64))
   if len(train) == 0:
     raise DataError(f"Data schema check failed:\n  no training rows survive the filters "
                     f"(dropped: {dropped})")
@@ -302,6 +310,6 @@ def load(config) -> Dataset:
       raise DataError(f"Data schema check failed:\n  {e}") from e
   return Dataset(train=train, val=val, task_keys=tasks,
                  components=[(n, c.dim) for n, c in components], class_to_idx=maps,
-                 num_classes=num, taxonomy=tree, rows_total=sum(f["n"] for f in files),
+                 num_classes=num, taxonomy=tree, rows_total=rows_total,
                  dropped=dropped, missing_images=missing, train_images=image_paths[0],
                  val_images=image_paths[-1])
