@@ -162,6 +162,15 @@ def test_more_schema_errors(tmp_path):
     labels.load(_hand_config(path))
   assert "taxa_L10 has dtype float64, expected integer" in str(e.value)
   assert "spatial has 3 rows, expected 2" in str(e.value)
+  no_ids = _write(tmp_path / "n.h5", taxa_L10=np.array([1]), taxa_L20=np.array([1]))
+  with pytest.raises(labels.DataError, match="missing dataset 'img_identifiers'"):
+    labels.load(_hand_config(no_ids))
+  cols = _write(tmp_path / "c.h5", img_identifiers=["a"], taxa_L10=np.array([1]),
+                taxa_L20=np.array([1]), spatial=np.ones((1, 3), np.float32))
+  c = _hand_config(cols)
+  c.data.meta.components.SPATIAL.columns = ["x", "y", "z"]
+  with pytest.raises(labels.DataError, match=r"columns \['x', 'y', 'z'\] of component SPATIAL"):
+    labels.load(c)
   with pytest.raises(labels.DataError, match="cannot open labels file"):
     labels.load(_hand_config(str(tmp_path / "nope.h5")))
   empty = _write(tmp_path / "e.h5", img_identifiers=["a"], taxa_L10=np.array([0]),
