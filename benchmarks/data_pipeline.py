@@ -2,6 +2,7 @@
 
     python benchmarks/data_pipeline.py [--src_size=320] [--img_size=224] [--rows=1500]
         [--batch=32] [--workers=1,2] [--threads=1]
+        [--formats=jpeg,h5]
 
 Generates a synthetic dataset with `src_size` images (JPEG folder and images.h5), then per image
 source: the bare loop (one process: read + decode + RGB + area resize, nothing else) and the Grain
@@ -32,6 +33,7 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--workers", default="1,2")
   p.add_argument("--threads", type=int, default=1, help="Grain reader threads per worker")
+  p.add_argument("--formats", default="jpeg,h5")
   a = p.parse_args()
   print(f"source {a.src_size}px -> {a.img_size}px, batch {a.batch}, {a.threads} reader "
         f"thread(s) per worker, {os.cpu_count()} CPUs")
@@ -39,7 +41,7 @@ def main():
   print("|---|---|---|---|")
   per_species = max(1, a.rows // 48)
   with tempfile.TemporaryDirectory() as tmp:
-    for fmt in ("jpeg", "h5"):
+    for fmt in a.formats.split(","):
       opts = synthetic.SyntheticOptions(img_size=a.src_size, image_format=fmt,
                                         max_samples_per_species=per_species,
                                         min_samples_per_species=per_species)

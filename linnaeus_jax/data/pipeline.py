@@ -102,8 +102,6 @@ def _reader(config, location: str) -> images.ImageReader:
 
 def _finish(ds: grain.MapDataset, config, local_batch: int) -> grain.IterDataset:
   ds = ds.batch(local_batch, drop_remainder=True)  # whole batches, so workers keep the order
-  if config.data.num_workers > 0:
-    ds.enable_shared_memory_output()  # workers build each batch in shared memory: one copy less
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(0, config.data.prefetch_threads),
                                             prefetch_buffer_size=2 * local_batch))
   if config.data.num_workers > 0:
