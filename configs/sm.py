@@ -10,14 +10,7 @@ from linnaeus_jax import config as config_lib
 
 def get_config():
   c = config_lib.base_config()
-  m = c.model
-  m.convnext_stages.depths = [3, 3]
-  m.convnext_stages.dims = [96, 192, 384, 768]
-  m.rope_stages.depths = [5, 2]
-  m.rope_stages.dims = [384, 768]
-  m.rope_stages.num_heads = [6, 12]
-  m.rope_stages.mlp_ratio = [4.0, 4.0]
-  m.drop_path_rate = 0.2
+  config_lib.set_model_size(c, "sm")
   c.data.img_size = 384
   c.data.batch_size = 64
   c.data.batch_size_val = 128

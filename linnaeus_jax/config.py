@@ -16,7 +16,9 @@ import math
 import ml_collections
 
 TASK_KEYS = ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")
-HEAD_TYPES = ("Linear",)
+HEAD_TYPES = ("Linear", "HierarchicalSoftmax", "ConditionalClassifier")
+ROUTINGS = ("soft", "hard", "gumbel")
+REMAT = ("none", "full", "dots")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 LOSSES = ("CrossEntropyLoss", "LabelSmoothingCrossEntropy", "SoftTargetCrossEntropy")
@@ -35,11 +37,34 @@ def _component(enabled, source, dim, idx):
 
 
 def head_template():
-  return ml_collections.ConfigDict(dict(type="Linear", num_classes=0))
+  # routing_strategy / temperature: ConditionalClassifier only (soft | hard | gumbel).
+  return ml_collections.ConfigDict(dict(type="Linear", num_classes=0, routing_strategy="soft",
+                                        temperature=1.0))
 
 
 def component_template():
   return ml_collections.ConfigDict(_component(False, "", 1, 0))
+
+
+# mFormerV1 sizes (reference/model.md §2); only the first two ConvNeXt depths are used.
+MFORMER_V1_SIZES = {
+    "sm": dict(dims=[96, 192, 384, 768], rope_depths=[5, 2], heads=[6, 12], drop_path=0.2),
+    "md": dict(dims=[96, 192, 384, 768], rope_depths=[10, 2], heads=[6, 12], drop_path=0.3),
+    "lg": dict(dims=[192, 384, 768, 1536], rope_depths=[10, 2], heads=[12, 24], drop_path=0.4),
+    "xl": dict(dims=[256, 512, 1024, 2048], rope_depths=[22, 2], heads=[16, 32], drop_path=0.5),
+}
+
+
+def set_model_size(config: ml_collections.ConfigDict, size: str) -> None:
+  """Sets config.model to the mFormerV1 size `size` (sm, md, lg, xl)."""
+  s, m = MFORMER_V1_SIZES[size], config.model
+  m.convnext_stages.depths = [3, 3]
+  m.convnext_stages.dims = list(s["dims"])
+  m.rope_stages.depths = list(s["rope_depths"])
+  m.rope_stages.dims = list(s["dims"][2:])
+  m.rope_stages.num_heads = list(s["heads"])
+  m.rope_stages.mlp_ratio = [4.0, 4.0]
+  m.drop_path_rate = s["drop_path"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -93,7 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
       meta_missing="learned_token",  # 'learned_token' | 'zeros' (the original)
       attention_impl="xla",  # 'xla' | 'cudnn'
       dtype="float32",  # compute dtype; parameters stay float32
-      classification=dict(heads={k: dict(type="Linear", num_classes=0) for k in TASK_KEYS}),
+      scan_blocks=True,  # identical blocks of a stage under nnx.scan (one compiled block)
+      remat="none",  # 'none' | 'full' | 'dots': recompute block activations in the backward pass
+      classification=dict(heads={k: head_template().to_dict() for k in TASK_KEYS}),
   )
   c.train = dict(
       epochs=300.0,
@@ -181,8 +208,11 @@ def task_level(task_key: str) -> float:
   return float(task_key.split("_L", 1)[1].replace("_", "."))
 
 
-def validate(config, num_devices: int = 1) -> None:
-  """Raises ConfigError listing every unknown key and inconsistent value."""
+def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
+  """Raises ConfigError listing every unknown key and inconsistent value.
+
+  `need_data=False` accepts a config without a data source (e.g. to build the model alone).
+  """
   problems: list[str] = []
   _unknown_keys(config, base_config(), "", problems)
   if problems:  # value checks below would only add noise about misspelled keys
@@ -205,6 +235,12 @@ def validate(config, num_devices: int = 1) -> None:
   for name, head in heads.items():
     if head.type not in HEAD_TYPES:
       problems.append(f"model.classification.heads.{name}.type {head.type!r} not in {HEAD_TYPES}")
+    if head.get("routing_strategy", "soft") not in ROUTINGS:
+      problems.append(f"model.classification.heads.{name}.routing_strategy "
+                      f"{head.routing_strategy!r} not in {ROUTINGS}")
+    if not head.get("temperature", 1.0) > 0:
+      problems.append(f"model.classification.heads.{name}.temperature must be > 0, got "
+                      f"{head.temperature}")
   for phase in ("train", "val"):
     funcs = list(config.loss.task_specific[phase].funcs)
     if len(funcs) != len(tasks):
@@ -276,7 +312,7 @@ def validate(config, num_devices: int = 1) -> None:
   if d.synthetic.enabled and d.synthetic.options.img_size != d.img_size:
     problems.append(f"data.synthetic.options.img_size ({d.synthetic.options.img_size}) differs "
                     f"from data.img_size ({d.img_size})")
-  if not d.synthetic.enabled and not (d.h5.labels_path or d.h5.train_labels_path):
+  if need_data and not d.synthetic.enabled and not (d.h5.labels_path or d.h5.train_labels_path):
     problems.append("no data: set data.h5.labels_path (or train_labels_path), or enable "
                     "data.synthetic")
 
@@ -301,6 +337,7 @@ def validate(config, num_devices: int = 1) -> None:
                        ("attn_scale", ("rsqrt_head_dim", "inv_head_dim")),
                        ("meta_missing", ("learned_token", "zeros")),
                        ("attention_impl", ("xla", "cudnn")),
+                       ("remat", REMAT),
                        ("dtype", ("float32", "bfloat16"))):
     if m[key] not in allowed:
       problems.append(f"model.{key} {m[key]!r} not in {allowed}")

@@ -11,9 +11,11 @@ def make_eval_step(graphdef, config):
   tasks = list(config.data.task_keys_h5)
   funcs = list(config.loss.task_specific.val.funcs)
 
-  def step(params, batch):
+  def step(variables, batch):
+    """`variables`: (params, buffers) as split by `train.create_state`."""
     image = preprocessing.normalize(batch["image"])
-    logits = nnx.merge(graphdef, params)(image, batch["meta"], batch["meta_valid"], train=False)
+    logits = nnx.merge(graphdef, *variables)(image, batch["meta"], batch["meta_valid"],
+                                             train=False)
     per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
                                   smoothing=config.model.label_smoothing,
                                   partial_levels=config.data.partial.levels,
@@ -23,8 +25,8 @@ def make_eval_step(graphdef, config):
   return step
 
 
-def run(eval_step, params, dataset, mesh, tasks) -> dict:
+def run(eval_step, variables, dataset, mesh, tasks) -> dict:
   total = None
   for batch in dataset:
-    total = metrics.accumulate(total, eval_step(params, sharding.global_batch(batch, mesh)))
+    total = metrics.accumulate(total, eval_step(variables, sharding.global_batch(batch, mesh)))
   return metrics.finalize(total, tasks)

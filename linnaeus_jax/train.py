@@ -80,15 +80,21 @@ def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
 # ----------------------------------------------------------------------------- State
 
 
-def create_state(config, mesh):
-  """(graphdef, state) with state = {params, opt_state, step, rng, nonfinite_streak}, replicated."""
-  model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(config.misc.seed)))
-  graphdef, _ = nnx.split(model)
+def create_state(config, mesh, parents=None):
+  """(graphdef, init(tx)) with state = {params, buffers, opt_state, step, rng, nonfinite_streak}.
+
+  `buffers` are the model's untrained constants (taxonomy matrices of hierarchical heads, from
+  `parents`); the optimizer sees `params` only.
+  """
+  del mesh  # everything is replicated for now
+  build = lambda: models.build(config, nnx.Rngs(config.misc.seed), parents)
+  graphdef, _, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
 
   def init(tx):
-    _, params = nnx.split(models.build(config, nnx.Rngs(config.misc.seed)))
+    _, params, buffers = nnx.split(build(), nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+    return {"params": params, "buffers": nnx.to_pure_dict(buffers),
+            "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.PRNGKey(config.misc.seed),
             "nonfinite_streak": jnp.zeros((), jnp.int32)}
   return graphdef, init
@@ -107,15 +113,15 @@ def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMask
   weights = list(config.loss.grad_weighting.task.init_weights) or None
   partial = config.data.partial.levels
 
-  def loss_fn(params, batch, key, meta_valid):
+  def loss_fn(params, buffers, batch, key, meta_valid):
     k_erase, k_drop = jax.random.split(key)
     image = preprocessing.normalize(batch["image"])
     er = config.aug.random_erase
     if er.prob > 0:
       image = augment.random_erasing(k_erase, image, er.prob, tuple(er.area_range),
                                      tuple(er.aspect_ratio), er.mode, batch["example_mask"])
-    logits = nnx.merge(graphdef, params)(image, batch["meta"], meta_valid, train=True,
-                                         key=k_drop)
+    logits = nnx.merge(graphdef, params, buffers)(image, batch["meta"], meta_valid, train=True,
+                                                  key=k_drop)
     per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
                                   smoothing=config.model.label_smoothing, partial_levels=partial,
                                   mask_nulls=config.train.phase1_mask_null_loss,
@@ -128,13 +134,13 @@ def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMask
     p_mask = mask_schedule.prob(state["step"])
     meta_valid = masking.full_mask(k_mask, batch["meta_valid"], p_mask)
     (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, k_model, meta_valid)
+        state["params"], state["buffers"], batch, k_model, meta_valid)
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {"params": keep(params, state["params"]),
+    new_state = {"params": keep(params, state["params"]), "buffers": state["buffers"],
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "step": state["step"] + 1, "rng": state["rng"],
                  "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1)}
@@ -186,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   tx = optim.build(config, lr_fn)
   mask_schedule = masking.MetaMaskSchedule.from_config(config, total, spe)
 
-  graphdef, init = create_state(config, mesh)
+  graphdef, init = create_state(config, mesh, data.taxonomy.parents)
   repl = sharding.replicated(mesh)
   state_shape = jax.eval_shape(lambda: init(tx))
   state_sharding = jax.tree.map(lambda _: repl, state_shape)
@@ -225,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
     if ds is None:
       return {}
     t0 = time.time()
-    result = evaluate.run(eval_step, state["params"], ds, mesh, tasks)
+    result = evaluate.run(eval_step, (state["params"], state["buffers"]), ds, mesh, tasks)
     result["duration_sec"] = time.time() - t0
     writer.write(step, "val", result)
     if pidx == 0:

@@ -17,7 +17,7 @@ def test_pass_over_padded_batches_equals_a_direct_forward(small_dataset):
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   step = jax.jit(evaluate.make_eval_step(graphdef, c))
-  got = evaluate.run(step, params, pipeline.eval_dataset(data, c), mesh, data.task_keys)
+  got = evaluate.run(step, (params,), pipeline.eval_dataset(data, c), mesh, data.task_keys)
   assert len(data.val) % 24 and got["num_examples"] == len(data.val)
 
   reader = images.ImageReader(data.val_images, c.data.img_size)

@@ -5,8 +5,9 @@ from linnaeus_jax.models.mformer_v1 import MFormerV1
 MODELS = {"mFormerV1": MFormerV1}
 
 
-def build(config, rngs):
+def build(config, rngs, parents=None):
+  """The configured model; `parents` (TaxonomyTree.parents) feeds hierarchical heads."""
   name = config.model.name
   if name not in MODELS:
     raise ValueError(f"unknown model.name {name!r}; known: {sorted(MODELS)}")
-  return MODELS[name].from_config(config, rngs)
+  return MODELS[name].from_config(config, rngs, parents)

@@ -11,19 +11,17 @@ from linnaeus_jax.models import layers
 class ConvNeXtBlock(nnx.Module):
   """x + DropPath(gamma * Dense(GELU(Dense(LN(dwconv7x7(x))))))."""
 
-  def __init__(self, dim: int, layer_scale: float, drop_path: float, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(self, dim: int, layer_scale: float, rngs: nnx.Rngs, dtype=jnp.float32):
     self.dwconv = layers.conv(dim, dim, 7, 1, rngs, dtype, groups=dim, padding=((3, 3), (3, 3)))
     self.norm = layers.LayerNorm(dim, 1e-6, rngs)
     self.pwconv1 = layers.linear(dim, 4 * dim, rngs, dtype)
     self.pwconv2 = layers.linear(4 * dim, dim, rngs, dtype)
     self.gamma = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
-    self.drop_path = drop_path
 
-  def __call__(self, x_BxHxWxC, *, train: bool = False, key=None):
+  def __call__(self, x_BxHxWxC, *, rate=0.0, key=None, train: bool = False):
     y = self.pwconv2(layers.gelu(self.pwconv1(self.norm(self.dwconv(x_BxHxWxC)))))
     y = y * self.gamma[...].astype(y.dtype)
-    return x_BxHxWxC + layers.drop_path(y, self.drop_path, key, train)
+    return x_BxHxWxC + layers.drop_path(y, rate, key, train)
 
 
 class Downsample(nnx.Module):

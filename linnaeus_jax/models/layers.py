@@ -46,13 +46,19 @@ class LayerNorm(nnx.Module):
     return self.norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def drop_path(x, rate: float, key, train: bool):
-  """Stochastic depth: drop the whole residual branch per sample, rescale by 1/keep."""
-  if not train or rate == 0.0 or key is None:
+def drop_path(x, rate, key, train: bool):
+  """Stochastic depth: drop the whole residual branch per sample, rescale by 1/keep.
+
+  `rate` may be traced (per-block rates scanned over a stage)."""
+  if not train or key is None or (isinstance(rate, float) and rate == 0.0):
     return x
-  keep = 1.0 - rate
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
   mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Buffer(nnx.Variable):
+  """A constant carried with the model but not trained (e.g. the taxonomy matrices)."""
 
 
 def gelu(x):

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from linnaeus_jax import config as config_lib
-from linnaeus_jax.models import convnext, heads, layers, meta_tokens, rope
+from linnaeus_jax.models import convnext, heads, layers, meta_tokens, rope, stage
 
 
 class MFormerV1(nnx.Module):
@@ -18,7 +18,7 @@ class MFormerV1(nnx.Module):
                heads_config, task_keys, drop_path_rate=0.0, layer_scale=1e-6, theta=10000.0,
                rope_mode="rotate", attn_scale="rsqrt_head_dim", meta_missing="learned_token",
                attention_impl="xla", only_last_cls=False, in_chans=3, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               scan=True, remat="none", parents=None, rngs: nnx.Rngs):
     d0, d1, d2, d3 = dims
     self.dtype = dtype
     self.task_keys = tuple(task_keys)
@@ -27,16 +27,20 @@ class MFormerV1(nnx.Module):
     dpr = [float(r) for r in np.linspace(0, drop_path_rate, total)]
     self.stem_conv = layers.conv(in_chans, d0, 4, 4, rngs, dtype)
     self.stem_norm = layers.LayerNorm(d0, 1e-6, rngs)
-    self.stage0 = nnx.List([convnext.ConvNeXtBlock(d0, layer_scale, dpr.pop(0), rngs, dtype)
-                            for _ in range(conv_depths[0])])
+
+    def make_stage(block, depth):
+      rates = [dpr.pop(0) for _ in range(depth)]
+      return stage.Stage(block, rates, scan=scan, remat=remat, rngs=rngs)
+    self.stage0 = make_stage(lambda r: convnext.ConvNeXtBlock(d0, layer_scale, r, dtype),
+                             conv_depths[0])
     self.down0 = convnext.Downsample(d0, d1, rngs, dtype)
-    self.stage1 = nnx.List([convnext.ConvNeXtBlock(d1, layer_scale, dpr.pop(0), rngs, dtype)
-                            for _ in range(conv_depths[1])])
+    self.stage1 = make_stage(lambda r: convnext.ConvNeXtBlock(d1, layer_scale, r, dtype),
+                             conv_depths[1])
     self.down1 = convnext.Downsample(d1, d2, rngs, dtype)
 
     def rope_stage(dim, depth, h, ratio):
-      return nnx.List([rope.RoPEBlock(dim, h, ratio, dpr.pop(0), theta, rope_mode, attn_scale,
-                                      attention_impl, rngs, dtype) for _ in range(depth)])
+      return make_stage(lambda r: rope.RoPEBlock(dim, h, ratio, theta, rope_mode, attn_scale,
+                                                 attention_impl, r, dtype), depth)
     self.cls_token_1 = nnx.Param(layers.dense_init(rngs.params(), (1, 1, d2)))
     self.meta_1 = meta_tokens.MetaTokens(components, d2, meta_missing, rngs, dtype)
     self.stage3 = rope_stage(d2, rope_depths[0], num_heads[0], mlp_ratio[0])
@@ -56,9 +60,11 @@ class MFormerV1(nnx.Module):
     self.norm_2 = layers.LayerNorm(d3, 1e-5, rngs)
     self.final_norm = layers.LayerNorm(d3, 1e-5, rngs)
     self.head = heads.build_heads(heads_config, task_keys, d3, rngs)
+    self.hierarchy = heads.Hierarchy(heads_config, task_keys, parents)
 
   @classmethod
-  def from_config(cls, config, rngs: nnx.Rngs) -> "MFormerV1":
+  def from_config(cls, config, rngs: nnx.Rngs, parents=None) -> "MFormerV1":
+    """`parents`: the taxonomy's parent links (`TaxonomyTree.parents`), for hierarchical heads."""
     m = config.model
     comps = [(name, c.dim) for name, c in config_lib.enabled_components(config)]
     return cls(dims=list(m.convnext_stages.dims), conv_depths=list(m.convnext_stages.depths),
@@ -70,7 +76,8 @@ class MFormerV1(nnx.Module):
                theta=m.rope_stages.rope_theta, rope_mode=m.rope_mode, attn_scale=m.attn_scale,
                meta_missing=m.meta_missing, attention_impl=m.attention_impl,
                only_last_cls=m.only_last_cls, in_chans=m.in_chans,
-               dtype=jnp.dtype(m.dtype), rngs=rngs)
+               dtype=jnp.dtype(m.dtype), scan=m.scan_blocks, remat=m.remat, parents=parents,
+               rngs=rngs)
 
   def _rope_stage(self, blocks, x_BxHxWxD, cls, embed, meta, meta_valid, norm, train, key):
     b, h, w, d = x_BxHxWxD.shape
@@ -79,8 +86,7 @@ class MFormerV1(nnx.Module):
       extras.append(embed(meta, meta_valid, self.dtype))
     n_extra = sum(e.shape[1] for e in extras)
     x = jnp.concatenate(extras + [x_BxHxWxD.reshape(b, h * w, d)], axis=1)
-    for i, blk in enumerate(blocks):
-      x = blk(x, (h, w), train=train, key=None if key is None else jax.random.fold_in(key, i))
+    x = blocks(x, train=train, key=key, grid_hw=(h, w))
     x = norm(x)
     return x[:, 0], x[:, n_extra:].reshape(b, h, w, d)
 
@@ -88,12 +94,8 @@ class MFormerV1(nnx.Module):
     """Fused features (B, D3) in float32."""
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     x = self.stem_norm(self.stem_conv(image_BxHxWxC.astype(self.dtype)))
-    for i, blk in enumerate(self.stage0):
-      x = blk(x, train=train, key=None if key is None else jax.random.fold_in(keys[0], i))
-    x = self.down0(x)
-    for i, blk in enumerate(self.stage1):
-      x = blk(x, train=train, key=None if key is None else jax.random.fold_in(keys[1], i))
-    x = self.down1(x)
+    x = self.down0(self.stage0(x, train=train, key=keys[0]))
+    x = self.down1(self.stage1(x, train=train, key=keys[1]))
     cls1, x = self._rope_stage(self.stage3, x, self.cls_token_1, self.meta_1, meta,
                                meta_valid_BxC, self.norm_1, train, keys[2])
     x = self.down2(x)
@@ -106,7 +108,13 @@ class MFormerV1(nnx.Module):
     feats = w[0] * cls1 + w[1] * cls2 + self.aggregate_b[...].astype(cls1.dtype)
     return self.final_norm(feats).astype(jnp.float32)
 
-  def __call__(self, image_BxHxWxC, meta, meta_valid_BxC, *, train=False, key=None):
-    """Returns {task: logits (B, C_task) float32}; `key` drives drop path when training."""
-    feats = self.features(image_BxHxWxC, meta, meta_valid_BxC, train=train, key=key)
-    return {t: self.head[t](feats) for t in self.task_keys}
+  def __call__(self, image_BxHxWxC, meta, meta_valid_BxC, *, train=False, key=None,
+               refine=True):
+    """{task: logits (B, C_task) float32}; `key` drives drop path and Gumbel routing in training.
+
+    `refine=False` returns the per-level logits without hierarchical refinement (GradNorm).
+    """
+    k_feats, k_heads = (None, None) if key is None else jax.random.split(key)
+    feats = self.features(image_BxHxWxC, meta, meta_valid_BxC, train=train, key=k_feats)
+    logits = {t: self.head[t](feats) for t in self.task_keys}
+    return self.hierarchy(logits, train=train, key=k_heads) if refine else logits

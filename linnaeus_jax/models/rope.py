@@ -82,16 +82,14 @@ class Mlp(nnx.Module):
 class RoPEBlock(nnx.Module):
   """x + DropPath(Attn(LN(x))); x + DropPath(Mlp(LN(x))), LN eps 1e-5, no LayerScale."""
 
-  def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, theta: float,
-               rope_mode: str, attn_scale: str, impl: str, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, dim: int, heads: int, mlp_ratio: float, theta: float, rope_mode: str,
+               attn_scale: str, impl: str, rngs: nnx.Rngs, dtype=jnp.float32):
     self.norm1 = layers.LayerNorm(dim, 1e-5, rngs)
     self.attn = Attention(dim, heads, theta, rope_mode, attn_scale, impl, rngs, dtype)
     self.norm2 = layers.LayerNorm(dim, 1e-5, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, rngs, dtype)
-    self.drop_path = drop_path
 
-  def __call__(self, x_BxTxD, grid_hw, *, train: bool = False, key=None):
+  def __call__(self, x_BxTxD, *, grid_hw, rate=0.0, key=None, train: bool = False):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = x_BxTxD + layers.drop_path(self.attn(self.norm1(x_BxTxD), grid_hw), self.drop_path, k1,
-                                   train)
-    return x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, k2, train)
+    x = x_BxTxD + layers.drop_path(self.attn(self.norm1(x_BxTxD), grid_hw), rate, k1, train)
+    return x + layers.drop_path(self.mlp(self.norm2(x)), rate, k2, train)
