@@ -1,9 +1,13 @@
-"""Train-step throughput on random inputs (no input pipeline), one row per model config.
+"""Train-step throughput and MFU on random inputs (no input pipeline).
 
-    python benchmarks/train_step.py [--configs=demo,sm] [--img_size=224] [--batch=32] [--steps=10]
+    python benchmarks/train_step.py --config=configs/sm.py [--config=configs/demo.py ...]
+        [--batch_size=B] [--img_size=S] [--dtype=bfloat16] [--steps=10] [--peak_tflops=P]
+        [--scan=true|false] [--remat=none|full|dots]
 
-Prints: config, image size, batch, parameters, compile seconds, step milliseconds, img/s and the
-XLA cost-analysis GFLOPs per training step (forward + backward + update).
+One row per config: parameters, compile seconds, step milliseconds, images/s, achieved TFLOP/s
+and MFU. Training FLOPs per image are 3x the forward FLOPs that XLA's cost analysis counts on the
+unrolled model (`tools/model_summary.py`): the usual forward + 2x backward estimate. MFU is
+against `--peak_tflops`, else the device's dense bf16 peak from PEAK_TFLOPS (none for CPUs).
 """
 
 from __future__ import annotations
@@ -22,33 +26,45 @@ sys.path.insert(0, ROOT)
 
 from linnaeus_jax import config as config_lib  # noqa: E402
 from linnaeus_jax import masking, optim, sharding, train  # noqa: E402
+from linnaeus_jax.tools import model_summary  # noqa: E402
 
 CLASSES = (684, 179, 40, 4)  # the reference parity heads
+# Dense bf16 peak TFLOP/s per chip, matched against jax's device_kind (first match wins).
+PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("TPU v5 lite", 197.0),
+               ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0))
 
 
-def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+def load(path):
+  if not path.endswith(".py"):
+    path = os.path.join(ROOT, "configs", f"{path}.py")
+  spec = importlib.util.spec_from_file_location("bench_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.load_overrides(mod.get_config())
 
 
-def bench(name, img_size, batch, steps, dtype):
-  c = config_lib.load_overrides(load(name))
-  c.data.img_size, c.data.batch_size, c.model.dtype = img_size, batch, dtype
+def peak_tflops(flag: float) -> float | None:
+  if flag > 0:
+    return flag
+  kind = jax.devices()[0].device_kind
+  return next((p for k, p in PEAK_TFLOPS if k.lower() in kind.lower()), None)
+
+
+def bench(c, steps):
   for t, n in zip(c.data.task_keys_h5, CLASSES):
     c.model.classification.heads[t].num_classes = n
+  batch, img = c.data.batch_size, c.data.img_size
+  forward = model_summary.summary(c)
   mesh = sharding.make_mesh(c)
   lr = optim.lr_schedule(c, 1000, 100)
   tx = optim.build(c, lr)
   graphdef, init = train.create_state(c, mesh)
   state = jax.jit(lambda: init(tx))()
-  n_params = train.count_params(state["params"])
   step = train.make_train_step(graphdef, tx, c, lr, masking.MetaMaskSchedule(True, 0.5, 0.5, 1))
   rng = np.random.default_rng(0)
   comps = config_lib.enabled_components(c)
   batch_np = {
-      "image": rng.integers(0, 256, (batch, img_size, img_size, 3), dtype=np.uint8),
+      "image": rng.integers(0, 256, (batch, img, img, 3), dtype=np.uint8),
       "labels": {t: rng.integers(0, n, batch).astype(np.int32)
                  for t, n in zip(c.data.task_keys_h5, CLASSES)},
       "meta": {n: rng.normal(size=(batch, comp.dim)).astype(np.float32) for n, comp in comps},
@@ -59,9 +75,6 @@ def bench(name, img_size, batch, steps, dtype):
   t0 = time.time()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(state, gbatch).compile()
   compile_s = time.time() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  gflops = float(cost.get("flops", float("nan"))) / 1e9 if cost else float("nan")
   state, out = compiled(state, gbatch)
   jax.block_until_ready(out["loss"])
   t0 = time.time()
@@ -69,29 +82,53 @@ def bench(name, img_size, batch, steps, dtype):
     state, out = compiled(state, gbatch)
   jax.block_until_ready(out["loss"])
   dt = (time.time() - t0) / steps
-  return dict(config=name, img=img_size, batch=batch, dtype=dtype, params=n_params,
-              compile_s=compile_s, step_ms=1000 * dt, img_s=batch / dt, gflop_step=gflops)
+  tflops = 3 * forward["gflops_forward"] * batch / dt / 1e3
+  return dict(img=img, batch=batch, dtype=c.model.dtype, scan=c.model.scan_blocks,
+              remat=c.model.remat, params=forward["params_total"], compile_s=compile_s,
+              step_ms=1000 * dt, img_s=batch / dt, tflop_s=tflops)
 
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--configs", default="demo,sm")
-  p.add_argument("--img_size", type=int, default=0, help="0: each config's own size")
-  p.add_argument("--batch", type=int, default=0, help="0: each config's own batch")
+  p.add_argument("--config", action="append", help="config file or name in configs/")
+  p.add_argument("--img_size", type=int, default=0, help="0: the config's own")
+  p.add_argument("--batch_size", type=int, default=0, help="0: the config's own")
+  p.add_argument("--dtype", default="", help="model.dtype override (float32, bfloat16)")
+  p.add_argument("--scan", default="", help="model.scan_blocks override (true/false)")
+  p.add_argument("--remat", default="", help="model.remat override (none, full, dots)")
+  p.add_argument("--attention_impl", default="", help="model.attention_impl (xla, cudnn)")
   p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="peak for MFU; 0: known table")
   a = p.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
-  header = ("config", "img", "batch", "dtype", "params", "compile_s", "step_ms", "img_s",
-            "gflop_step")
+  peak = peak_tflops(a.peak_tflops)
+  dev = jax.devices()[0]
+  print(f"jax {jax.__version__} on {dev.device_kind} x{jax.device_count()}; MFU peak "
+        f"{f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak_tflops)'}")
+  header = ("config", "img", "batch", "dtype", "scan", "remat", "params", "compile_s",
+            "step_ms", "img_s", "tflop_s", "mfu")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
-  for name in a.configs.split(","):
-    c = load(name)
-    r = bench(name, a.img_size or c.data.img_size, a.batch or c.data.batch_size, a.steps, a.dtype)
-    print("| " + " | ".join(f"{r[h]:,.1f}" if isinstance(r[h], float) else f"{r[h]:,}"
-                            if isinstance(r[h], int) else str(r[h]) for h in header) + " |",
-          flush=True)
+  for path in a.config or ["configs/demo.py"]:
+    c = load(path)
+    if a.img_size:
+      c.data.img_size = a.img_size
+    if a.batch_size:
+      c.data.batch_size = a.batch_size
+    if a.dtype:
+      c.model.dtype = a.dtype
+    if a.scan:
+      c.model.scan_blocks = a.scan.lower() in ("1", "true", "yes")
+    if a.remat:
+      c.model.remat = a.remat
+    if a.attention_impl:
+      c.model.attention_impl = a.attention_impl
+    r = bench(c, a.steps)
+    r["config"] = os.path.basename(path).removesuffix(".py")
+    r["mfu"] = f"{100 * r['tflop_s'] / peak:.1f}%" if peak else "n/a"
+    r["tflop_s"] = f"{r['tflop_s']:.3g}"
+    print("| " + " | ".join(f"{r[h]:,.2f}" if isinstance(r[h], float) else f"{r[h]:,}"
+                            if isinstance(r[h], int) and not isinstance(r[h], bool)
+                            else str(r[h]) for h in header) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",  # compute dtype; parameters stay float32
       scan_blocks=True,  # identical blocks of a stage under nnx.scan (one compiled block)
       remat="none",  # 'none' | 'full' | 'dots': recompute block activations in the backward pass
+      depthwise_impl="shift",  # 'shift' (fused shifted sums) | 'conv' (grouped lax.conv)
       classification=dict(heads={k: head_template().to_dict() for k in TASK_KEYS}),
   )
   c.train = dict(
@@ -338,6 +339,7 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
                        ("meta_missing", ("learned_token", "zeros")),
                        ("attention_impl", ("xla", "cudnn")),
                        ("remat", REMAT),
+                       ("depthwise_impl", ("shift", "conv")),
                        ("dtype", ("float32", "bfloat16"))):
     if m[key] not in allowed:
       problems.append(f"model.{key} {m[key]!r} not in {allowed}")

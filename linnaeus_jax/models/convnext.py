@@ -11,8 +11,9 @@ from linnaeus_jax.models import layers
 class ConvNeXtBlock(nnx.Module):
   """x + DropPath(gamma * Dense(GELU(Dense(LN(dwconv7x7(x))))))."""
 
-  def __init__(self, dim: int, layer_scale: float, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.dwconv = layers.conv(dim, dim, 7, 1, rngs, dtype, groups=dim, padding=((3, 3), (3, 3)))
+  def __init__(self, dim: int, layer_scale: float, rngs: nnx.Rngs, dtype=jnp.float32,
+               depthwise_impl: str = "shift"):
+    self.dwconv = layers.DepthwiseConv(dim, 7, depthwise_impl, rngs, dtype)
     self.norm = layers.LayerNorm(dim, 1e-6, rngs)
     self.pwconv1 = layers.linear(dim, 4 * dim, rngs, dtype)
     self.pwconv2 = layers.linear(4 * dim, dim, rngs, dtype)

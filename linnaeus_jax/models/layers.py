@@ -35,6 +35,48 @@ def conv(din: int, dout: int, kernel: int, stride: int, rngs: nnx.Rngs, dtype=jn
                   rngs=rngs)
 
 
+def depthwise_shift(x_BxHxWxC, kernel_KxKx1xC):
+  """'SAME' depthwise convolution as a sum of K*K shifted, scaled copies of the input.
+
+  XLA fuses it into one elementwise loop; on CPU it is 2.6x faster than a grouped convolution
+  and, unlike it, does not slow down 14x inside a scanned stage (benchmarks/RESULTS.md).
+  """
+  k = kernel_KxKx1xC.shape[0]
+  h, w = x_BxHxWxC.shape[1:3]
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+  out = jnp.zeros_like(x_BxHxWxC)
+  for i in range(k):
+    for j in range(k):
+      out = out + xp[:, i:i + h, j:j + w, :] * kernel_KxKx1xC[i, j, 0]
+  return out
+
+
+class DepthwiseConv(nnx.Module):
+  """K x K depthwise conv, stride 1, 'SAME', with bias; parameters named like nnx.Conv's.
+
+  impl 'shift' (`depthwise_shift`) or 'conv' (`lax.conv` with feature_group_count=C).
+  """
+
+  def __init__(self, dim: int, kernel: int, impl: str, rngs: nnx.Rngs, dtype=jnp.float32):
+    if impl not in ("shift", "conv"):
+      raise ValueError(f"unknown depthwise impl {impl!r}; known: shift, conv")
+    self.kernel = nnx.Param(dense_init(rngs.params(), (kernel, kernel, 1, dim)))
+    self.bias = nnx.Param(torch_uniform_bias(kernel * kernel)(rngs.params(), (dim,)))
+    self.impl, self.dtype = impl, dtype
+
+  def __call__(self, x_BxHxWxC):
+    x = x_BxHxWxC.astype(self.dtype)
+    w = self.kernel[...].astype(self.dtype)
+    if self.impl == "shift":
+      y = depthwise_shift(x, w)
+    else:
+      p = w.shape[0] // 2
+      y = jax.lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=x.shape[-1])
+    return y + self.bias[...].astype(self.dtype)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm whose statistics are always float32; output in the input's dtype."""
 

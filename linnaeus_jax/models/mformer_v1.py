@@ -18,7 +18,8 @@ class MFormerV1(nnx.Module):
                heads_config, task_keys, drop_path_rate=0.0, layer_scale=1e-6, theta=10000.0,
                rope_mode="rotate", attn_scale="rsqrt_head_dim", meta_missing="learned_token",
                attention_impl="xla", only_last_cls=False, in_chans=3, dtype=jnp.float32,
-               scan=True, remat="none", parents=None, rngs: nnx.Rngs):
+               scan=True, remat="none", depthwise_impl="shift", parents=None,
+               rngs: nnx.Rngs):
     d0, d1, d2, d3 = dims
     self.dtype = dtype
     self.task_keys = tuple(task_keys)
@@ -31,11 +32,11 @@ class MFormerV1(nnx.Module):
     def make_stage(block, depth):
       rates = [dpr.pop(0) for _ in range(depth)]
       return stage.Stage(block, rates, scan=scan, remat=remat, rngs=rngs)
-    self.stage0 = make_stage(lambda r: convnext.ConvNeXtBlock(d0, layer_scale, r, dtype),
-                             conv_depths[0])
+    conv_block = lambda d: lambda r: convnext.ConvNeXtBlock(d, layer_scale, r, dtype,
+                                                            depthwise_impl)
+    self.stage0 = make_stage(conv_block(d0), conv_depths[0])
     self.down0 = convnext.Downsample(d0, d1, rngs, dtype)
-    self.stage1 = make_stage(lambda r: convnext.ConvNeXtBlock(d1, layer_scale, r, dtype),
-                             conv_depths[1])
+    self.stage1 = make_stage(conv_block(d1), conv_depths[1])
     self.down1 = convnext.Downsample(d1, d2, rngs, dtype)
 
     def rope_stage(dim, depth, h, ratio):
@@ -76,8 +77,8 @@ class MFormerV1(nnx.Module):
                theta=m.rope_stages.rope_theta, rope_mode=m.rope_mode, attn_scale=m.attn_scale,
                meta_missing=m.meta_missing, attention_impl=m.attention_impl,
                only_last_cls=m.only_last_cls, in_chans=m.in_chans,
-               dtype=jnp.dtype(m.dtype), scan=m.scan_blocks, remat=m.remat, parents=parents,
-               rngs=rngs)
+               dtype=jnp.dtype(m.dtype), scan=m.scan_blocks, remat=m.remat,
+               depthwise_impl=m.depthwise_impl, parents=parents, rngs=rngs)
 
   def _rope_stage(self, blocks, x_BxHxWxD, cls, embed, meta, meta_valid, norm, train, key):
     b, h, w, d = x_BxHxWxD.shape
