@@ -61,15 +61,12 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
 
 
 def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
-  """config.json and the dataset's JSON assets (class maps, taxonomy, counts, missing images)."""
+  """config.json and the dataset's assets (class maps, taxonomy, counts, split, missing images)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.join(workdir, "assets"), exist_ok=True)
+  data.write_assets(os.path.join(workdir, "assets"))
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config_lib.to_json(config))
-  for name, text in data.assets().items():
-    with open(os.path.join(workdir, "assets", name), "w", encoding="utf-8") as f:
-      f.write(text)
   if data.missing_images:
     path = config.data.hybrid.verify_images.report_path or os.path.join(
         workdir, "assets", "missing_images.json")

@@ -1,3 +1,6 @@
+import json
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ def _hand_config(path, partial=True, **data):
   c = config_lib.base_config()
   c.data.h5.labels_path = path
   c.data.hybrid.use_hybrid = True
-  c.data.hybrid.images_dir = "/nonexistent"
+  c.data.hybrid.images_dir = os.path.dirname(path)  # exists; no image is read
   c.data.task_keys_h5 = ["taxa_L10", "taxa_L20"]
   c.model.classification.heads = {"taxa_L10": dict(type="Linear", num_classes=0),
                                   "taxa_L20": dict(type="Linear", num_classes=0)}
@@ -124,6 +127,14 @@ def test_validity_sources_in_order_of_preference(tmp_path):
            raw_lon=np.array([0.0, 1.0, 2.0], np.float32),
            spatial_valid=np.array([0, 1, 1], np.uint8))
   np.testing.assert_array_equal(t.meta_valid[:, 0], [False, True, True])
+  # TEMPORAL: an empty raw_date_observed string is missing, whatever the encoded value.
+  c = _hand_config(_write(tmp_path / "t.h5", **common, temporal=np.ones((3, 2), np.float32),
+                          raw_date_observed=["2020-05-01", "", "2021-01-09"]))
+  c.data.meta.components.TEMPORAL.enabled = True
+  table = labels.load(c).train
+  table = table.take(np.argsort(table.raw_row))
+  np.testing.assert_array_equal(table.meta_valid[:, 0], [True, False, True])
+  np.testing.assert_array_equal(table.meta["TEMPORAL"][1], [0, 0])
 
 
 def test_out_of_region_and_oor_mask(small_dataset):
@@ -189,17 +200,97 @@ def test_missing_meta_filter(tmp_path):
   assert d.dropped["missing_meta"] == 1 and sorted(d.train.raw_row) == [1, 2]
 
 
+def _subset(src, dst, rows):
+  """A copy of labels file `src` with only `rows` (every per-row dataset), attributes kept."""
+  with h5py.File(src, "r") as a, h5py.File(dst, "w") as b:
+    n = len(a["img_identifiers"])
+    for k, ds in a.items():
+      if isinstance(ds, h5py.Dataset) and ds.shape and ds.shape[0] == n:
+        b.create_dataset(k, data=ds[:][rows], dtype=ds.dtype)
+        b[k].attrs.update(dict(ds.attrs))
+  return str(dst)
+
+
 def test_two_file_mode(small_dataset, tmp_path):
   out, paths = small_dataset
+  with h5py.File(paths["labels_path"], "r") as h5:
+    species = h5["taxa_L10"][:]
+    ids = h5["img_identifiers"][:]
+  only_val = np.unique(species[species > 0])[-1]  # a species present only in the val file
+  train_rows = np.flatnonzero((species != only_val) & (np.arange(len(species)) % 3 != 0))
+  val_rows = np.setdiff1d(np.arange(len(species)), train_rows)
   c = tiny_config(out)
   c.data.h5.labels_path = ""
-  c.data.h5.train_labels_path = paths["labels_path"]
-  c.data.h5.val_labels_path = paths["labels_path"]
+  c.data.h5.train_labels_path = _subset(paths["labels_path"], tmp_path / "t.h5", train_rows)
+  c.data.h5.val_labels_path = _subset(paths["labels_path"], tmp_path / "v.h5", val_rows)
   c.data.h5.train_images_path = c.data.h5.val_images_path = paths["images_dir"]
   d = labels.load(c)
-  n = len(d.train)
-  assert len(d.val) == n and d.rows_total == 2 * n  # whole files, no split
-  np.testing.assert_array_equal(d.train.raw_row, np.arange(n))
+  assert (len(d.train), len(d.val), d.rows_total) == (len(train_rows), len(val_rows),
+                                                       len(species))  # whole files, no split
+  np.testing.assert_array_equal(d.train.image_id, ids[train_rows][d.train.raw_row])
+  np.testing.assert_array_equal(d.val.image_id, ids[val_rows][d.val.raw_row])
+  cls = d.class_to_idx["taxa_L10"][int(only_val)]  # class maps: the union of both files
+  assert cls == d.num_classes["taxa_L10"] - 1
+  assert not (d.train.labels[:, 0] == cls).any()
+  assert (d.val.labels[:, 0] == cls).sum() == (species[val_rows] == only_val).sum()
+  # Train file only: an empty validation set.
+  c.data.h5.val_labels_path = ""
+  assert len(labels.load(c).val) == 0
+
+
+def test_file_scenarios_and_image_locations_are_checked(small_dataset, tmp_path):
+  out, paths = small_dataset
+  c = tiny_config(out)
+  c.data.h5.train_labels_path = paths["labels_path"]  # labels_path is set too
+  c.data.hybrid.images_dir = str(tmp_path / "absent")
+  with pytest.raises(labels.DataError) as e:
+    labels.load(c)
+  assert "both data.h5.labels_path" in str(e.value)
+  assert f"images folder {tmp_path / 'absent'} does not exist" in str(e.value)
+  c = tiny_config(out)
+  c.data.h5.val_labels_path = paths["labels_path"]
+  with pytest.raises(labels.DataError, match="val_labels_path is set without"):
+    labels.load(c)
+  # images.h5 problems: missing file, missing dataset, wrong dtype, shape and row count.
+  c = tiny_config(out)
+  c.data.hybrid.use_hybrid = False
+  c.data.h5.images_path = str(tmp_path / "none.h5")
+  with pytest.raises(labels.DataError, match="cannot open images file"):
+    labels.load(c)
+  with h5py.File(tmp_path / "empty.h5", "w"):
+    pass
+  c.data.h5.images_path = str(tmp_path / "empty.h5")
+  with pytest.raises(labels.DataError, match="missing dataset 'images'"):
+    labels.load(c)
+  with h5py.File(tmp_path / "bad.h5", "w") as h5:
+    h5["images"] = np.zeros((3, 8, 8), np.float32)
+  c.data.h5.images_path = str(tmp_path / "bad.h5")
+  with pytest.raises(labels.DataError) as e:
+    labels.load(c)
+  assert "expected (N, H, W, 3)" in str(e.value) and "expected uint8" in str(e.value)
+  assert "images has 3 rows but the labels file has" in str(e.value)
+
+
+def test_split_rows_and_missing_image_report_are_written(small_dataset, tmp_path):
+  import shutil
+  from linnaeus_jax import train
+  out, paths = small_dataset
+  folder = tmp_path / "imgs"
+  shutil.copytree(paths["images_dir"], folder)
+  gone = sorted(folder.iterdir())[:2]
+  for f in gone:
+    f.unlink()
+  c = tiny_config(out)
+  c.data.hybrid.images_dir = str(folder)
+  c.data.hybrid.missing_image_policy = "skip"
+  d = labels.load(c)
+  train.write_assets(str(tmp_path / "run"), c, d)
+  split = np.load(tmp_path / "run" / "assets" / "split_rows.npz")
+  np.testing.assert_array_equal(split["train"], d.train.raw_row)
+  np.testing.assert_array_equal(split["val"], d.val.raw_row)
+  with open(tmp_path / "run" / "assets" / "missing_images.json") as f:
+    report = json.load(f)
+  assert sorted(report["all"]) == sorted(x.name for x in gone)
 
 
 def test_skip_policy_excludes_missing_images_up_front(small_dataset, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 
 import h5py
 import numpy as np
@@ -70,6 +71,15 @@ class Dataset:
     classes = ", ".join(f"{t}: {n}" for t, n in self.num_classes.items())
     return (f"{len(self.train)} train / {len(self.val)} val rows of {self.rows_total}; "
             f"classes {classes}; dropped {drops or 'none'}")
+
+  def write_assets(self, folder: str) -> None:
+    """The JSON assets, plus `split_rows.npz`: the raw labels-file rows of train and val."""
+    os.makedirs(folder, exist_ok=True)
+    for name, text in self.assets().items():
+      with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    np.savez_compressed(os.path.join(folder, "split_rows.npz"), train=self.train.raw_row,
+                        val=self.val.raw_row)
 
   def assets(self) -> dict[str, str]:
     """JSON assets in the original's formats: file name -> text."""
@@ -232,14 +242,26 @@ def _table(cols: dict, labels: np.ndarray, rows: np.ndarray, components) -> RowT
   return RowTable(rows.astype(np.int64), cols["image_id"][rows], labels[rows], meta, valid)
 
 
-def _paths(d) -> tuple[list[str], list[str]]:
-  """(labels files, image locations) for the single-file or two-file scenario."""
-  if d.h5.train_labels_path:
-    labels = [d.h5.train_labels_path] + ([d.h5.val_labels_path] if d.h5.val_labels_path else [])
-    imgs = [d.h5.train_images_path or d.hybrid.images_dir,
-            d.h5.val_images_path or d.hybrid.images_dir][:len(labels)]
+def _paths(d, problems: list[str]) -> tuple[list[str], list[str]]:
+  """(labels files, image locations) for the scenarios of data.md §2.1; others are problems.
+
+  Two files (train + val, or train only: empty validation), or one file split by seed.
+  """
+  h5 = d.h5
+  if h5.train_labels_path:
+    if h5.labels_path:
+      problems.append("both data.h5.labels_path (one file, split by seed) and "
+                      "data.h5.train_labels_path (two files) are set: set only one")
+    labels = [h5.train_labels_path] + ([h5.val_labels_path] if h5.val_labels_path else [])
+    imgs = [h5.train_images_path or d.hybrid.images_dir,
+            h5.val_images_path or d.hybrid.images_dir][:len(labels)]
     return labels, imgs
-  return [d.h5.labels_path], [d.hybrid.images_dir if d.hybrid.use_hybrid else d.h5.images_path]
+  if h5.val_labels_path:
+    problems.append("data.h5.val_labels_path is set without data.h5.train_labels_path")
+  if not h5.labels_path:
+    problems.append("no labels: set data.h5.labels_path (one file) or "
+                    "data.h5.train_labels_path + val_labels_path (two files)")
+  return [h5.labels_path], [d.hybrid.images_dir if d.hybrid.use_hybrid else h5.images_path]
 
 
 def load(config) -> Dataset:
@@ -248,13 +270,15 @@ def load(config) -> Dataset:
   tasks = list(d.task_keys_h5)
   components = config_lib.enabled_components(config)
   problems: list[str] = []
-  label_paths, image_paths = _paths(d)
+  label_paths, image_paths = _paths(d, problems)
   for p in image_paths:
     if not p:
       problems.append("no images: set data.hybrid.use_hybrid + data.hybrid.images_dir, or "
                       "data.h5.images_path (two files: data.h5.train_images_path, "
                       "val_images_path)")
-  files = [_read(p, tasks, components, problems) for p in label_paths]
+    elif not images_lib.is_h5(p) and not os.path.isdir(p):
+      problems.append(f"images folder {p} does not exist")
+  files = [_read(p, tasks, components, problems) for p in label_paths if p]
   if not problems:
     for f, loc in zip(files, image_paths):
       if images_lib.is_h5(loc):
