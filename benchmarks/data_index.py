@@ -58,13 +58,13 @@ def build(path: str, n: int, seed: int = 0) -> None:
 
 
 CHILD = """
-import resource, sys, time
+import os, resource, sys, time
 sys.path.insert(0, {root!r})
 from linnaeus_jax import config as config_lib
 from linnaeus_jax.data import labels
 c = config_lib.base_config()
 c.data.h5.labels_path = {path!r}
-c.data.hybrid.use_hybrid, c.data.hybrid.images_dir = True, "/unused"
+c.data.hybrid.use_hybrid, c.data.hybrid.images_dir = True, os.path.dirname('{path}')  # no image is read
 c.data.partial.levels = True
 c.data.meta.components.ELEVATION.enabled = True
 t0 = time.time()
