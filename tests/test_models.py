@@ -24,21 +24,47 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("meta_missing,extra", [("zeros", 0), ("learned_token", 3 * (384 + 768))])
-def test_sm_parameter_count_matches_the_original(meta_missing, extra):
-  """reference/README.md parity table: meta [2, 3, 10], heads 684/179/40/4, image 384."""
-  c = _load_config("sm")
+# reference/README.md parity table: (total, metadata embedders, heads, learned missing tokens).
+PARITY = {"sm": (31_383_022, 4_472_064, 697_483, 3_456),
+          "md": (40_257_262, 4_472_064, 697_483, 3_456),
+          "lg": (159_255_118, 17_791_488, 1_394_059, 6_912),
+          "xl": (433_499_278, 31_586_304, 1_858_443, 9_216)}
+
+
+@pytest.mark.parametrize("size", list(PARITY))
+@pytest.mark.parametrize("meta_missing", ["zeros", "learned_token"])
+def test_parameter_counts_match_the_original(size, meta_missing):
+  """Meta [2, 3, 10], heads 684/179/40/4, image 384 (shapes only: nothing is allocated)."""
+  c = _load_config(size)
   for t, n in zip(c.data.task_keys_h5, (684, 179, 40, 4)):
     c.model.classification.heads[t].num_classes = n
   c.data.meta.components.ELEVATION.enabled = True
   c.model.meta_missing = meta_missing
   model = nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0)))
-  _, params = nnx.split(model)
+  _, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  assert _count(params) == 31_383_022 + extra
-  meta = _count(params["meta_1"]) + _count(params["meta_2"])
-  assert meta == 4_472_064 + extra
-  assert _count(params["head"]) == 697_483
+  total, meta, heads, tokens = PARITY[size]
+  extra = tokens if meta_missing == "learned_token" else 0
+  assert _count(params) == total + extra
+  assert _count(params["meta_1"]) + _count(params["meta_2"]) == meta + extra
+  assert _count(params["head"]) == heads
+
+
+@pytest.mark.parametrize("size", list(PARITY))
+def test_every_size_runs_forward(size):
+  """Each size at 64x64 (params initialised inside jit): the logits' shapes, finite."""
+  c = _load_config(size)
+  c.data.img_size = 64
+  for t, n in zip(c.data.task_keys_h5, (7, 5, 3, 2)):
+    c.model.classification.heads[t].num_classes = n
+  image = jax.random.uniform(jax.random.PRNGKey(0), (2, 64, 64, 3))
+  meta = {"TEMPORAL": jnp.ones((2, 2)), "SPATIAL": jnp.ones((2, 3))}
+  out = jax.jit(lambda i, m, v: models.build(c, nnx.Rngs(0))(i, m, v))(
+      image, meta, jnp.array([[True, True], [False, True]]))
+  assert {t: v.shape for t, v in out.items()} == {"taxa_L10": (2, 7), "taxa_L20": (2, 5),
+                                                   "taxa_L30": (2, 3), "taxa_L40": (2, 2)}
+  assert all(np.isfinite(v).all() for v in out.values())
+  assert not np.allclose(out["taxa_L10"][0], out["taxa_L10"][1])
 
 
 def test_rope_rotation_is_relative_and_norm_preserving():
@@ -141,7 +167,15 @@ def test_drop_path_only_in_training(small_dataset):
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(small_dataset):
   _, model = _tiny(small_dataset, dtype="bfloat16")
+  _, ref = _tiny(small_dataset)  # same seed: the same float32 weights
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(model.params))
-  image, meta = _inputs()
-  out = model(image, meta, jnp.ones((2, 3), bool))
-  assert out["taxa_L10"].dtype == jnp.float32 and np.isfinite(out["taxa_L10"]).all()
+  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_array_equal(a, b)
+  image, meta = _inputs(b=4)
+  out = model(image, meta, jnp.ones((4, 3), bool))
+  want = ref(image, meta, jnp.ones((4, 3), bool))
+  for t in out:
+    assert out[t].dtype == jnp.float32 and np.isfinite(out[t]).all()
+    scale = float(np.abs(want[t]).max())
+    np.testing.assert_allclose(out[t], want[t], atol=0.05 * scale)  # bf16: ~3 significant digits
+    assert not np.array_equal(out[t], want[t])  # really computed in bfloat16
