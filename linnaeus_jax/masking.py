@@ -1,46 +1,37 @@
-"""Metadata masking as pure functions of the step, evaluated inside the jitted train step.
+"""Per-sample metadata masks, drawn inside the jitted train step (reference/training.md §3, §17).
 
-Full masking (reference/training.md §3): each sample independently has all its components masked
-with probability p_full(step), a linear ramp start_prob -> end_prob that ends at `end` steps.
-Masking clears validity flags; the model then sees the component as missing (Decision 4).
+Each sample is fully masked (every component) with probability p_full; otherwise, with
+probability p_part, one whitelisted combination of components, drawn by weight, is masked.
+Masking only clears validity flags, ANDed into the batch's own (a missing component stays
+missing); the model then sees the component as missing (Decision 4). Validation never calls this.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-
-from linnaeus_jax import config as config_lib
-
-
-def ramp(step, p0: float, p1: float, end: int):
-  """p0 + (p1 - p0) * clip(step / end, 0, 1): linear to `end`, constant afterwards."""
-  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(end, 1), 0.0, 1.0)
-  return p0 + (p1 - p0) * frac
+import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
-class MetaMaskSchedule:
-  enabled: bool
-  start_prob: float
-  end_prob: float
-  end_step: int
+def meta_masks(key, meta_valid_BxC, p_full, p_part=0.0, combos_KxC=(), combo_weights=()):
+  """(valid_BxC, masked_BxC): the new validity flags and what the schedule masked.
 
-  @classmethod
-  def from_config(cls, config, total_steps: int, steps_per_epoch: int) -> "MetaMaskSchedule":
-    mm = config.schedule.meta_masking
-    end = config_lib.resolve_steps(mm.end_steps, mm.end_fraction, 0, total_steps, steps_per_epoch)
-    return cls(bool(mm.enabled), float(mm.start_prob), float(mm.end_prob), end)
-
-  def prob(self, step):
-    if not self.enabled:
-      return jnp.zeros((), jnp.float32)
-    return ramp(step, self.start_prob, self.end_prob, self.end_step)
+  `combos_KxC`: static whitelist table (K combinations x C components, bool); `combo_weights`
+  (K,) relative weights.
+  """
+  b, c = meta_valid_BxC.shape
+  k_full, k_part, k_combo = jax.random.split(key, 3)
+  full_B = jax.random.bernoulli(k_full, p_full, (b,))
+  masked_BxC = jnp.broadcast_to(full_B[:, None], (b, c))
+  if len(combos_KxC) and c:
+    table_KxC = jnp.asarray(np.asarray(combos_KxC, bool).reshape(-1, c))
+    logw_K = jnp.log(jnp.asarray(combo_weights, jnp.float32))
+    part_B = jax.random.bernoulli(k_part, p_part, (b,)) & ~full_B
+    combo_B = jax.random.categorical(k_combo, logw_K, shape=(b,))
+    masked_BxC = masked_BxC | (part_B[:, None] & table_KxC[combo_B])
+  return meta_valid_BxC & ~masked_BxC, masked_BxC
 
 
 def full_mask(key, meta_valid_BxC, prob):
   """Clears every component of each sample with probability `prob`."""
-  masked_B = jax.random.bernoulli(key, prob, (meta_valid_BxC.shape[0],))
-  return meta_valid_BxC & ~masked_B[:, None]
+  return meta_masks(key, meta_valid_BxC, prob)[0]

@@ -20,8 +20,10 @@ from flax import nnx
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import evaluate, losses, masking, metric_writers, metrics, models, optim
-from linnaeus_jax import preprocessing, sharding
+from linnaeus_jax import evaluate, gradnorm, losses, masking, metric_writers, metrics, mixing
+from linnaeus_jax import models, optim, preprocessing, sharding
+from linnaeus_jax import schedules as schedules_lib
+from linnaeus_jax import taxonomy as taxonomy_lib
 from linnaeus_jax.data import labels as labels_lib
 from linnaeus_jax.data import augment, pipeline, synthetic
 
@@ -78,7 +80,8 @@ def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
 
 
 def create_state(config, mesh, parents=None):
-  """(graphdef, init(tx)) with state = {params, buffers, opt_state, step, rng, nonfinite_streak}.
+  """(graphdef, init(tx)); state = {params, buffers, opt_state, gradnorm, step, rng,
+  nonfinite_streak}.
 
   `buffers` are the model's untrained constants (taxonomy matrices of hierarchical heads, from
   `parents`); the optimizer sees `params` only.
@@ -92,6 +95,9 @@ def create_state(config, mesh, parents=None):
     params = nnx.to_pure_dict(params)
     return {"params": params, "buffers": nnx.to_pure_dict(buffers),
             "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "gradnorm": gradnorm.init_state(len(config.data.task_keys_h5),
+                                            list(config.loss.grad_weighting.task.init_weights)
+                                            or None),
             "rng": jax.random.PRNGKey(config.misc.seed),
             "nonfinite_streak": jnp.zeros((), jnp.int32)}
   return graphdef, init
@@ -104,34 +110,109 @@ def count_params(params) -> int:
 # ----------------------------------------------------------------------------- Steps
 
 
-def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMaskSchedule):
+def loss_constants(config, data: labels_lib.Dataset) -> dict:
+  """Per-task constant arrays of the loss, passed to the step as an argument (not baked in).
+
+  `tax`: taxonomy smoothing matrices (C, C) of the tasks that use TaxonomyAwareLabelSmoothing;
+  `class_w`: class weights (C,) from the train counts when a method is set.
+  """
+  tasks = list(config.data.task_keys_h5)
+  uses = [f == "TaxonomyAwareLabelSmoothing" for f in config.loss.task_specific.train.funcs]
+  uses = [a or f == "TaxonomyAwareLabelSmoothing"
+          for a, f in zip(uses, config.loss.task_specific.val.funcs)]
+  ts = config.loss.taxonomy_smoothing
+  enabled = [bool(e) or u for e, u in zip(list(ts.enabled) + [False] * len(tasks), uses)]
+  out = {}
+  if any(enabled):
+    out["tax"] = {t: jnp.asarray(m) for t, m in taxonomy_lib.smoothing_matrices(
+        data.taxonomy, enabled, ts.alpha, ts.beta, ts.uniform_roots, ts.fallback_to_uniform,
+        null_class=config.data.partial.levels).items()}
+  cw = config.loss.grad_weighting["class"]
+  if cw.method != "none" and (cw.train or cw.val):
+    out["class_w"] = {t: jnp.asarray(losses.class_weights(
+        np.bincount(data.train.labels[:, j], minlength=data.num_classes[t]), cw.method,
+        smoothing_factor=cw.smoothing_factor, cap=cw.cap, base=cw.base, log_base=cw.log_base))
+        for j, t in enumerate(tasks)}
+  return out
+
+
+def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules):
+  """step(state, batch, consts) -> (state, out); `consts` from `loss_constants`.
+
+  In order: schedule values at the step; metadata masks ANDed into the batch's validity;
+  selective mixing of partners; forward, per-task losses with mixed targets, null inclusion and
+  class weights; task weights (GradNorm's from the state, updated every `update_interval`
+  steps); the optimizer update, skipped when the loss or gradients are not finite.
+  """
   tasks = list(config.data.task_keys_h5)
   funcs = list(config.loss.task_specific.train.funcs)
-  weights = list(config.loss.grad_weighting.task.init_weights) or None
   partial = config.data.partial.levels
+  mix_cfg = mixing.MixConfig.from_config(config)
+  comps = [n for n, _ in config_lib.enabled_components(config)]
+  gw = config.loss.grad_weighting.task
+  use_gradnorm = gw.type == "gradnorm"
+  use_class_w = config.loss.grad_weighting["class"].train
 
-  def loss_fn(params, buffers, batch, key, meta_valid):
-    k_erase, k_drop = jax.random.split(key)
+  def forward_losses(params, buffers, image, meta, meta_valid, batch, mix, consts, key,
+                     refine=True, train=True, null_keep=None):
+    k_drop, k_null = jax.random.split(key)
+    logits = nnx.merge(graphdef, params, buffers)(image, meta, meta_valid, train=train,
+                                                  key=k_drop, refine=refine)
+    lam_B, partner_B = mix
+    per_task = losses.task_losses(
+        logits, batch["labels"], tasks, funcs, smoothing=config.model.label_smoothing,
+        partial_levels=partial, mask_nulls=config.train.phase1_mask_null_loss,
+        example_mask_B=batch["example_mask"], lam_B=lam_B, partner_B=partner_B,
+        tax_matrices=consts.get("tax"), class_weights=consts.get("class_w") if use_class_w
+        else None, null_keep_prob=null_keep, key=k_null,
+        argmax_targets=config.loss.argmax_targets)
+    return logits, per_task
+
+  def step(state, batch, consts):
+    t = state["step"]
+    key = jax.random.fold_in(state["rng"], t)
+    k_mask, k_mix, k_erase, k_model, k_gn = jax.random.split(key, 5)
+    sched = scheds.values(t)
+    meta_valid, masked_BxC = masking.meta_masks(
+        k_mask, batch["meta_valid"], sched["schedule/meta_mask_prob"],
+        sched["schedule/partial_mask_prob"], scheds.combos_KxC, scheds.combo_weights)
     image = preprocessing.normalize(batch["image"])
+    meta = batch["meta"]
+    mix = (None, None)
+    applied = jnp.zeros((), bool)
+    if mix_cfg.active and scheds.mix.enabled:
+      image, meta, meta_valid, lam_B, partner_B, applied = mixing.mix_batch(
+          k_mix, mix_cfg, sched["schedule/mix_prob"], image, meta, meta_valid, batch["pair_ok"])
+      mix = (lam_B, partner_B)
     er = config.aug.random_erase
     if er.prob > 0:
       image = augment.random_erasing(k_erase, image, er.prob, tuple(er.area_range),
                                      tuple(er.aspect_ratio), er.mode, batch["example_mask"])
-    logits = nnx.merge(graphdef, params, buffers)(image, batch["meta"], meta_valid, train=True,
-                                                  key=k_drop)
-    per_task = losses.task_losses(logits, batch["labels"], tasks, funcs,
-                                  smoothing=config.model.label_smoothing, partial_levels=partial,
-                                  mask_nulls=config.train.phase1_mask_null_loss,
-                                  example_mask_B=batch["example_mask"])
-    return losses.total_loss(per_task, tasks, weights), (per_task, logits)
+    task_w = state["gradnorm"]["weights"]
 
-  def step(state, batch):
-    key = jax.random.fold_in(state["rng"], state["step"])
-    k_mask, k_model = jax.random.split(key)
-    p_mask = mask_schedule.prob(state["step"])
-    meta_valid = masking.full_mask(k_mask, batch["meta_valid"], p_mask)
+    def loss_fn(params):
+      logits, per_task = forward_losses(params, state["buffers"], image, meta, meta_valid,
+                                        batch, mix, consts, k_model,
+                                        null_keep=sched["schedule/null_incl_prob"])
+      return losses.total_loss(per_task, tasks, task_w), (per_task, logits)
     (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["buffers"], batch, k_model, meta_valid)
+        state["params"])
+    gn_state, gn_out = state["gradnorm"], {}
+    if use_gradnorm:
+      # Re-forward without metadata (zero_aux_info) and without refinement; nulls excluded.
+      valid_gn = jnp.zeros_like(meta_valid) if gw.zero_aux_info else meta_valid
+
+      def task_means(params):
+        _, pt = forward_losses(params, state["buffers"], image, meta, valid_gn, batch, mix,
+                               consts, k_gn, refine=False)
+        return jnp.stack([pt[t_][0] for t_ in tasks])
+      gn_state, info = gradnorm.maybe_update(
+          state["gradnorm"], t, task_means, state["params"],
+          gradnorm.shared_mask(state["params"], tuple(gw.exclude)), alpha=gw.alpha,
+          update_interval=gw.update_interval, warmup_steps=gw.warmup_steps)
+      gn_out = {f"gradnorm/{k}/{t_}": info[k][i] for k in ("norm", "target", "ratio", "loss")
+                for i, t_ in enumerate(tasks)}
+      gn_out["gradnorm/updated"] = info["updated"]
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -139,13 +220,19 @@ def make_train_step(graphdef, tx, config, lr_fn, mask_schedule: masking.MetaMask
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {"params": keep(params, state["params"]), "buffers": state["buffers"],
                  "opt_state": keep(opt_state, state["opt_state"]),
-                 "step": state["step"] + 1, "rng": state["rng"],
+                 "gradnorm": keep(gn_state, state["gradnorm"]),
+                 "step": t + 1, "rng": state["rng"],
                  "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1)}
     counts = metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"], tasks)
-    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
-           "schedule/meta_mask_prob": p_mask,
-           "meta_valid_frac": jnp.mean(meta_valid.astype(jnp.float32)),
-           **{f"loss/{t}": per_task[t][0] for t in tasks}, **counts}
+    real_B = batch["example_mask"]
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(t), **sched,
+           **{f"loss/{t_}": per_task[t_][0] for t_ in tasks},
+           **{f"gradnorm/weight/{t_}": gn_state["weights"][i] for i, t_ in enumerate(tasks)},
+           **gn_out, **counts,
+           # Summed between log steps (see `run`):
+           "acc": {"masked": {c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
+                   "real": jnp.sum(real_B), "mixed": applied.astype(jnp.int32),
+                   "steps": jnp.ones((), jnp.int32)}}
     return new_state, out
   return step
 
@@ -187,7 +274,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
                                         sched.checkpoint.interval_epochs, total, spe)
   lr_fn = optim.lr_schedule(config, total, spe)
   tx = optim.build(config, lr_fn)
-  mask_schedule = masking.MetaMaskSchedule.from_config(config, total, spe)
+  scheds = schedules_lib.Schedules.from_config(config, total, spe)
+  consts = loss_constants(config, data)
 
   graphdef, init = create_state(config, mesh, data.taxonomy.parents)
   repl = sharding.replicated(mesh)
@@ -213,8 +301,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
     start = 0
   n_params = count_params(state["params"])
 
-  train_step = jax.jit(make_train_step(graphdef, tx, config, lr_fn, mask_schedule),
-                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+  train_step = jax.jit(make_train_step(graphdef, tx, config, lr_fn, scheds),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,))
   eval_step = jax.jit(evaluate.make_eval_step(graphdef, config))
   writer = metric_writers.MetricWriter(workdir)
@@ -228,7 +316,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
     if ds is None:
       return {}
     t0 = time.time()
-    result = evaluate.run(eval_step, (state["params"], state["buffers"]), ds, mesh, tasks)
+    result = evaluate.run(eval_step, (state["params"], state["buffers"]), ds, mesh, tasks,
+                          consts)
     result["duration_sec"] = time.time() - t0
     writer.write(step, "val", result)
     if pidx == 0:
@@ -242,20 +331,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
                                         "total_steps": total})
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
-  last_val = {}
+  last_val, acc_sum = {}, None
   t_last, s_last = time.time(), start
   log_every = sched.metrics.tensorboard_interval
   try:
     for step in range(start, total):
       batch = sharding.global_batch(next(train_iter), mesh)
-      state, out = train_step(state, batch)
+      state, out = train_step(state, batch, consts)
+      acc = out.pop("acc")
+      acc_sum = acc if acc_sum is None else jax.tree.map(jnp.add, acc_sum, acc)  # no host sync
       done = step + 1
       if _every(log_every, done) or _every(sched.metrics.console_interval, done) or done == total:
-        out = jax.device_get(out)
+        out, acc_sum = jax.device_get(out), jax.device_get(acc_sum)
         acc_counts = {k: float(out[k]) for k in out if k == "n" or "correct" in k}
         train_m = {k: float(v) for k, v in out.items() if k not in acc_counts}
         train_m.update({f"acc1/{t}": 100 * acc_counts[f"correct1/{t}"] / max(acc_counts["n"], 1)
                         for t in tasks})
+        # Measured since the last log: the fraction of samples whose component the schedule
+        # masked, and of batches that were mixed.
+        train_m.update({f"meta_masking/masked_frac/{c}": float(v) / max(int(acc_sum["real"]), 1)
+                        for c, v in acc_sum["masked"].items()})
+        train_m["mix/mixed_batch_frac"] = float(acc_sum["mixed"]) / max(int(acc_sum["steps"]), 1)
+        acc_sum = None
         now = time.time()
         train_m["img_per_sec"] = (done - s_last) * config.data.batch_size / max(now - t_last, 1e-9)
         t_last, s_last = now, done

@@ -4,35 +4,53 @@ import numpy as np
 
 from linnaeus_jax import masking
 
-from conftest import tiny_config
+N = 40_000
 
 
-def test_ramp_closed_form():
-  got = [float(masking.ramp(s, 1.0, 0.2, 10)) for s in (0, 5, 10, 20)]
-  np.testing.assert_allclose(got, [1.0, 0.6, 0.2, 0.2], rtol=1e-6)
-
-
-def test_schedule_resolves_its_end_once(small_dataset):
-  c = tiny_config(small_dataset[0])
-  c.schedule.meta_masking.end_fraction = 0.5
-  s = masking.MetaMaskSchedule.from_config(c, total_steps=200, steps_per_epoch=10)
-  assert s.end_step == 100
-  c.schedule.meta_masking.end_steps = 30  # explicit steps beat the fraction
-  assert masking.MetaMaskSchedule.from_config(c, 200, 10).end_step == 30
-  c.schedule.meta_masking.enabled = False
-  assert float(masking.MetaMaskSchedule.from_config(c, 200, 10).prob(0)) == 0.0
+def _within_4_sigma(freq, p, n=N):
+  assert abs(freq - p) <= 4 * np.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-9, (freq, p)
 
 
 def test_full_mask_frequency_matches_probability():
-  valid = jnp.ones((20000, 3), bool)
+  valid = jnp.ones((N, 3), bool)
   for p in (0.0, 0.3, 1.0):
-    out = jax.jit(masking.full_mask)(jax.random.PRNGKey(0), valid, p)
+    out, masked = jax.jit(masking.meta_masks)(jax.random.PRNGKey(0), valid, p)
     rows_masked = ~out.any(1)
     assert bool(jnp.all(out.all(1) | rows_masked))  # all components of a sample together
-    assert abs(float(rows_masked.mean()) - p) < 0.015
+    np.testing.assert_array_equal(masked, ~out)
+    _within_4_sigma(float(rows_masked.mean()), p)
 
 
-def test_masking_only_clears_flags():
-  valid = jnp.array([[True, False, True]] * 1000)
-  out = masking.full_mask(jax.random.PRNGKey(1), valid, 0.5)
-  assert not bool(jnp.any(out & ~valid))
+def test_partial_masking_draws_whitelist_combinations_by_weight():
+  combos = ((True, False, False), (False, True, True), (True, True, False))
+  weights = (1.0, 0.5, 0.5)
+  p_full, p_part = 0.2, 0.6
+  fn = jax.jit(lambda k, v: masking.meta_masks(k, v, p_full, p_part, combos, weights))
+  _, masked = fn(jax.random.PRNGKey(3), jnp.ones((N, 3), bool))
+  masked = np.asarray(masked)
+  full = masked.all(1)
+  _within_4_sigma(full.mean(), p_full)
+  # Every other sample has exactly one whitelisted combination or nothing.
+  patterns = {tuple(r) for r in masked[~full]}
+  assert patterns <= set(combos) | {(False, False, False)}
+  p_combo = (1 - p_full) * p_part * np.array(weights) / sum(weights)
+  for combo, p in zip(combos, p_combo):
+    _within_4_sigma(np.all(masked == combo, axis=1).mean(), p)
+
+
+def test_masking_is_anded_into_validity():
+  valid = jnp.array([[True, False, True]] * 2000)
+  out, masked = masking.meta_masks(jax.random.PRNGKey(1), valid, 0.5, 0.5,
+                                   ((False, True, False), (True, False, False)), (1.0, 1.0))
+  assert not bool(jnp.any(out & ~valid))  # already missing stays missing
+  np.testing.assert_array_equal(out, valid & ~masked)
+  assert bool(jnp.any(masked[:, 0] & ~masked[:, 2]))  # partial combos really fired
+
+
+def test_same_key_same_masks_other_key_other_masks():
+  valid = jnp.ones((64, 3), bool)
+  a = masking.meta_masks(jax.random.PRNGKey(5), valid, 0.5)[1]
+  b = masking.meta_masks(jax.random.PRNGKey(5), valid, 0.5)[1]
+  c = masking.meta_masks(jax.random.PRNGKey(6), valid, 0.5)[1]
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)

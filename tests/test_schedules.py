@@ -1,0 +1,81 @@
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from linnaeus_jax import config as config_lib, schedules
+
+from conftest import tiny_config
+
+
+def test_ramp_closed_form():
+  got = [float(schedules.ramp(s, 1.0, 0.2, 10)) for s in (0, 5, 10, 20)]
+  np.testing.assert_allclose(got, [1.0, 0.6, 0.2, 0.2], rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p0=st.floats(0, 1), p1=st.floats(0, 1), end=st.integers(1, 10_000),
+       steps=st.lists(st.integers(0, 20_000), min_size=2, max_size=8))
+def test_ramp_is_monotone_and_clamped(p0, p1, end, steps):
+  steps = sorted(steps)
+  vals = np.array([float(schedules.ramp(s, p0, p1, end)) for s in steps])
+  lo, hi = min(p0, p1), max(p0, p1)
+  assert np.all(vals >= lo - 1e-6) and np.all(vals <= hi + 1e-6)
+  diffs = np.diff(vals) * (1 if p1 >= p0 else -1)
+  assert np.all(diffs >= -1e-6)  # monotone from p0 towards p1
+  assert all(abs(v - p1) < 1e-6 for s, v in zip(steps, vals) if s >= end)
+
+
+def _config(small_dataset):
+  c = tiny_config(small_dataset[0])
+  pm = c.schedule.meta_masking.partial
+  pm.enabled = True
+  pm.start_fraction, pm.end_fraction, pm.prob_end_fraction = 0.1, 0.9, 0.5
+  pm.start_prob, pm.end_prob = 0.01, 0.7
+  pm.whitelist = [["TEMPORAL"], ["SPATIAL", "ELEVATION"]]
+  pm.weights = [1.0, 0.5]
+  c.schedule.meta_masking.start_prob, c.schedule.meta_masking.end_prob = 1.0, 0.05
+  c.schedule.meta_masking.end_fraction = 0.3
+  c.schedule.null_masking.enabled = True
+  c.schedule.null_masking.end_steps = 400
+  c.schedule.mix.prob.enabled = True
+  c.schedule.mix.prob.end_fraction = 0.5
+  return c
+
+
+def test_every_schedule_at_chosen_steps(small_dataset):
+  s = schedules.Schedules.from_config(_config(small_dataset), total_steps=1000,
+                                      steps_per_epoch=10)
+  assert (s.meta_mask.end_step, s.partial_start, s.partial_end, s.partial.end_step) == (
+      300, 100, 900, 500)
+  assert s.combos_KxC == ((True, False, False), (False, True, True))  # TEMPORAL, SPATIAL, ELEV.
+  assert s.combo_weights == (1.0, 0.5)
+  v = {k: jax.device_get(f) for k, f in s.values(150).items()}
+  np.testing.assert_allclose(v["schedule/meta_mask_prob"], 1.0 - 0.95 * 150 / 300, rtol=1e-6)
+  # The partial probability ramps from step 0 (not from the window start), and is 0 outside.
+  np.testing.assert_allclose(v["schedule/partial_mask_prob"], 0.01 + 0.69 * 150 / 500, rtol=1e-6)
+  np.testing.assert_allclose(v["schedule/null_incl_prob"], 150 / 400, rtol=1e-6)
+  np.testing.assert_allclose(v["schedule/mix_prob"], 1.0 - 0.8 * 150 / 500, rtol=1e-6)
+  assert float(s.partial_prob(99)) == 0.0 and float(s.partial_prob(900)) == 0.0
+  np.testing.assert_allclose(float(s.partial_prob(899)), 0.7, rtol=1e-6)
+  assert float(s.meta_mask(999)) == pytest.approx(0.05)
+
+
+def test_disabled_schedules_and_precedence(small_dataset):
+  c = tiny_config(small_dataset[0])
+  s = schedules.Schedules.from_config(c, 200, 10)
+  assert float(s.null_keep(5)) == 1.0  # disabled: every null label kept
+  assert float(s.mix(5)) == 0.0 and float(s.partial_prob(5)) == 0.0
+  c.schedule.meta_masking.end_fraction = 0.5
+  assert schedules.Schedules.from_config(c, 200, 10).meta_mask.end_step == 100
+  c.schedule.meta_masking.end_steps = 30  # explicit steps beat the fraction
+  assert schedules.Schedules.from_config(c, 200, 10).meta_mask.end_step == 30
+  c.schedule.meta_masking.enabled = False
+  assert float(schedules.Schedules.from_config(c, 200, 10).meta_mask(0)) == 0.0
+
+
+def test_a_ramp_without_an_end_is_a_config_error(small_dataset):
+  c = tiny_config(small_dataset[0])
+  c.schedule.mix.prob.enabled = True  # 1.0 -> 0.2 with no end
+  with pytest.raises(config_lib.ConfigError, match="schedule.mix.prob ramps 1.0 -> 0.2"):
+    schedules.Schedules.from_config(c, 200, 10)
