@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from linnaeus_jax import models
+from linnaeus_jax import config as config_lib, models
 from linnaeus_jax.models import rope
 
 from conftest import ROOT, tiny_config
@@ -58,9 +58,10 @@ def test_every_size_runs_forward(size):
   for t, n in zip(c.data.task_keys_h5, (7, 5, 3, 2)):
     c.model.classification.heads[t].num_classes = n
   image = jax.random.uniform(jax.random.PRNGKey(0), (2, 64, 64, 3))
-  meta = {"TEMPORAL": jnp.ones((2, 2)), "SPATIAL": jnp.ones((2, 3))}
-  out = jax.jit(lambda i, m, v: models.build(c, nnx.Rngs(0))(i, m, v))(
-      image, meta, jnp.array([[True, True], [False, True]]))
+  comps = config_lib.enabled_components(c)
+  meta = {n: jnp.ones((2, comp.dim)) for n, comp in comps}
+  valid = jnp.ones((2, len(comps)), bool).at[1, 0].set(False)
+  out = jax.jit(lambda i, m, v: models.build(c, nnx.Rngs(0))(i, m, v))(image, meta, valid)
   assert {t: v.shape for t, v in out.items()} == {"taxa_L10": (2, 7), "taxa_L20": (2, 5),
                                                    "taxa_L30": (2, 3), "taxa_L40": (2, 2)}
   assert all(np.isfinite(v).all() for v in out.values())

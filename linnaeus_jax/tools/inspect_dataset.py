@@ -16,10 +16,6 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the JSON assets (optional).")
-flags.mark_flags_as_required(["config"])
 
 
 def summary(data, partial: bool) -> dict:
@@ -55,4 +51,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that the tools can be imported side by side.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                            lock_config=False)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the JSON assets (optional).")
+  flags.mark_flags_as_required(["config"])
   app.run(main)

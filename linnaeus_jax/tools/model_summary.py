@@ -16,9 +16,6 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                          lock_config=False)
-flags.mark_flags_as_required(["config"])
 
 
 def count(tree) -> int:
@@ -86,4 +83,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that the tools can be imported side by side.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                            lock_config=False)
+  flags.mark_flags_as_required(["config"])
   app.run(main)
