@@ -11,15 +11,36 @@ from linnaeus_jax import train
 from conftest import ROOT, tiny_config
 
 
-def _losses(workdir):
-  """step -> train loss; later lines (a resumed run) override earlier ones."""
+def _train_records(workdir):
+  """step -> train record; later lines (a resumed run) override earlier ones."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       rec = json.loads(line)
       if rec["phase"] == "train":
-        out[rec["step"]] = rec["loss"]
+        out[rec["step"]] = rec
   return out
+
+
+def _losses(workdir):
+  return {s: r["loss"] for s, r in _train_records(workdir).items()}
+
+
+def _all_dynamics(c):
+  """Every training-time random behaviour on: partial masking, null scheduling, mixing,
+  taxonomy smoothing, class weights and GradNorm."""
+  pm = c.schedule.meta_masking.partial
+  pm.enabled, pm.end_fraction = True, 1.0
+  pm.whitelist, pm.weights = [["TEMPORAL"], ["SPATIAL", "ELEVATION"]], [2.0, 1.0]
+  c.schedule.null_masking.enabled, c.schedule.null_masking.end_fraction = True, 0.5
+  mix = c.schedule.mix
+  mix.prob.enabled, mix.prob.end_fraction, mix.cutmix.enabled = True, 1.0, True
+  c.loss.task_specific.train.funcs = ["TaxonomyAwareLabelSmoothing", "LabelSmoothingCrossEntropy",
+                                      "CrossEntropyLoss", "SoftTargetCrossEntropy"]
+  c.loss.grad_weighting["class"].method = "smoothing"
+  c.loss.grad_weighting.task.type = "gradnorm"
+  c.loss.grad_weighting.task.update_interval = 4
+  return c
 
 
 def test_end_to_end_learns(small_dataset, tmp_path):
@@ -40,10 +61,18 @@ def test_end_to_end_learns(small_dataset, tmp_path):
   assert os.listdir(tmp_path / "tensorboard")
   phases = {json.loads(l)["phase"] for l in open(tmp_path / "metrics.jsonl")}
   assert phases == {"train", "val"}
+  # The measured masked fraction follows the logged schedule (16 samples a step, 80 steps).
+  recs = _train_records(tmp_path)
+  p = np.array([recs[s]["schedule/meta_mask_prob"] for s in range(1, 81)])
+  assert p[0] == 0.5 and p[-1] == 0.0  # 0.5 -> 0 by half of the 80 steps
+  for comp in ("TEMPORAL", "SPATIAL", "ELEVATION"):
+    frac = np.array([recs[s][f"meta_masking/masked_frac/{comp}"] for s in range(1, 81)])
+    assert abs(frac.mean() - p.mean()) < 4 * np.sqrt(np.sum(p * (1 - p)) * 16) / (80 * 16)
+    assert frac[40:].max() == 0.0  # nothing masked once the schedule reaches 0
 
 
 def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
-  c = tiny_config(small_dataset[0], steps=20)
+  c = _all_dynamics(tiny_config(small_dataset[0], steps=20))
   train.run(c, str(tmp_path / "straight"))
   train.run(c, str(tmp_path / "resumed"), stop_at=15)  # interrupted after step 15
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10"]
@@ -52,6 +81,13 @@ def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 21))
   np.testing.assert_allclose([b[s] for s in range(11, 21)], [a[s] for s in range(11, 21)],
                              rtol=1e-6)
+  # GradNorm's state (weights, initial losses) came back from the checkpoint.
+  ra, rb = _train_records(tmp_path / "straight"), _train_records(tmp_path / "resumed")
+  assert ra[20]["gradnorm/weight/taxa_L10"] != 1.0
+  for t in ("taxa_L10", "taxa_L40"):
+    assert rb[20][f"gradnorm/weight/{t}"] == pytest.approx(ra[20][f"gradnorm/weight/{t}"],
+                                                           rel=1e-6)
+  assert any(ra[s]["mix/mixed_batch_frac"] > 0 for s in ra)
   # A finished run resumes at its end: no step is trained again.
   n_lines = sum(1 for _ in open(tmp_path / "resumed" / "metrics.jsonl"))
   train.run(c, str(tmp_path / "resumed"))
