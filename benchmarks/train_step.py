@@ -1,12 +1,14 @@
 """Train-step throughput and MFU on random inputs (no input pipeline).
 
     python benchmarks/train_step.py --config=configs/sm.py [--config=configs/demo.py ...]
-        [--batch_size=B] [--img_size=S] [--dtype=bfloat16] [--steps=10] [--peak_tflops=P]
+        [--batch_size=B] [--img_size=S] [--dtype=bfloat16] [--steps=10] [--repeats=3]
+        [--peak_tflops=P]
         [--scan_blocks=true|false] [--remat=none|full|dots] [--attention_impl=xla|cudnn]
-        [--depthwise_impl=shift|conv] [--masking=on|off]
+        [--depthwise_impl=shift|conv] [--masking=on|off|off,on,...]
 
-One row per config: parameters, compile seconds, step milliseconds, images/s, achieved TFLOP/s
-and MFU. Training FLOPs per image are 3x the forward FLOPs that XLA's cost analysis counts on the
+One row per config: parameters, compile seconds, step milliseconds (the fastest of `repeats`
+rounds of `steps` steps), images/s, achieved TFLOP/s and MFU. `--masking=on|off` switches the
+metadata masking and selective mixing of the step on or off, to measure their cost. Training FLOPs per image are 3x the forward FLOPs that XLA's cost analysis counts on the
 unrolled model (`tools/model_summary.py`): the usual forward + 2x backward estimate. MFU is
 against `--peak_tflops`, else the device's dense bf16 peak from PEAK_TFLOPS (none for CPUs).
 """
@@ -14,6 +16,7 @@ against `--peak_tflops`, else the device's dense bf16 peak from PEAK_TFLOPS (non
 from __future__ import annotations
 
 import argparse
+import itertools
 import importlib.util
 import os
 import sys
@@ -71,7 +74,7 @@ def set_masking(c, on: bool):
   c.loss.grad_weighting.task.type = "static"
 
 
-def bench(c, steps):
+def bench(c, steps, repeats=1):
   for t, n in zip(c.data.task_keys_h5, CLASSES):
     c.model.classification.heads[t].num_classes = n
   batch, img = c.data.batch_size, c.data.img_size
@@ -99,11 +102,14 @@ def bench(c, steps):
   compile_s = time.time() - t0
   state, out = compiled(state, gbatch, {})
   jax.block_until_ready(out["loss"])
-  t0 = time.time()
-  for _ in range(steps):
-    state, out = compiled(state, gbatch, {})
-  jax.block_until_ready(out["loss"])
-  dt = (time.time() - t0) / steps
+  rounds = []  # the fastest of `repeats` rounds: robust to other load on the machine
+  for _ in range(repeats):
+    t0 = time.time()
+    for _ in range(steps):
+      state, out = compiled(state, gbatch, {})
+    jax.block_until_ready(out["loss"])
+    rounds.append((time.time() - t0) / steps)
+  dt = min(rounds)
   tflops = 3 * forward["gflops_forward"] * batch / dt / 1e3
   return dict(img=img, batch=batch, dtype=c.model.dtype, scan=c.model.scan_blocks,
               remat=c.model.remat, dw=c.model.depthwise_impl, params=forward["params_total"],
@@ -117,9 +123,11 @@ def main():
   p.add_argument("--batch_size", type=int, default=0, help="0: the config's own")
   for key, help_ in OVERRIDES.items():
     p.add_argument(f"--{key.split('.')[-1]}", default="", help=f"{key} override ({help_})")
-  p.add_argument("--masking", default="on", choices=("on", "off"),
-                 help="metadata masking and selective mixing in the step")
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--masking", default="on",
+                 help="on | off | a list such as off,on,off,on (one row each, in one process: "
+                      "compare rows of one run, processes differ by up to 10%% here)")
+  p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds; the fastest is reported")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="peak for MFU; 0: known table")
   a = p.parse_args()
   peak = peak_tflops(a.peak_tflops)
@@ -130,7 +138,8 @@ def main():
             "step_ms", "img_s", "tflop_s", "mfu")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
-  for path in a.config or ["configs/demo.py"]:
+  for path, masking in itertools.product(a.config or ["configs/demo.py"],
+                                         a.masking.split(",")):
     c = load(path)
     if a.img_size:
       c.data.img_size = a.img_size
@@ -142,9 +151,9 @@ def main():
         if key == "model.scan_blocks":
           value = value.lower() in ("1", "true", "yes")
         c.model[key.split(".")[-1]] = value
-    set_masking(c, a.masking == "on")
-    r = bench(c, a.steps)
-    r["masking"] = a.masking
+    set_masking(c, masking == "on")
+    r = bench(c, a.steps, a.repeats)
+    r["masking"] = masking
     r["config"] = os.path.basename(path).removesuffix(".py")
     r["mfu"] = f"{100 * r['tflop_s'] / peak:.1f}%" if peak else "n/a"
     r["tflop_s"] = f"{r['tflop_s']:.3g}"
