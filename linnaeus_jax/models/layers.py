@@ -38,8 +38,8 @@ def conv(din: int, dout: int, kernel: int, stride: int, rngs: nnx.Rngs, dtype=jn
 def depthwise_shift(x_BxHxWxC, kernel_KxKx1xC):
   """'SAME' depthwise convolution as a sum of K*K shifted, scaled copies of the input.
 
-  XLA fuses it into one elementwise loop; on CPU it is 2.6x faster than a grouped convolution
-  and, unlike it, does not slow down 14x inside a scanned stage (benchmarks/RESULTS.md).
+  XLA fuses it into one elementwise loop; XLA's CPU grouped convolution inside a scanned stage
+  made the sm train step 29x slower (benchmarks/RESULTS.md).
   """
   k = kernel_KxKx1xC.shape[0]
   h, w = x_BxHxWxC.shape[1:3]
