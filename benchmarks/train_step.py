@@ -63,7 +63,7 @@ def set_masking(c, on: bool):
   names = [n for n, _ in config_lib.enabled_components(c)]
   mm, mix = c.schedule.meta_masking, c.schedule.mix
   mm.enabled, mm.start_prob, mm.end_prob = on, 0.5, 0.5
-  mm.partial.enabled, mm.partial.whitelist = on, [[n] for n in names]
+  mm.partial.enabled, mm.partial.whitelist, mm.partial.weights = on, [[n] for n in names], []
   mm.partial.start_prob = mm.partial.end_prob = 0.5
   mm.partial.end_fraction = 1.0
   mix.prob.enabled, mix.prob.start_prob, mix.prob.end_prob = on, 0.5, 0.5

@@ -81,7 +81,7 @@ def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
 
 def create_state(config, mesh, parents=None):
   """(graphdef, init(tx)); state = {params, buffers, opt_state, gradnorm, step, rng,
-  nonfinite_streak}.
+  nonfinite_streak, nonfinite_skips}.
 
   `buffers` are the model's untrained constants (taxonomy matrices of hierarchical heads, from
   `parents`); the optimizer sees `params` only.
@@ -99,7 +99,8 @@ def create_state(config, mesh, parents=None):
                                             list(config.loss.grad_weighting.task.init_weights)
                                             or None),
             "rng": jax.random.PRNGKey(config.misc.seed),
-            "nonfinite_streak": jnp.zeros((), jnp.int32)}
+            "nonfinite_streak": jnp.zeros((), jnp.int32),
+            "nonfinite_skips": jnp.zeros((), jnp.int32)}
   return graphdef, init
 
 
@@ -136,13 +137,24 @@ def loss_constants(config, data: labels_lib.Dataset) -> dict:
   return out
 
 
+def split_micro(x, k: int):
+  """(B, ...) -> (k, B/k, ...) keeping each partner pair (2i, 2i+1) in one micro-batch and every
+  micro-batch spread over all devices (rows are taken pair-strided, not in contiguous blocks)."""
+  b = x.shape[0]
+  x = x.reshape((b // (2 * k), k, 2) + x.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape((k, b // k) + x.shape[3:])
+
+
 def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules):
   """step(state, batch, consts) -> (state, out); `consts` from `loss_constants`.
 
-  In order: schedule values at the step; metadata masks ANDed into the batch's validity;
-  selective mixing of partners; forward, per-task losses with mixed targets, null inclusion and
-  class weights; task weights (GradNorm's from the state, updated every `update_interval`
-  steps); the optimizer update, skipped when the loss or gradients are not finite.
+  One step is one optimizer update over `train.accumulation_steps` micro-batches of the batch
+  (gradients and losses averaged over them, as the original). Per micro-batch, in order:
+  schedule values at the step; metadata masks ANDed into the batch's validity; selective mixing
+  of partners; forward, per-task losses with mixed targets, null inclusion and class weights,
+  weighted by the task weights (GradNorm's, from the state). Then GradNorm's update every
+  `update_interval` steps (on the first micro-batch) and the optimizer update, skipped on every
+  device when the loss or gradients are not finite.
   """
   tasks = list(config.data.task_keys_h5)
   funcs = list(config.loss.task_specific.train.funcs)
@@ -152,13 +164,31 @@ def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules
   gw = config.loss.grad_weighting.task
   use_gradnorm = gw.type == "gradnorm"
   use_class_w = config.loss.grad_weighting["class"].train
+  accum = config.train.accumulation_steps
 
-  def forward_losses(params, buffers, image, meta, meta_valid, batch, mix, consts, key,
-                     refine=True, train=True, null_keep=None):
+  def prepare(batch, key, sched):
+    """Masked validity, mixed images/metadata and the mixing of targets for one micro-batch."""
+    k_mask, k_mix, k_erase = jax.random.split(key, 3)
+    meta_valid, masked_BxC = masking.meta_masks(
+        k_mask, batch["meta_valid"], sched["schedule/meta_mask_prob"],
+        sched["schedule/partial_mask_prob"], scheds.combos_KxC, scheds.combo_weights)
+    image, meta = preprocessing.normalize(batch["image"]), batch["meta"]
+    mix, applied = (None, None), jnp.zeros((), bool)
+    if mix_cfg.active and scheds.mix.enabled:
+      image, meta, meta_valid, lam_B, partner_B, applied = mixing.mix_batch(
+          k_mix, mix_cfg, sched["schedule/mix_prob"], image, meta, meta_valid, batch["pair_ok"])
+      mix = (lam_B, partner_B)
+    er = config.aug.random_erase
+    if er.prob > 0:
+      image = augment.random_erasing(k_erase, image, er.prob, tuple(er.area_range),
+                                     tuple(er.aspect_ratio), er.mode, batch["example_mask"])
+    return image, meta, meta_valid, mix, masked_BxC, applied
+
+  def forward_losses(params, buffers, inputs, batch, consts, key, refine=True, null_keep=None):
+    image, meta, meta_valid, (lam_B, partner_B) = inputs
     k_drop, k_null = jax.random.split(key)
-    logits = nnx.merge(graphdef, params, buffers)(image, meta, meta_valid, train=train,
+    logits = nnx.merge(graphdef, params, buffers)(image, meta, meta_valid, train=True,
                                                   key=k_drop, refine=refine)
-    lam_B, partner_B = mix
     per_task = losses.task_losses(
         logits, batch["labels"], tasks, funcs, smoothing=config.model.label_smoothing,
         partial_levels=partial, mask_nulls=config.train.phase1_mask_null_loss,
@@ -168,51 +198,68 @@ def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules
         argmax_targets=config.loss.argmax_targets)
     return logits, per_task
 
+  def micro_step(state, batch, consts, key, sched):
+    """(loss, grads, logged sums) of one micro-batch."""
+    k_prep, k_model = jax.random.split(key)
+    image, meta, meta_valid, mix, masked_BxC, applied = prepare(batch, k_prep, sched)
+
+    def loss_fn(params):
+      logits, per_task = forward_losses(params, state["buffers"], (image, meta, meta_valid, mix),
+                                        batch, consts, k_model,
+                                        null_keep=sched["schedule/null_incl_prob"])
+      return losses.total_loss(per_task, tasks, state["gradnorm"]["weights"]), (per_task, logits)
+    (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    real_B = batch["example_mask"]
+    logged = {**metrics.batch_counts(logits, batch["labels"], per_task, real_B, tasks),
+              **{f"loss/{t}": per_task[t][0] for t in tasks},
+              "masked": {c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
+              "real": jnp.sum(real_B), "mixed": applied.astype(jnp.int32)}
+    return loss, grads, logged
+
+  def gradnorm_update(state, batch, consts, key, sched):
+    """The closed-form update from a re-forward of the micro-batch, without metadata
+    (`zero_aux_info`) and without hierarchical refinement; nulls excluded."""
+    k_prep, _ = jax.random.split(key)
+    image, meta, meta_valid, mix, _, _ = prepare(batch, k_prep, sched)
+    if gw.zero_aux_info:
+      meta_valid = jnp.zeros_like(meta_valid)
+
+    def task_means(params):
+      _, pt = forward_losses(params, state["buffers"], (image, meta, meta_valid, mix), batch,
+                             consts, key, refine=False)
+      return jnp.stack([pt[t][0] for t in tasks])
+    gn_state, info = gradnorm.maybe_update(
+        state["gradnorm"], state["step"], task_means, state["params"],
+        gradnorm.shared_mask(state["params"], tuple(gw.exclude)), alpha=gw.alpha,
+        update_interval=gw.update_interval, warmup_steps=gw.warmup_steps)
+    out = {f"gradnorm/{k}/{t}": info[k][i] for k in ("norm", "target", "ratio", "loss")
+           for i, t in enumerate(tasks)}
+    return gn_state, {**out, "gradnorm/updated": info["updated"]}
+
   def step(state, batch, consts):
     t = state["step"]
     key = jax.random.fold_in(state["rng"], t)
-    k_mask, k_mix, k_erase, k_model, k_gn = jax.random.split(key, 5)
     sched = scheds.values(t)
-    meta_valid, masked_BxC = masking.meta_masks(
-        k_mask, batch["meta_valid"], sched["schedule/meta_mask_prob"],
-        sched["schedule/partial_mask_prob"], scheds.combos_KxC, scheds.combo_weights)
-    image = preprocessing.normalize(batch["image"])
-    meta = batch["meta"]
-    mix = (None, None)
-    applied = jnp.zeros((), bool)
-    if mix_cfg.active and scheds.mix.enabled:
-      image, meta, meta_valid, lam_B, partner_B, applied = mixing.mix_batch(
-          k_mix, mix_cfg, sched["schedule/mix_prob"], image, meta, meta_valid, batch["pair_ok"])
-      mix = (lam_B, partner_B)
-    er = config.aug.random_erase
-    if er.prob > 0:
-      image = augment.random_erasing(k_erase, image, er.prob, tuple(er.area_range),
-                                     tuple(er.aspect_ratio), er.mode, batch["example_mask"])
-    task_w = state["gradnorm"]["weights"]
+    if accum == 1:
+      loss, grads, logged = micro_step(state, batch, consts, key, sched)
+      first = batch
+    else:
+      micro = jax.tree.map(lambda x: split_micro(x, accum), batch)
 
-    def loss_fn(params):
-      logits, per_task = forward_losses(params, state["buffers"], image, meta, meta_valid,
-                                        batch, mix, consts, k_model,
-                                        null_keep=sched["schedule/null_incl_prob"])
-      return losses.total_loss(per_task, tasks, task_w), (per_task, logits)
-    (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
+      def body(carry, xs):
+        mb, j = xs
+        loss, grads, logged = micro_step(state, mb, consts, jax.random.fold_in(key, j), sched)
+        return jax.tree.map(jnp.add, carry, (loss, grads, logged)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: micro_step(state, jax.tree.map(lambda x: x[0], micro), consts, key, sched)))
+      (loss, grads, logged), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      logged.update({f"loss/{t_}": logged[f"loss/{t_}"] / accum for t_ in tasks})
+      first, key = jax.tree.map(lambda x: x[0], micro), jax.random.fold_in(key, 0)
     gn_state, gn_out = state["gradnorm"], {}
     if use_gradnorm:
-      # Re-forward without metadata (zero_aux_info) and without refinement; nulls excluded.
-      valid_gn = jnp.zeros_like(meta_valid) if gw.zero_aux_info else meta_valid
-
-      def task_means(params):
-        _, pt = forward_losses(params, state["buffers"], image, meta, valid_gn, batch, mix,
-                               consts, k_gn, refine=False)
-        return jnp.stack([pt[t_][0] for t_ in tasks])
-      gn_state, info = gradnorm.maybe_update(
-          state["gradnorm"], t, task_means, state["params"],
-          gradnorm.shared_mask(state["params"], tuple(gw.exclude)), alpha=gw.alpha,
-          update_interval=gw.update_interval, warmup_steps=gw.warmup_steps)
-      gn_out = {f"gradnorm/{k}/{t_}": info[k][i] for k in ("norm", "target", "ratio", "loss")
-                for i, t_ in enumerate(tasks)}
-      gn_out["gradnorm/updated"] = info["updated"]
+      gn_state, gn_out = gradnorm_update(state, first, consts, key, sched)
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -222,17 +269,14 @@ def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "gradnorm": keep(gn_state, state["gradnorm"]),
                  "step": t + 1, "rng": state["rng"],
-                 "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1)}
-    counts = metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"], tasks)
-    real_B = batch["example_mask"]
-    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(t), **sched,
-           **{f"loss/{t_}": per_task[t_][0] for t_ in tasks},
+                 "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
+                 "nonfinite_skips": state["nonfinite_skips"] + (~finite).astype(jnp.int32)}
+    acc = {k: logged.pop(k) for k in ("masked", "real", "mixed")}
+    acc["steps"] = jnp.asarray(accum, jnp.int32)  # micro-batches, for the mixed fraction
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(t), **sched, **logged,
            **{f"gradnorm/weight/{t_}": gn_state["weights"][i] for i, t_ in enumerate(tasks)},
-           **gn_out, **counts,
-           # Summed between log steps (see `run`):
-           "acc": {"masked": {c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
-                   "real": jnp.sum(real_B), "mixed": applied.astype(jnp.int32),
-                   "steps": jnp.ones((), jnp.int32)}}
+           **gn_out, "nonfinite_skips": new_state["nonfinite_skips"],
+           "acc": acc}  # summed between log steps (see `run`)
     return new_state, out
   return step
 

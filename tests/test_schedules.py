@@ -79,3 +79,18 @@ def test_a_ramp_without_an_end_is_a_config_error(small_dataset):
   c.schedule.mix.prob.enabled = True  # 1.0 -> 0.2 with no end
   with pytest.raises(config_lib.ConfigError, match="schedule.mix.prob ramps 1.0 -> 0.2"):
     schedules.Schedules.from_config(c, 200, 10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(start=st.integers(0, 500), length=st.integers(1, 500), step=st.integers(0, 1200))
+def test_partial_masking_only_inside_its_window(start, length, step):
+  s = schedules.Schedules(
+      meta_mask=schedules.Ramp(False, 0, 0, 1), partial=schedules.Ramp(True, 0.2, 0.6, 300),
+      partial_start=start, partial_end=start + length, combos_KxC=((True,),),
+      combo_weights=(1.0,), null_keep=schedules.Ramp(False, 0, 0, 1, 1.0),
+      mix=schedules.Ramp(False, 0, 0, 1))
+  p = float(s.partial_prob(step))
+  if start <= step < start + length:
+    assert p == pytest.approx(0.2 + 0.4 * min(step / 300, 1.0), rel=1e-6)
+  else:
+    assert p == 0.0

@@ -122,3 +122,54 @@ def test_cli_reports_bad_config_clearly(tmp_path):
   assert "multiple of 32" in r.stderr and "rope_mode 'spin'" in r.stderr
   r = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.train.stepz=5")
   assert r.returncode != 0 and "stepz" in r.stderr
+
+
+def _step_setup(small_dataset, **train_kw):
+  """A tiny config's state, a jitted train step and a real 16-sample batch."""
+  import jax
+  from linnaeus_jax import optim, schedules, sharding
+  from linnaeus_jax.data import pipeline
+  c = tiny_config(small_dataset[0], **train_kw)
+  c.model.drop_path_rate = 0.0
+  c.schedule.meta_masking.enabled = False
+  c, data = train.resolve(c)
+  mesh = sharding.make_mesh(c)
+  tx, lrs = optim.build(c, 100, 10)
+  graphdef, init = train.create_state(c, mesh, data.taxonomy.parents)
+  state = jax.jit(lambda: init(tx))()
+  step = jax.jit(train.make_train_step(graphdef, tx, c, lrs["default"],
+                                       schedules.Schedules.from_config(c, 100, 10)))
+  batch = next(iter(pipeline.train_dataset(data, c, 100, 0, 1)))
+  return c, state, step, batch, train.loss_constants(c, data)
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(small_dataset):
+  import jax
+  _, state, step1, batch, consts = _step_setup(small_dataset)
+  _, _, step2, _, _ = _step_setup(small_dataset, accumulation_steps=2)
+  # Without padding or excluded samples every micro-batch has the same weight: mean of the
+  # micro-batch means = the mean over the batch.
+  assert np.asarray(batch["example_mask"]).all()
+  a_state, a = step1(jax.tree.map(np.asarray, state), batch, consts)
+  b_state, b = step2(jax.tree.map(np.asarray, state), batch, consts)
+  np.testing.assert_allclose(float(b["loss"]), float(a["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(b["grad_norm"]), float(a["grad_norm"]), rtol=1e-4)
+  assert float(b["n"]) == float(a["n"]) == 16
+  for x, y in zip(jax.tree.leaves(b_state["params"]), jax.tree.leaves(a_state["params"])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_a_nan_batch_skips_the_update_and_is_counted(small_dataset):
+  import jax
+  _, state, step, batch, consts = _step_setup(small_dataset)
+  bad = dict(batch, meta={k: np.full_like(np.asarray(v), np.nan) for k, v in batch["meta"].items()})
+  before = jax.tree.map(np.asarray, state)
+  after, out = step(jax.tree.map(np.asarray, state), bad, consts)
+  assert not np.isfinite(float(out["loss"]))
+  for x, y in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"])):
+    np.testing.assert_array_equal(x, y)
+  assert int(after["nonfinite_streak"]) == 1 and int(out["nonfinite_skips"]) == 1
+  assert int(after["step"]) == 1  # the step still advances (the LR schedule with it)
+  after, out = step(after, batch, consts)
+  assert np.isfinite(float(out["loss"])) and int(after["nonfinite_streak"]) == 0
+  assert int(after["nonfinite_skips"]) == 1
