@@ -19,15 +19,16 @@ TASK_KEYS = ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")
 HEAD_TYPES = ("Linear", "HierarchicalSoftmax", "ConditionalClassifier")
 ROUTINGS = ("soft", "hard", "gumbel")
 REMAT = ("none", "full", "dots")
-LR_SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw",)
+LR_SCHEDULES = ("cosine", "linear", "step", "wsd", "constant")
+OPTIMIZERS = ("adamw", "sgd", "muon", "ademamix")
 LOSSES = ("CrossEntropyLoss", "LabelSmoothingCrossEntropy", "SoftTargetCrossEntropy",
           "TaxonomyAwareLabelSmoothing")
 CLASS_WEIGHTS = ("none", "smoothing", "capping", "exponential", "logarithmic")
 TASK_WEIGHTING = ("static", "gradnorm")
 # Subtrees whose keys are data (task keys, component names): any key may appear there, but each
 # entry must have the shape of the template.
-OPEN_SUBTREES = {"model.classification.heads": "head", "data.meta.components": "component"}
+OPEN_SUBTREES = {"model.classification.heads": "head", "data.meta.components": "component",
+                 "optimizer.parameter_groups.groups": "param_group"}
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,23 @@ def head_template():
 
 def component_template():
   return ml_collections.ConfigDict(_component(False, "", 1, 0))
+
+
+def param_group_template(**values):
+  """A parameter group entry (docs/optimization.md) with every key, so that each one can be
+  overridden on the command line. filter / decay: filter strings (linnaeus_jax/optim.py);
+  optimizer '' and weight_decay < 0 inherit optimizer.name / optimizer.weight_decay."""
+  group = ml_collections.ConfigDict(dict(filter="", optimizer="", weight_decay=-1.0,
+                                         lr_multiplier=1.0, decay="decayable"))
+  for key, value in values.items():
+    if key not in group:
+      raise ConfigError(f"unknown parameter group key {key!r} (keys: {list(group.keys())})")
+    group[key] = value
+  return group
+
+
+TEMPLATES = {"head": head_template, "component": component_template,
+             "param_group": param_group_template}
 
 
 # mFormerV1 sizes (reference/model.md §2); only the first two ConvNeXt depths are used.
@@ -133,10 +151,34 @@ def base_config() -> ml_collections.ConfigDict:
       auto_resume=True,
       phase1_mask_null_loss=False,
       nonfinite_patience=5,  # ours: stop after this many non-finite (skipped) steps in a row
+      accumulation_steps=1,  # micro-batches of data.batch_size / k per optimizer update
   )
-  c.optimizer = dict(name="adamw", eps=1e-8, betas=[0.9, 0.999], weight_decay=0.05)
-  c.lr_scheduler = dict(name="cosine", base_lr=1e-4, warmup_lr=5e-7, min_lr=1e-5,
-                        warmup_epochs=5.0, warmup_fraction=-1.0, warmup_steps=0)
+  # docs/optimization.md. name: the optimizer of every group that names none.
+  c.optimizer = dict(
+      name="adamw", eps=1e-8, weight_decay=0.05,
+      betas=[0.9, 0.999, 0.9999],  # adamw: betas[:2]; ademamix: all three
+      momentum=0.9,  # sgd (always nesterov)
+      alpha=5.0, t_alpha_beta3=0,  # ademamix; t_alpha_beta3 > 0: alpha / beta3 warmup (steps)
+      # muon: Muon on 2-D and conv (4-D) parameters per block, AdamW on the rest of its group
+      # and on those matching adamw_filter (the original's single-optimizer exclusions).
+      muon=dict(momentum=0.95, nesterov=True, ns_steps=5,
+                adamw_filter="startswith:head/ or contains:token or contains:embed"),
+      # First matching filter (in `order`) wins; the rest goes to `default`. Groups live in
+      # `groups.<name>` (param_group_template()); '' / negative values inherit optimizer.*.
+      parameter_groups=dict(enabled=False, order=(), groups={},
+                            default=dict(optimizer="", weight_decay=-1.0, lr_multiplier=1.0,
+                                         decay="decayable")),
+  )
+  c.lr_scheduler = dict(
+      name="cosine",  # cosine | linear | step | wsd | constant, measured from the warmup end
+      base_lr=1e-4, warmup_lr=5e-7, min_lr=1e-5,
+      warmup_epochs=5.0, warmup_fraction=-1.0, warmup_steps=0,  # steps > fraction > epochs
+      decay_steps=5000, decay_rate=0.1,  # step: x decay_rate every decay_steps
+      stable_duration_fraction=0.8, decay_duration_fraction=0.1,  # wsd, of the post-warmup steps
+      decay_type="cosine",  # wsd's decay: cosine | linear
+      # LR, warmup_lr and min_lr x data.batch_size / reference_bs (the original always scaled,
+      # but only its first step took effect).
+      scale_by_batch=False, reference_bs=512)
   c.loss = dict(
       task_specific=dict(train=dict(funcs=["CrossEntropyLoss"] * 4),
                          val=dict(funcs=["CrossEntropyLoss"] * 4)),
@@ -210,7 +252,7 @@ def _unknown_keys(node, ref, path, problems):
   for key in node.keys():
     full = f"{path}.{key}" if path else key
     if full in OPEN_SUBTREES:
-      template = head_template() if OPEN_SUBTREES[full] == "head" else component_template()
+      template = TEMPLATES[OPEN_SUBTREES[full]]()
       for name, entry in node[key].items():
         if not isinstance(entry, ml_collections.ConfigDict):
           problems.append(f"{full}.{name} must be a dict like {template.to_dict()}")
@@ -383,17 +425,17 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
 
   if t.nonfinite_patience < 1:
     problems.append("train.nonfinite_patience must be >= 1")
+  k = t.accumulation_steps
+  if k < 1:
+    problems.append(f"train.accumulation_steps must be >= 1, got {k}")
+  elif k > 1 and (d.batch_size % (2 * k) or (d.batch_size // k) % num_devices):
+    problems.append(f"data.batch_size {d.batch_size} must split into train.accumulation_steps "
+                    f"({k}) micro-batches of whole pairs, each a multiple of the {num_devices} "
+                    f"devices")
   if t.steps <= 0 and t.epochs <= 0:
     problems.append("set train.steps or train.epochs to a positive number")
-  if config.optimizer.name not in OPTIMIZERS:
-    problems.append(f"optimizer.name {config.optimizer.name!r} not in {OPTIMIZERS}")
-  lr = config.lr_scheduler
-  if lr.name not in LR_SCHEDULES:
-    problems.append(f"lr_scheduler.name {lr.name!r} not in {LR_SCHEDULES}")
-  if lr.base_lr <= 0:
-    problems.append(f"lr_scheduler.base_lr must be positive, got {lr.base_lr}")
-  if lr.min_lr > lr.base_lr:
-    problems.append(f"lr_scheduler.min_lr {lr.min_lr} exceeds base_lr {lr.base_lr}")
+  from linnaeus_jax import optim  # pylint: disable=g-import-not-at-top
+  problems += optim.config_problems(config)  # optimizer.*, lr_scheduler.*, parameter groups
   mm = config.schedule.meta_masking
   if mm.enabled:
     if mm.end_steps <= 0 and mm.end_fraction < 0 and mm.start_prob != mm.end_prob:

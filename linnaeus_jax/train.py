@@ -145,8 +145,9 @@ def split_micro(x, k: int):
   return jnp.swapaxes(x, 0, 1).reshape((k, b // k) + x.shape[3:])
 
 
-def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules):
-  """step(state, batch, consts) -> (state, out); `consts` from `loss_constants`.
+def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Schedules):
+  """step(state, batch, consts) -> (state, out); `consts` from `loss_constants`, `lrs` the LR
+  schedule of each parameter group (`optim.build`), logged as `lr/<group>` (`lr`: the default).
 
   One step is one optimizer update over `train.accumulation_steps` micro-batches of the batch
   (gradients and losses averaged over them, as the original). Per micro-batch, in order:
@@ -273,7 +274,8 @@ def make_train_step(graphdef, tx, config, lr_fn, scheds: schedules_lib.Schedules
                  "nonfinite_skips": state["nonfinite_skips"] + (~finite).astype(jnp.int32)}
     acc = {k: logged.pop(k) for k in ("masked", "real", "mixed")}
     acc["steps"] = jnp.asarray(accum, jnp.int32)  # micro-batches, for the mixed fraction
-    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(t), **sched, **logged,
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": lrs["default"](t),
+           **{f"lr/{g}": fn(t) for g, fn in lrs.items()}, **sched, **logged,
            **{f"gradnorm/weight/{t_}": gn_state["weights"][i] for i, t_ in enumerate(tasks)},
            **gn_out, "nonfinite_skips": new_state["nonfinite_skips"],
            "acc": acc}  # summed between log steps (see `run`)
@@ -316,8 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   ckpt_every = config_lib.resolve_steps(sched.checkpoint.interval_steps,
                                         sched.checkpoint.interval_fraction,
                                         sched.checkpoint.interval_epochs, total, spe)
-  lr_fn = optim.lr_schedule(config, total, spe)
-  tx = optim.build(config, lr_fn)
+  tx, lrs = optim.build(config, total, spe)
   scheds = schedules_lib.Schedules.from_config(config, total, spe)
   consts = loss_constants(config, data)
 
@@ -345,7 +346,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
     start = 0
   n_params = count_params(state["params"])
 
-  train_step = jax.jit(make_train_step(graphdef, tx, config, lr_fn, scheds),
+  train_step = jax.jit(make_train_step(graphdef, tx, config, lrs, scheds),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,))
   eval_step = jax.jit(evaluate.make_eval_step(graphdef, config))

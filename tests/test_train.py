@@ -137,7 +137,7 @@ def _step_setup(small_dataset, **train_kw):
   tx, lrs = optim.build(c, 100, 10)
   graphdef, init = train.create_state(c, mesh, data.taxonomy.parents)
   state = jax.jit(lambda: init(tx))()
-  step = jax.jit(train.make_train_step(graphdef, tx, c, lrs["default"],
+  step = jax.jit(train.make_train_step(graphdef, tx, c, lrs,
                                        schedules.Schedules.from_config(c, 100, 10)))
   batch = next(iter(pipeline.train_dataset(data, c, 100, 0, 1)))
   return c, state, step, batch, train.loss_constants(c, data)
