@@ -402,13 +402,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
         train_m["img_per_sec"] = (done - s_last) * config.data.batch_size / max(now - t_last, 1e-9)
         t_last, s_last = now, done
         train_m["epoch"] = done / spe
+        if _every(log_every, done):
+          writer.write(done, "train", train_m)
+        # Checked where the step's outputs are fetched anyway (log steps): no per-step sync.
         if int(state["nonfinite_streak"]) >= config.train.nonfinite_patience:
           raise FloatingPointError(
               f"loss or gradients non-finite for {int(state['nonfinite_streak'])} steps in a row "
               f"at step {done}; updates were skipped. The last good checkpoint "
               f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
-        if _every(log_every, done):
-          writer.write(done, "train", train_m)
         if _every(sched.metrics.console_interval, done) or done == total:
           progress_bar.update(done, train_m["loss"])
       if _every(val_every, done) and done != total:

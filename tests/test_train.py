@@ -173,3 +173,13 @@ def test_a_nan_batch_skips_the_update_and_is_counted(small_dataset):
   after, out = step(after, batch, consts)
   assert np.isfinite(float(out["loss"])) and int(after["nonfinite_streak"]) == 0
   assert int(after["nonfinite_skips"]) == 1
+
+
+def test_training_stops_after_repeated_non_finite_steps(small_dataset, tmp_path):
+  c = tiny_config(small_dataset[0], steps=30, nonfinite_patience=3)
+  c.lr_scheduler.base_lr = c.lr_scheduler.warmup_lr = 1e30  # the first update overflows
+  c.lr_scheduler.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match="non-finite for 3 steps in a row"):
+    train.run(c, str(tmp_path))
+  recs = _train_records(tmp_path)
+  assert max(recs) < 10 and recs[max(recs)]["nonfinite_skips"] == 3
