@@ -64,7 +64,8 @@ from linnaeus_jax import config as config_lib
 from linnaeus_jax.data import labels
 c = config_lib.base_config()
 c.data.h5.labels_path = {path!r}
-c.data.hybrid.use_hybrid, c.data.hybrid.images_dir = True, os.path.dirname('{path}')  # no image is read
+c.data.hybrid.use_hybrid = True
+c.data.hybrid.images_dir = os.path.dirname('{path}')  # exists; no image is read
 c.data.partial.levels = True
 c.data.meta.components.ELEVATION.enabled = True
 t0 = time.time()

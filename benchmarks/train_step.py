@@ -2,14 +2,14 @@
 
     python benchmarks/train_step.py --config=configs/sm.py [--config=configs/demo.py ...]
         [--batch_size=B] [--img_size=S] [--dtype=bfloat16] [--steps=10] [--repeats=3]
-        [--peak_tflops=P]
-        [--scan_blocks=true|false] [--remat=none|full|dots] [--attention_impl=xla|cudnn]
+        [--peak_tflops=P] [--scan_blocks=true|false] [--remat=none|full|dots] [--attention_impl=xla|cudnn]
         [--depthwise_impl=shift|conv] [--masking=on|off|off,on,...]
 
 One row per config: parameters, compile seconds, step milliseconds (the fastest of `repeats`
 rounds of `steps` steps), images/s, achieved TFLOP/s and MFU. `--masking=on|off` switches the
-metadata masking and selective mixing of the step on or off, to measure their cost. Training FLOPs per image are 3x the forward FLOPs that XLA's cost analysis counts on the
-unrolled model (`tools/model_summary.py`): the usual forward + 2x backward estimate. MFU is
+metadata masking and selective mixing of the step on or off, to measure their cost (a list
+gives one row each, in one process). Training FLOPs per image are 3x the forward FLOPs that
+XLA's cost analysis counts on the unrolled model (`tools/model_summary.py`): the usual forward + 2x backward estimate. MFU is
 against `--peak_tflops`, else the device's dense bf16 peak from PEAK_TFLOPS (none for CPUs).
 """
 
@@ -133,8 +133,8 @@ def main():
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.device_kind} x{jax.device_count()}; MFU peak "
         f"{f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak_tflops)'}")
-  header = ("config", "img", "batch", "dtype", "scan", "remat", "dw", "masking", "params", "compile_s",
-            "step_ms", "img_s", "tflop_s", "mfu")
+  header = ("config", "img", "batch", "dtype", "scan", "remat", "dw", "masking", "params",
+            "compile_s", "step_ms", "img_s", "tflop_s", "mfu")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for path, masking in itertools.product(a.config or ["configs/demo.py"],

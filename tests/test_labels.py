@@ -271,18 +271,24 @@ def test_file_scenarios_and_image_locations_are_checked(small_dataset, tmp_path)
   assert "images has 3 rows but the labels file has" in str(e.value)
 
 
-def test_split_rows_and_missing_image_report_are_written(small_dataset, tmp_path):
+def _skip_missing(small_dataset, tmp_path, n_missing):
+  """A copy of the image folder without its first `n_missing` files; config with policy skip."""
   import shutil
-  from linnaeus_jax import train
   out, paths = small_dataset
   folder = tmp_path / "imgs"
   shutil.copytree(paths["images_dir"], folder)
-  gone = sorted(folder.iterdir())[:2]
+  gone = sorted(folder.iterdir())[:n_missing]
   for f in gone:
     f.unlink()
   c = tiny_config(out)
   c.data.hybrid.images_dir = str(folder)
   c.data.hybrid.missing_image_policy = "skip"
+  return c, gone
+
+
+def test_split_rows_and_missing_image_report_are_written(small_dataset, tmp_path):
+  from linnaeus_jax import train
+  c, gone = _skip_missing(small_dataset, tmp_path, 2)
   d = labels.load(c)
   train.write_assets(str(tmp_path / "run"), c, d)
   split = np.load(tmp_path / "run" / "assets" / "split_rows.npz")
@@ -294,16 +300,7 @@ def test_split_rows_and_missing_image_report_are_written(small_dataset, tmp_path
 
 
 def test_skip_policy_excludes_missing_images_up_front(small_dataset, tmp_path):
-  import shutil
-  out, paths = small_dataset
-  folder = tmp_path / "imgs"
-  shutil.copytree(paths["images_dir"], folder)
-  gone = sorted(folder.iterdir())[:3]
-  for f in gone:
-    f.unlink()
-  c = tiny_config(out)
-  c.data.hybrid.images_dir = str(folder)
-  c.data.hybrid.missing_image_policy = "skip"
+  c, gone = _skip_missing(small_dataset, tmp_path, 3)
   d = labels.load(c)
   assert d.dropped["missing_image"] == 3
   assert sorted(d.missing_images["all"]) == sorted(f.name for f in gone)

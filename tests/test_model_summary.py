@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from flax import nnx
 
 from linnaeus_jax import config as config_lib, models
