@@ -208,7 +208,17 @@ def base_config() -> ml_collections.ConfigDict:
       null_masking=dict(enabled=False, start_prob=0.0, end_prob=1.0, end_steps=0,
                         end_fraction=-1.0),
       # Intervals: steps > fraction (of total steps) > epochs; <= 0 means unset.
-      validation=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0),
+      # Validation passes (docs/evaluation.md): `val` (metadata as given), `val_mask_meta` (all
+      # components masked), one `val_mask_<A>_<B>` per partial_mask_meta.whitelist entry, and at
+      # the end the exhaustive passes over every non-empty proper subset of the components.
+      validation=dict(
+          interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
+          mask_meta_interval_steps=0, mask_meta_interval_fraction=-1.0,
+          mask_meta_interval_epochs=1.0,
+          partial_mask_meta=dict(enabled=False, interval_steps=0, interval_fraction=-1.0,
+                                 interval_epochs=1.0, whitelist=[]),
+          final_epoch=dict(exhaustive_partial_meta_validation=False,
+                           exhaustive_meta_components=[])),  # [] = every enabled component
       checkpoint=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
                       keep_last_n=2),
       metrics=dict(console_interval=100, tensorboard_interval=50),
@@ -476,6 +486,15 @@ def _training_dynamics_problems(config, tasks) -> list[str]:
     if pm.end_steps <= 0 and pm.end_fraction < 0:
       problems.append("schedule.meta_masking.partial is enabled but has no end: set end_steps "
                       "or end_fraction")
+  v = s.validation
+  for key, combos in (("partial_mask_meta.whitelist", v.partial_mask_meta.whitelist),
+                      ("final_epoch.exhaustive_meta_components",
+                       [v.final_epoch.exhaustive_meta_components])):
+    for combo in combos:
+      unknown = [c for c in combo if c not in names]
+      if unknown:
+        problems.append(f"schedule.validation.{key}: {unknown} not among the enabled "
+                        f"components {names}")
   mix = s.mix
   if mix.meta_mix not in ("pick", "prefer_valid"):
     problems.append(f"schedule.mix.meta_mix {mix.meta_mix!r} not in ('pick', 'prefer_valid')")

@@ -312,6 +312,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   spe = pipeline.steps_per_epoch(pipeline.train_groups(data, config), config.data.batch_size)
   total = config_lib.total_steps(config, spe)
   sched = config.schedule
+  vs = sched.validation
+  mask_every = config_lib.resolve_steps(vs.mask_meta_interval_steps,
+                                        vs.mask_meta_interval_fraction,
+                                        vs.mask_meta_interval_epochs, total, spe)
+  pm = vs.partial_mask_meta
+  partial_every = config_lib.resolve_steps(pm.interval_steps, pm.interval_fraction,
+                                           pm.interval_epochs, total, spe) if pm.enabled else 0
   val_every = config_lib.resolve_steps(sched.validation.interval_steps,
                                        sched.validation.interval_fraction,
                                        sched.validation.interval_epochs, total, spe)
@@ -349,27 +356,38 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   train_step = jax.jit(make_train_step(graphdef, tx, config, lrs, scheds),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  eval_step = jax.jit(evaluate.make_eval_step(graphdef, config))
   writer = metric_writers.MetricWriter(workdir)
   if pidx == 0:
     print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
           f"rows; {total} steps ({spe} per epoch), batch {config.data.batch_size} on "
           f"{jax.device_count()} device(s); workdir {workdir}", flush=True)
 
-  def validate(step):
+  eval_steps = {}  # one compiled eval step per set of phases
+
+  def validate(step, final=False):
+    """Every validation phase due at `step` in one pass over the data; returns `val`'s metrics."""
     ds = pipeline.eval_dataset(data, config, pidx, pcount)
     if ds is None:
       return {}
+    plist = evaluate.phases(
+        config, mask_meta=final or _every(mask_every, step),
+        partial=partial_every > 0 and (final or _every(partial_every, step)),
+        exhaustive=final and vs.final_epoch.exhaustive_partial_meta_validation)
+    if plist not in eval_steps:
+      eval_steps[plist] = jax.jit(evaluate.make_eval_step(graphdef, config, plist))
     t0 = time.time()
-    result = evaluate.run(eval_step, (state["params"], state["buffers"]), ds, mesh, tasks,
-                          consts)
-    result["duration_sec"] = time.time() - t0
-    writer.write(step, "val", result)
+    results = evaluate.run(eval_steps[plist], (state["params"], state["buffers"]), ds, mesh,
+                           tasks, consts)
     if pidx == 0:
-      accs = "  ".join(f"{t} {result[f'acc1/{t}']:.1f}%" for t in tasks)
       progress_bar.newline()
-      print(f"[val step {step}] loss {result['loss']:.4f}  top-1: {accs}", flush=True)
-    return result
+      print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 per rank:", flush=True)
+    for phase, result in results.items():
+      result["duration_sec"] = time.time() - t0
+      writer.write(step, phase, result)
+      if pidx == 0:
+        accs = "  ".join(f"{result[f'acc1/{t}']:6.1f}" for t in tasks)
+        print(f"  {phase:<28} loss {result['loss']:.4f}  {accs}", flush=True)
+    return results["val"]
 
   def save(step):
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe,
@@ -412,7 +430,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
               f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
         if _every(sched.metrics.console_interval, done) or done == total:
           progress_bar.update(done, train_m["loss"])
-      if _every(val_every, done) and done != total:
+      if done != total and (_every(val_every, done) or _every(mask_every, done)
+                            or _every(partial_every, done)):
         last_val = validate(done)
       if _every(ckpt_every, done) and done != total:
         save(done)
@@ -422,7 +441,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
       save(total)
     elif pidx == 0:
       print(f"Training already finished at step {total}; running the final validation.")
-    last_val = validate(total)
+    last_val = validate(total, final=True)
   finally:
     ckpt.close()
     writer.close()

@@ -54,6 +54,7 @@ def tiny_config(dataset_dir: str, **train):
   c.schedule.meta_masking.start_prob = 0.5
   c.schedule.validation.interval_steps = 0
   c.schedule.validation.interval_epochs = 0
+  c.schedule.validation.mask_meta_interval_epochs = 0
   c.schedule.checkpoint.interval_steps = 10
   c.schedule.metrics.console_interval = 10
   c.schedule.metrics.tensorboard_interval = 1

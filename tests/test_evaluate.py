@@ -1,29 +1,59 @@
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
-from linnaeus_jax import evaluate, models, preprocessing, sharding, train
+from linnaeus_jax import config as config_lib, evaluate, models, preprocessing, sharding, train
 from linnaeus_jax.data import images, pipeline
 
 from conftest import tiny_config
 
 
-def test_pass_over_padded_batches_equals_a_direct_forward(small_dataset):
+def test_phase_names_and_the_exhaustive_count(small_dataset):
+  c = tiny_config(small_dataset[0])  # TEMPORAL, SPATIAL, ELEVATION
+  c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL"], ["TEMPORAL", "ELEVATION"]]
+  assert [n for n, _ in evaluate.phases(c, mask_meta=False)] == ["val"]
+  assert dict(evaluate.phases(c)) == {"val": (), "val_mask_meta": ("TEMPORAL", "SPATIAL",
+                                                                    "ELEVATION")}
+  names = [n for n, _ in evaluate.phases(c, mask_meta=False, partial=True)]
+  assert names == ["val", "val_mask_SPATIAL", "val_mask_TEMPORAL_ELEVATION"]
+  exhaustive = dict(evaluate.phases(c, mask_meta=False, exhaustive=True))
+  assert len(exhaustive) - 1 == 2 ** 3 - 2
+  assert list(exhaustive)[1:] == [
+      "val_mask_TEMPORAL", "val_mask_SPATIAL", "val_mask_ELEVATION", "val_mask_TEMPORAL_SPATIAL",
+      "val_mask_TEMPORAL_ELEVATION", "val_mask_SPATIAL_ELEVATION"]
+  c.schedule.validation.final_epoch.exhaustive_meta_components = ["SPATIAL", "ELEVATION"]
+  assert [n for n, _ in evaluate.phases(c, mask_meta=False, exhaustive=True)] == [
+      "val", "val_mask_SPATIAL", "val_mask_ELEVATION"]
+  c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL", "ALTITUDE"]]
+  with pytest.raises(config_lib.ConfigError, match=r"\['ALTITUDE'\] not among the enabled"):
+    config_lib.validate(c)
+
+
+def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   c = tiny_config(small_dataset[0])
   c.data.batch_size_val = 24  # the last batch is padded
+  c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL"]]
   c, data = train.resolve(c)
   mesh = sharding.make_mesh(c)
-  model = models.build(c, nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  step = jax.jit(evaluate.make_eval_step(graphdef, c))
-  got = evaluate.run(step, (params,), pipeline.eval_dataset(data, c), mesh, data.task_keys)
-  assert len(data.val) % 24 and got["num_examples"] == len(data.val)
+  graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
+  variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
+  plist = evaluate.phases(c, partial=True)
+  step = jax.jit(evaluate.make_eval_step(graphdef, c, plist))
+  got = evaluate.run(step, variables, pipeline.eval_dataset(data, c), mesh, data.task_keys)
+  assert set(got) == {"val", "val_mask_meta", "val_mask_SPATIAL"}
+  assert len(data.val) % 24 and got["val"]["num_examples"] == len(data.val)
 
   reader = images.ImageReader(data.val_images, c.data.img_size)
   pixels = np.stack([reader(int(r), i) for r, i in zip(data.val.raw_row, data.val.image_id)])
-  logits = jax.jit(lambda p, x, m, v: nnx.merge(graphdef, p)(x, m, v))(
-      params, preprocessing.normalize(pixels), data.val.meta, data.val.meta_valid)
-  for j, t in enumerate(data.task_keys):
-    acc = 100 * np.mean(np.argmax(logits[t], -1) == data.val.labels[:, j])
-    np.testing.assert_allclose(got[f"acc1/{t}"], acc, rtol=1e-6)
+  forward = jax.jit(lambda x, m, v: nnx.merge(graphdef, *variables)(x, m, v))
+  spatial = [n for n, _ in config_lib.enabled_components(c)].index("SPATIAL")
+  for phase, cleared in (("val", []), ("val_mask_meta", [0, 1, 2]),
+                         ("val_mask_SPATIAL", [spatial])):
+    valid = data.val.meta_valid.copy()
+    valid[:, cleared] = False  # exactly the named components' flags
+    logits = forward(preprocessing.normalize(pixels), data.val.meta, valid)
+    for j, t in enumerate(data.task_keys):
+      acc = 100 * np.mean(np.argmax(logits[t], -1) == data.val.labels[:, j])
+      np.testing.assert_allclose(got[phase][f"acc1/{t}"], acc, rtol=1e-6)
+  assert got["val"]["loss"] != got["val_mask_meta"]["loss"]

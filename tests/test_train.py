@@ -92,7 +92,7 @@ def test_resume_reproduces_the_uninterrupted_run(small_dataset, tmp_path):
   n_lines = sum(1 for _ in open(tmp_path / "resumed" / "metrics.jsonl"))
   train.run(c, str(tmp_path / "resumed"))
   lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")][n_lines:]
-  assert [l["phase"] for l in lines] == ["val"]
+  assert [l["phase"] for l in lines] == ["val", "val_mask_meta"]
 
 
 def test_refuses_to_resume_when_auto_resume_is_off(small_dataset, tmp_path):
