@@ -152,6 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
       phase1_mask_null_loss=False,
       nonfinite_patience=5,  # ours: stop after this many non-finite (skipped) steps in a row
       accumulation_steps=1,  # micro-batches of data.batch_size / k per optimizer update
+      # Stop when `metric` ('<phase>/<name>', e.g. val/loss, val/acc1/taxa_L10) has not improved
+      # by min_delta for `patience` evaluations; mode min | max | auto (min for losses). The
+      # same metric ranks checkpoints for schedule.checkpoint.keep_top_n.
+      early_stop=dict(active=False, metric="val/loss", mode="auto", patience=5, min_delta=0.0),
   )
   # docs/optimization.md. name: the optimizer of every group that names none.
   c.optimizer = dict(
@@ -220,7 +224,7 @@ def base_config() -> ml_collections.ConfigDict:
           final_epoch=dict(exhaustive_partial_meta_validation=False,
                            exhaustive_meta_components=[])),  # [] = every enabled component
       checkpoint=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
-                      keep_last_n=2),
+                      keep_last_n=2, keep_top_n=0),
       metrics=dict(console_interval=100, tensorboard_interval=50),
       # Selective mixing of the sampler's partners (same group at group_levels[0]). Off by
       # default: the original's default (constant 0.2, tested twice) mixed 4% of batches.
@@ -435,6 +439,16 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
 
   if t.nonfinite_patience < 1:
     problems.append("train.nonfinite_patience must be >= 1")
+  es = t.early_stop
+  if es.mode not in ("auto", "min", "max"):
+    problems.append(f"train.early_stop.mode {es.mode!r} not in ('auto', 'min', 'max')")
+  if "/" not in es.metric or not es.metric.startswith("val"):
+    problems.append(f"train.early_stop.metric {es.metric!r} must be '<val phase>/<metric>', "
+                    "e.g. 'val/loss' or 'val/acc1/taxa_L10'")
+  if es.patience < 1:
+    problems.append("train.early_stop.patience must be >= 1 (evaluations)")
+  if config.schedule.checkpoint.keep_top_n < 0:
+    problems.append("schedule.checkpoint.keep_top_n must be >= 0")
   k = t.accumulation_steps
   if k < 1:
     problems.append(f"train.accumulation_steps must be >= 1, got {k}")

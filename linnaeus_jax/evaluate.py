@@ -52,7 +52,7 @@ def phases(config, *, mask_meta=True, partial=False, exhaustive=False) -> tuple:
 
 
 def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
-  """step(variables, batch, consts) -> {phase: counts}.
+  """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank)}.
 
   `variables`: (params, buffers) as split by `train.create_state`; `consts` from
   `train.loss_constants` (taxonomy matrices, class weights).
@@ -76,18 +76,30 @@ def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
           mask_nulls=config.train.phase1_mask_null_loss, example_mask_B=batch["example_mask"],
           tax_matrices=consts.get("tax"),
           class_weights=consts.get("class_w") if use_class_w else None)
-      return metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"],
-                                  tasks)
-    counts = jax.vmap(forward)(valid_KxBxC)
-    return {name: jax.tree.map(lambda x, k=k: x[k], counts)
+      counts = metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"],
+                                    tasks, partial_levels=config.data.partial.levels,
+                                    lca_CxC=consts.get("lca"))
+      coarse = tasks[-1]  # confusion counts of the coarsest rank, for the plots
+      c = logits[coarse].shape[-1]
+      true_BxC = jax.nn.one_hot(batch["labels"][coarse], c) * batch["example_mask"][:, None]
+      pred_BxC = jax.nn.one_hot(jnp.argmax(logits[coarse], -1), c)
+      return counts, jnp.einsum("bi,bj->ij", true_BxC, pred_BxC)
+    counts, confusion_KxCxC = jax.vmap(forward)(valid_KxBxC)
+    return {name: (jax.tree.map(lambda x, k=k: x[k], counts), confusion_KxCxC[k])
             for k, (name, _) in enumerate(phase_list)}
   return step
 
 
-def run(eval_step, variables, dataset, mesh, tasks, consts=None) -> dict:
-  """{phase: metrics} over `dataset` (counts summed over batches, then finalized)."""
-  totals, consts = {}, consts or {}
+def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None) -> dict:
+  """{phase: metrics} over `dataset` (counts summed over batches, then finalized).
+
+  `confusion`, a dict, receives {phase: (C, C) counts} of the coarsest rank (rows: true class).
+  """
+  totals, conf, consts = {}, {}, consts or {}
   for batch in dataset:
     out = eval_step(variables, sharding.global_batch(batch, mesh), consts)
-    totals = {p: metrics.accumulate(totals.get(p), c) for p, c in out.items()}
+    totals = {p: metrics.accumulate(totals.get(p), c) for p, (c, _) in out.items()}
+    conf = {p: conf.get(p, 0) + np.asarray(m, np.int64) for p, (_, m) in out.items()}
+  if confusion is not None:
+    confusion.update(conf)
   return {p: metrics.finalize(t, tasks) for p, t in totals.items()}

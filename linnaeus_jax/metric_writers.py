@@ -33,6 +33,10 @@ class MetricWriter:
     self.jsonl.write(json.dumps({"step": int(step), "phase": phase, **clean}) + "\n")
     self.jsonl.flush()
 
+  def image(self, step: int, tag: str, image_HxWx3) -> None:
+    if self.enabled:
+      self.tb.add_image(tag, image_HxWx3, step, dataformats="HWC")
+
   def close(self) -> None:
     if self.enabled:
       self.tb.close()

@@ -20,8 +20,8 @@ from flax import nnx
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import evaluate, gradnorm, losses, masking, metric_writers, metrics, mixing
-from linnaeus_jax import models, optim, preprocessing, sharding
+from linnaeus_jax import early_stopping, evaluate, gradnorm, losses, masking, metric_writers
+from linnaeus_jax import metrics, mixing, models, optim, plots, preprocessing, sharding
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import taxonomy as taxonomy_lib
 from linnaeus_jax.data import labels as labels_lib
@@ -76,6 +76,19 @@ def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
       json.dump(data.missing_images, f, indent=1)
 
 
+def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, writer) -> None:
+  """DIR/plots/meta_ablation.png and the coarsest rank's confusion matrix, also to TensorBoard."""
+  tasks, coarse = data.task_keys, data.task_keys[-1]
+  names = {v: str(k) for k, v in data.class_to_idx[coarse].items()}
+  images = {"meta_ablation": plots.meta_ablation(
+      results, tasks, os.path.join(workdir, "plots", "meta_ablation.png"))}
+  images[f"confusion/{coarse}"] = plots.confusion_matrix(
+      confusion_CxC, [names.get(i, str(i)) for i in range(len(confusion_CxC))],
+      os.path.join(workdir, "plots", f"confusion_{coarse}.png"), f"{coarse}, step {step}")
+  for tag, image in images.items():
+    writer.image(step, f"val/{tag}", image)
+
+
 # ----------------------------------------------------------------------------- State
 
 
@@ -115,7 +128,8 @@ def loss_constants(config, data: labels_lib.Dataset) -> dict:
   """Per-task constant arrays of the loss, passed to the step as an argument (not baked in).
 
   `tax`: taxonomy smoothing matrices (C, C) of the tasks that use TaxonomyAwareLabelSmoothing;
-  `class_w`: class weights (C,) from the train counts when a method is set.
+  `class_w`: class weights (C,) from the train counts when a method is set; `lca`: heights of
+  the lowest common ancestors of the finest rank's classes (C, C), for mistake severity.
   """
   tasks = list(config.data.task_keys_h5)
   uses = [f == "TaxonomyAwareLabelSmoothing" for f in config.loss.task_specific.train.funcs]
@@ -123,7 +137,8 @@ def loss_constants(config, data: labels_lib.Dataset) -> dict:
           for a, f in zip(uses, config.loss.task_specific.val.funcs)]
   ts = config.loss.taxonomy_smoothing
   enabled = [bool(e) or u for e, u in zip(list(ts.enabled) + [False] * len(tasks), uses)]
-  out = {}
+  out = {"lca": jnp.asarray(metrics.lca_heights(data.taxonomy, tasks[0],
+                                                 config.data.partial.levels))}
   if any(enabled):
     out["tax"] = {t: jnp.asarray(m) for t, m in taxonomy_lib.smoothing_matrices(
         data.taxonomy, enabled, ts.alpha, ts.beta, ts.uniform_roots, ts.fallback_to_uniform,
@@ -212,10 +227,12 @@ def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Sched
     (loss, (per_task, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
     real_B = batch["example_mask"]
-    logged = {**metrics.batch_counts(logits, batch["labels"], per_task, real_B, tasks),
-              **{f"loss/{t}": per_task[t][0] for t in tasks},
-              "masked": {c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
-              "real": jnp.sum(real_B), "mixed": applied.astype(jnp.int32)}
+    logged = {f"loss/{t}": per_task[t][0] for t in tasks}
+    logged.update(  # sums, accumulated between log steps:
+        counts=metrics.batch_counts(logits, batch["labels"], per_task, real_B, tasks,
+                                    partial_levels=partial, lca_CxC=consts.get("lca")),
+        masked={c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
+        real=jnp.sum(real_B), mixed=applied.astype(jnp.int32))
     return loss, grads, logged
 
   def gradnorm_update(state, batch, consts, key, sched):
@@ -272,7 +289,7 @@ def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Sched
                  "step": t + 1, "rng": state["rng"],
                  "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
                  "nonfinite_skips": state["nonfinite_skips"] + (~finite).astype(jnp.int32)}
-    acc = {k: logged.pop(k) for k in ("masked", "real", "mixed")}
+    acc = {k: logged.pop(k) for k in ("counts", "masked", "real", "mixed")}
     acc["steps"] = jnp.asarray(accum, jnp.int32)  # micro-batches, for the mixed fraction
     out = {"loss": loss, "grad_norm": grad_norm, "lr": lrs["default"](t),
            **{f"lr/{g}": fn(t) for g, fn in lrs.items()}, **sched, **logged,
@@ -335,8 +352,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   state_sharding = jax.tree.map(lambda _: repl, state_shape)
   train_ds = pipeline.train_dataset(data, config, total, pidx, pcount)
   train_iter = iter(train_ds)
+  es = config.train.early_stop
+  es_mode = early_stopping.direction(es.metric, es.mode)
+  track_best = es.active or sched.checkpoint.keep_top_n > 0
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               sched.checkpoint.keep_last_n)
+                               sched.checkpoint.keep_last_n,
+                               keep_top_n=sched.checkpoint.keep_top_n, best_mode=es_mode)
+  prog = {"early_stop": early_stopping.init_state(), "stopped_at": None}
   start = ckpt.latest_step()
   if start is not None and not config.train.auto_resume:
     raise RuntimeError(f"{workdir} already holds checkpoints (latest step {start}) and "
@@ -345,6 +367,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             state_shape, state_sharding)
     state, progress = ckpt.restore(start, abstract, train_iter)
+    prog.update({k: progress[k] for k in prog if k in progress})
     # Re-materialise restored arrays so that the donating step may consume them.
     state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)
     _log(f"resumed from step {start} (epoch {progress.get('epoch', 0):.2f}) in {ckpt.directory}")
@@ -375,9 +398,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
         exhaustive=final and vs.final_epoch.exhaustive_partial_meta_validation)
     if plist not in eval_steps:
       eval_steps[plist] = jax.jit(evaluate.make_eval_step(graphdef, config, plist))
-    t0 = time.time()
+    t0, confusion = time.time(), {}
     results = evaluate.run(eval_steps[plist], (state["params"], state["buffers"]), ds, mesh,
-                           tasks, consts)
+                           tasks, consts, confusion)
     if pidx == 0:
       progress_bar.newline()
       print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 per rank:", flush=True)
@@ -387,18 +410,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
       if pidx == 0:
         accs = "  ".join(f"{result[f'acc1/{t}']:6.1f}" for t in tasks)
         print(f"  {phase:<28} loss {result['loss']:.4f}  {accs}", flush=True)
-    return results["val"]
+    if final and pidx == 0:
+      write_plots(workdir, step, results, confusion["val"], data, writer)
+    return results
 
-  def save(step):
+  def save(step, metric=None):
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe,
-                                        "total_steps": total})
+                                        "total_steps": total, **prog}, metric)
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   last_val, acc_sum = {}, None
   t_last, s_last = time.time(), start
   log_every = sched.metrics.tensorboard_interval
   try:
-    for step in range(start, total):
+    for step in range(start, total if prog["stopped_at"] is None else start):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, out = train_step(state, batch, consts)
       acc = out.pop("acc")
@@ -406,10 +431,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
       done = step + 1
       if _every(log_every, done) or _every(sched.metrics.console_interval, done) or done == total:
         out, acc_sum = jax.device_get(out), jax.device_get(acc_sum)
-        acc_counts = {k: float(out[k]) for k in out if k == "n" or "correct" in k}
-        train_m = {k: float(v) for k, v in out.items() if k not in acc_counts}
-        train_m.update({f"acc1/{t}": 100 * acc_counts[f"correct1/{t}"] / max(acc_counts["n"], 1)
-                        for t in tasks})
+        train_m = {k: float(v) for k, v in out.items()}
+        # Accuracies etc. over every sample since the last log (the losses are the step's own).
+        train_m.update({k: v for k, v in metrics.finalize(
+            {k: float(v) for k, v in acc_sum["counts"].items()}, tasks).items()
+                        if not k.startswith("loss") and k != "num_examples"})
         # Measured since the last log: the fraction of samples whose component the schedule
         # masked, and of batches that were mixed.
         train_m.update({f"meta_masking/masked_frac/{c}": float(v) / max(int(acc_sum["real"]), 1)
@@ -430,18 +456,36 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
               f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
         if _every(sched.metrics.console_interval, done) or done == total:
           progress_bar.update(done, train_m["loss"])
+      saved = False
       if done != total and (_every(val_every, done) or _every(mask_every, done)
                             or _every(partial_every, done)):
-        last_val = validate(done)
-      if _every(ckpt_every, done) and done != total:
+        results = validate(done)
+        last_val = results["val"]
+        if track_best:
+          value = early_stopping.lookup(results, es.metric)
+          prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, done,
+                                                               es_mode, es.min_delta)
+          if improved and sched.checkpoint.keep_top_n > 0:
+            save(done, value)  # a candidate for the best checkpoints
+            saved = True
+          if es.active and early_stopping.should_stop(prog["early_stop"], es.patience):
+            prog["stopped_at"] = done
+            best = prog["early_stop"]
+            _log(f"early stopping at step {done}: {es.metric} has not improved by "
+                 f"{es.min_delta} for {es.patience} evaluations (best {best['best']:.4f} at "
+                 f"step {best['best_step']})")
+            save(done)
+            break
+      if _every(ckpt_every, done) and done != total and not saved:
         save(done)
       if stop_at is not None and done >= stop_at:
         return last_val
-    if ckpt.latest_step() != total:
-      save(total)
-    elif pidx == 0:
-      print(f"Training already finished at step {total}; running the final validation.")
-    last_val = validate(total, final=True)
+    end = total if prog["stopped_at"] is None else prog["stopped_at"]
+    if ckpt.latest_step() != end:
+      save(end)
+    elif pidx == 0 and start == end:
+      print(f"Training already finished at step {end}; running the final validation.")
+    last_val = validate(end, final=True)["val"]
   finally:
     ckpt.close()
     writer.close()

@@ -154,7 +154,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(small_dataset):
   b_state, b = step2(jax.tree.map(np.asarray, state), batch, consts)
   np.testing.assert_allclose(float(b["loss"]), float(a["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(b["grad_norm"]), float(a["grad_norm"]), rtol=1e-4)
-  assert float(b["n"]) == float(a["n"]) == 16
+  assert float(b["acc"]["counts"]["n"]) == float(a["acc"]["counts"]["n"]) == 16
   for x, y in zip(jax.tree.leaves(b_state["params"]), jax.tree.leaves(a_state["params"])):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
@@ -183,3 +183,18 @@ def test_training_stops_after_repeated_non_finite_steps(small_dataset, tmp_path)
     train.run(c, str(tmp_path))
   recs = _train_records(tmp_path)
   assert max(recs) < 10 and recs[max(recs)]["nonfinite_skips"] == 3
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(small_dataset, tmp_path):
+  c = tiny_config(small_dataset[0], steps=30)
+  c.schedule.validation.interval_steps = 5
+  c.schedule.checkpoint.keep_last_n, c.schedule.checkpoint.keep_top_n = 1, 1
+  c.train.early_stop.update(dict(active=True, metric="val/loss", patience=2, min_delta=1e9))
+  train.run(c, str(tmp_path))  # step 5 is the best; steps 10 and 15 do not improve by 1e9
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [5, 15]
+  recs = _train_records(tmp_path)
+  assert max(recs) == 15
+  n_lines = sum(1 for _ in open(tmp_path / "metrics.jsonl"))
+  train.run(c, str(tmp_path))  # a rerun does not train past the stop
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][n_lines:]
+  assert lines and all(l["phase"].startswith("val") and l["step"] == 15 for l in lines)
