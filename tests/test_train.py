@@ -60,7 +60,9 @@ def test_end_to_end_learns(small_dataset, tmp_path):
   assert resolved["model"]["classification"]["heads"]["taxa_L10"]["num_classes"] == 17
   assert os.listdir(tmp_path / "tensorboard")
   phases = {json.loads(l)["phase"] for l in open(tmp_path / "metrics.jsonl")}
-  assert phases == {"train", "val"}
+  assert phases == {"train", "val", "val_mask_meta"}  # the final validation masks metadata too
+  for name in ("meta_ablation.png", "confusion_taxa_L40.png"):
+    assert os.path.getsize(tmp_path / "plots" / name) > 0
   # The measured masked fraction follows the logged schedule (16 samples a step, 80 steps).
   recs = _train_records(tmp_path)
   p = np.array([recs[s]["schedule/meta_mask_prob"] for s in range(1, 81)])
