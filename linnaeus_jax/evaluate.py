@@ -1,5 +1,11 @@
 """Validation: deterministic metadata-masked passes, computed together in one pass over the data.
 
+    python -m linnaeus_jax.evaluate --config=CONFIG --workdir=DIR [--step=N]
+
+restores DIR's checkpoint (the latest, or step N), runs every pass (val, val_mask_meta, the
+whitelisted and the exhaustive combinations) on the validation split and writes
+DIR/eval/step_<N>.json: {phase: {metric: value}}.
+
 A phase is (name, components masked). `val` masks nothing, `val_mask_meta` everything, a
 `val_mask_<A>_<B>` phase the listed components (reference/training.md §11, Decision 7: columns of
 the packing table, i.e. validity flags, never value slices). One jitted call evaluates every
@@ -10,6 +16,9 @@ which do not see metadata, run once per batch. No augmentation, no random maskin
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +27,7 @@ from flax import nnx
 
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import losses, metrics, preprocessing, sharding
+from linnaeus_jax.data import pipeline
 
 
 def phase_name(masked: tuple[str, ...], all_names: tuple[str, ...]) -> str:
@@ -103,3 +113,65 @@ def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None)
   if confusion is not None:
     confusion.update(conf)
   return {p: metrics.finalize(t, tasks) for p, t in totals.items()}
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, {phase: metrics}) of DIR's checkpoint at `step` (default: the latest)."""
+  from linnaeus_jax import checkpoint as ckpt_lib, train  # pylint: disable=g-import-not-at-top
+  config, data = train.resolve(config, jax.device_count())
+  if not len(data.val):
+    raise ValueError("the configuration has no validation rows to evaluate")
+  mesh = sharding.make_mesh(config)
+  tx, _ = train.optim.build(config, 1, 1)
+  graphdef, init = train.create_state(config, mesh, data.taxonomy.parents)
+  repl = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          jax.eval_shape(lambda: init(tx)))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
+                              f"{ckpt.directory}; steps: {list(ckpt.manager.all_steps())}")
+    state, _ = ckpt.restore(step, abstract, None)
+  finally:
+    ckpt.close()
+  plist = phases(config, partial=True, exhaustive=True)
+  eval_step = jax.jit(make_eval_step(graphdef, config, plist))
+  ds = pipeline.eval_dataset(data, config, jax.process_index(), jax.process_count())
+  return step, run(eval_step, (state["params"], state["buffers"]), ds, mesh, data.task_keys,
+                   train.loss_constants(config, data))
+
+
+def main(argv):
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    step, results = evaluate_checkpoint(f.config, f.workdir, f.step)
+  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  path = os.path.join(f.workdir, "eval", f"step_{step}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as fh:
+    json.dump(results, fh, indent=1, sort_keys=True)
+  tasks = list(f.config.data.task_keys_h5)
+  print(f"step {step}: top-1 per rank ({', '.join(tasks)})")
+  for phase, r in sorted(results.items()):
+    print(f"  {phase:<28} loss {r['loss']:.4f}  " +
+          "  ".join(f"{r[f'acc1/{t}']:6.1f}" for t in tasks))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", None, "The training run's folder (checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

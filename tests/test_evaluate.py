@@ -57,3 +57,19 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
       acc = 100 * np.mean(np.argmax(logits[t], -1) == data.val.labels[:, j])
       np.testing.assert_allclose(got[phase][f"acc1/{t}"], acc, rtol=1e-6)
   assert got["val"]["loss"] != got["val_mask_meta"]["loss"]
+
+
+def test_evaluate_a_checkpoint_reproduces_the_final_validation(small_dataset, tmp_path):
+  import json
+  c = tiny_config(small_dataset[0], steps=10)
+  c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL"]]
+  train.run(c, str(tmp_path))
+  step, results = evaluate.evaluate_checkpoint(c, str(tmp_path))
+  assert step == 10 and len(results) == 1 + 1 + (2 ** 3 - 2)  # val, mask_meta, exhaustive
+  logged = {r["phase"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
+            if r["phase"] != "train"}
+  for phase in ("val", "val_mask_meta"):
+    for key in ("loss", "acc1/taxa_L10", "chain_accuracy"):
+      assert results[phase][key] == pytest.approx(logged[phase][key], rel=1e-6)
+  with pytest.raises(FileNotFoundError, match="no checkpoint 7"):
+    evaluate.evaluate_checkpoint(c, str(tmp_path), step=7)
