@@ -35,6 +35,7 @@ def get_config():
   c.schedule.meta_masking.end_prob = 0.1
   c.schedule.meta_masking.end_fraction = 0.5
   c.schedule.validation.interval_steps = 100
+  c.schedule.validation.mask_meta_interval_steps = 100
   c.schedule.checkpoint.interval_steps = 100
   c.schedule.metrics.console_interval = 10
   c.schedule.metrics.tensorboard_interval = 10
