@@ -240,6 +240,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug = dict(autoaug=dict(policy="original"),  # 'none' | 'original' | 'rand-m<M>-n<N>'
                random_erase=dict(prob=0.25, mode="pixel", area_range=[0.02, 0.4],
                                  aspect_ratio=[0.3, 3.3], count=1))
+  # Per-subset top-1 (`subset_acc1/<name>/<task>`): taxa subsets as [name, task key, taxon id],
+  # and rarity bins of the finest rank's classes by percentiles of the train class counts.
+  c.metrics = dict(taxa_subsets=[], rarity_percentiles=[1, 5, 25, 50, 75, 90, 95, 99])
   c.misc = dict(seed=42)
   c.mesh = dict(data=-1)  # devices on the data axis; -1 = all
   return c
@@ -500,6 +503,10 @@ def _training_dynamics_problems(config, tasks) -> list[str]:
     if pm.end_steps <= 0 and pm.end_fraction < 0:
       problems.append("schedule.meta_masking.partial is enabled but has no end: set end_steps "
                       "or end_fraction")
+  for entry in config.metrics.taxa_subsets:
+    if len(entry) != 3 or entry[1] not in tasks:
+      problems.append(f"metrics.taxa_subsets entry {list(entry)} must be [name, task key, "
+                      f"taxon id] with a task of {tasks}")
   v = s.validation
   for key, combos in (("partial_mask_meta.whitelist", v.partial_mask_meta.whitelist),
                       ("final_epoch.exhaustive_meta_components",

@@ -169,6 +169,46 @@ def _ratio(num: float, den: float, scale: float = 1.0) -> float:
   return scale * num / den if den > 0 else 0.0
 
 
+def subset_membership(labels: dict, task_keys, names=(), task_S=None, cls_S=None,
+                      rarity_bin_C=None, num_bins: int = 0) -> dict:
+  """{subset name: (B,) bool}: taxa subset s holds the samples whose class at task
+  `task_keys[task_S[s]]` is `cls_S[s]`; rarity bin b (`rarity_<b>`) those whose finest-rank
+  class is in bin b (`rarity_bins`). Arrays may be traced; names and num_bins are static."""
+  out = {}
+  if len(names):
+    labels_BxT = jnp.stack([labels[t] for t in task_keys], axis=1)
+    member_BxS = labels_BxT[:, task_S] == cls_S[None, :]
+    out.update({name: member_BxS[:, s] for s, name in enumerate(names)})
+  if rarity_bin_C is not None:
+    bins_B = rarity_bin_C[labels[task_keys[0]]]
+    out.update({f"rarity_{b}": bins_B == b for b in range(num_bins)})
+  return out
+
+
+def subset_counts(logits: dict, labels: dict, example_mask_B, task_keys, members: dict) -> dict:
+  """Per subset: `subset_n/<name>` and `subset_correct1/<name>/<task>` (sums, jit-traceable)."""
+  out = {}
+  for name, in_B in members.items():
+    m = (in_B & example_mask_B).astype(jnp.float32)
+    out[f"subset_n/{name}"] = jnp.sum(m)
+    for t in task_keys:
+      out[f"subset_correct1/{name}/{t}"] = jnp.sum(m * (jnp.argmax(logits[t], -1) == labels[t]))
+  return out
+
+
+def rarity_bins(counts_C: np.ndarray, percentiles, null_class: bool) -> np.ndarray:
+  """(C,) bin per class: searchsorted(percentiles of the train class counts, count, 'right').
+
+  The thresholds are percentiles of the counts of the classes present in training (the null
+  class excluded); bins run from 0 (rarest) to len(percentiles)."""
+  counts = np.asarray(counts_C)
+  present = counts[(counts > 0) & (np.arange(len(counts)) >= int(null_class))]
+  if not len(present) or not len(percentiles):
+    return np.zeros(len(counts), np.int32)
+  thresholds = np.percentile(present, percentiles)
+  return np.searchsorted(thresholds, counts, side="right").astype(np.int32)
+
+
 def finalize(total: dict, task_keys) -> dict:
   """Values from summed counts; which metrics appear follows the count keys present.
 
@@ -199,5 +239,10 @@ def finalize(total: dict, task_keys) -> dict:
       if m := re.fullmatch(r"hdist(\d+)_sum/(.+)", key):
         if m.group(2) == t0:
           out[f"hier_dist{m.group(1)}/{t0}"] = _ratio(total[key], total[f"hdist_n/{t0}"])
+  for key in total:
+    if m := re.fullmatch(r"subset_n/(.+)", key):
+      for t in task_keys:
+        out[f"subset_acc1/{m.group(1)}/{t}"] = _ratio(
+            total[f"subset_correct1/{m.group(1)}/{t}"], total[key], 100.0)
   out["num_examples"] = int(total["n"])
   return out

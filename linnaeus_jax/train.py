@@ -137,8 +137,20 @@ def loss_constants(config, data: labels_lib.Dataset) -> dict:
           for a, f in zip(uses, config.loss.task_specific.val.funcs)]
   ts = config.loss.taxonomy_smoothing
   enabled = [bool(e) or u for e, u in zip(list(ts.enabled) + [False] * len(tasks), uses)]
-  out = {"lca": jnp.asarray(metrics.lca_heights(data.taxonomy, tasks[0],
-                                                 config.data.partial.levels))}
+  partial = config.data.partial.levels
+  out = {"lca": jnp.asarray(metrics.lca_heights(data.taxonomy, tasks[0], partial)),
+         "rarity_bin": jnp.asarray(metrics.rarity_bins(
+             np.bincount(data.train.labels[:, 0], minlength=data.num_classes[tasks[0]]),
+             list(config.metrics.rarity_percentiles), partial))}
+  subsets, problems = config.metrics.taxa_subsets, []
+  for name, task, taxon in subsets:
+    if task not in tasks or taxon not in data.class_to_idx[task]:
+      problems.append(f"metrics.taxa_subsets: {name!r}: no taxon {taxon} in {task}")
+  if problems:
+    raise config_lib.ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+  if subsets:
+    out["subset_task"] = jnp.asarray([tasks.index(t) for _, t, _ in subsets], jnp.int32)
+    out["subset_cls"] = jnp.asarray([data.class_to_idx[t][x] for _, t, x in subsets], jnp.int32)
   if any(enabled):
     out["tax"] = {t: jnp.asarray(m) for t, m in taxonomy_lib.smoothing_matrices(
         data.taxonomy, enabled, ts.alpha, ts.beta, ts.uniform_roots, ts.fallback_to_uniform,
@@ -158,6 +170,14 @@ def split_micro(x, k: int):
   b = x.shape[0]
   x = x.reshape((b // (2 * k), k, 2) + x.shape[1:])
   return jnp.swapaxes(x, 0, 1).reshape((k, b // k) + x.shape[3:])
+
+
+def subset_members(config, labels: dict, consts: dict) -> dict:
+  """{subset: (B,) bool} for `config.metrics` (arrays from `loss_constants`)."""
+  return metrics.subset_membership(
+      labels, list(config.data.task_keys_h5), [s[0] for s in config.metrics.taxa_subsets],
+      consts.get("subset_task"), consts.get("subset_cls"), consts.get("rarity_bin"),
+      len(config.metrics.rarity_percentiles) + 1 if "rarity_bin" in consts else 0)
 
 
 def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Schedules):
@@ -228,9 +248,12 @@ def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Sched
         state["params"])
     real_B = batch["example_mask"]
     logged = {f"loss/{t}": per_task[t][0] for t in tasks}
+    counts = metrics.batch_counts(logits, batch["labels"], per_task, real_B, tasks,
+                                  partial_levels=partial, lca_CxC=consts.get("lca"))
+    counts.update(metrics.subset_counts(logits, batch["labels"], real_B, tasks, subset_members(
+        config, batch["labels"], consts)))
     logged.update(  # sums, accumulated between log steps:
-        counts=metrics.batch_counts(logits, batch["labels"], per_task, real_B, tasks,
-                                    partial_levels=partial, lca_CxC=consts.get("lca")),
+        counts=counts,
         masked={c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
         real=jnp.sum(real_B), mixed=applied.astype(jnp.int32))
     return loss, grads, logged

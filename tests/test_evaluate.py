@@ -38,9 +38,12 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   mesh = sharding.make_mesh(c)
   graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
   variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
+  order = sorted(k for k in data.class_to_idx["taxa_L40"] if k != "null")[0]
+  c.metrics.taxa_subsets = [["first_order", "taxa_L40", order]]
   plist = evaluate.phases(c, partial=True)
   step = jax.jit(evaluate.make_eval_step(graphdef, c, plist))
-  got = evaluate.run(step, variables, pipeline.eval_dataset(data, c), mesh, data.task_keys)
+  got = evaluate.run(step, variables, pipeline.eval_dataset(data, c), mesh, data.task_keys,
+                     train.loss_constants(c, data))
   assert set(got) == {"val", "val_mask_meta", "val_mask_SPATIAL"}
   assert len(data.val) % 24 and got["val"]["num_examples"] == len(data.val)
 
@@ -53,9 +56,13 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
     valid = data.val.meta_valid.copy()
     valid[:, cleared] = False  # exactly the named components' flags
     logits = forward(preprocessing.normalize(pixels), data.val.meta, valid)
+    in_order = data.val.labels[:, 3] == data.class_to_idx["taxa_L40"][order]
+    assert 0 < in_order.sum() < len(in_order)
     for j, t in enumerate(data.task_keys):
-      acc = 100 * np.mean(np.argmax(logits[t], -1) == data.val.labels[:, j])
-      np.testing.assert_allclose(got[phase][f"acc1/{t}"], acc, rtol=1e-6)
+      right = np.argmax(logits[t], -1) == data.val.labels[:, j]
+      np.testing.assert_allclose(got[phase][f"acc1/{t}"], 100 * np.mean(right), rtol=1e-6)
+      np.testing.assert_allclose(got[phase][f"subset_acc1/first_order/{t}"],
+                                 100 * np.mean(right[in_order]), rtol=1e-6)
   assert got["val"]["loss"] != got["val_mask_meta"]["loss"]
 
 

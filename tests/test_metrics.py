@@ -283,3 +283,29 @@ def test_counts_on_8_host_devices_equal_single_device():
   assert sharded.keys() == single.keys()
   for k in single:
     np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, err_msg=k)
+
+
+def test_subset_accuracy_and_rarity_bins_by_hand():
+  bins = metrics.rarity_bins(np.array([7, 1, 2, 10, 0]), [50], null_class=True)
+  # Present non-null counts [1, 2, 10]: median 2; side 'right': count 2 -> bin 1.
+  np.testing.assert_array_equal(bins, [1, 0, 1, 1, 0])
+  tasks = ["fine", "coarse"]
+  labels = {"fine": jnp.array([1, 2, 3, 3]), "coarse": jnp.array([1, 1, 2, 2])}
+  logits = {"fine": jax.nn.one_hot(jnp.array([1, 0, 3, 2]), 5),
+            "coarse": jax.nn.one_hot(jnp.array([1, 2, 2, 2]), 3)}
+  mask = jnp.array([True, True, True, False])
+  members = metrics.subset_membership(labels, tasks, ["c2", "f3"], jnp.array([1, 0]),
+                                      jnp.array([2, 3]), jnp.asarray(bins), 2)
+  np.testing.assert_array_equal(members["c2"], [False, False, True, True])
+  np.testing.assert_array_equal(members["rarity_0"], [True, False, False, False])  # class 1
+  counts = metrics.subset_counts(logits, labels, mask, tasks, members)
+  assert float(counts["subset_n/c2"]) == 1  # the padded row does not count
+  assert float(counts["subset_correct1/c2/fine"]) == 1
+  assert float(counts["subset_n/rarity_1"]) == 2  # rows 1 and 2 (row 3 is padding)
+  assert float(counts["subset_correct1/rarity_1/coarse"]) == 1
+  base = metrics.batch_counts(logits, labels, {t: (0, jnp.zeros(4), None) for t in tasks}, mask,
+                              tasks)
+  out = metrics.finalize({k: float(v) for k, v in {**base, **counts}.items()}, tasks)
+  assert out["subset_acc1/rarity_1/fine"] == pytest.approx(50.0)
+  assert out["subset_acc1/rarity_0/fine"] == pytest.approx(100.0)
+  assert out["subset_acc1/f3/fine"] == pytest.approx(100.0)  # row 2 right, row 3 padding
