@@ -69,7 +69,6 @@ def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
   """
   tasks = list(config.data.task_keys_h5)
   funcs = list(config.loss.task_specific.val.funcs)
-  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
   use_class_w = config.loss.grad_weighting["class"].val
   names = [n for n, _ in config_lib.enabled_components(config)]
   masks_KxC = np.array([[n in masked for n in names] for _, masked in phase_list],
@@ -91,7 +90,7 @@ def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
                                     tasks, partial_levels=config.data.partial.levels,
                                     lca_CxC=consts.get("lca"))
       counts.update(metrics.subset_counts(logits, batch["labels"], batch["example_mask"], tasks,
-                                          train.subset_members(config, batch["labels"], consts)))
+                                          metrics.subset_members(config, batch["labels"], consts)))
       coarse = tasks[-1]  # confusion counts of the coarsest rank, for the plots
       c = logits[coarse].shape[-1]
       true_BxC = jax.nn.one_hot(batch["labels"][coarse], c) * batch["example_mask"][:, None]

@@ -39,16 +39,9 @@ def init_state(num_tasks: int, init_weights: Sequence[float] | None = None) -> d
           "initialized": jnp.zeros((), bool)}
 
 
-def _key_str(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def path_str(path) -> str:
   """'/'-joined key path, e.g. 'stage3/blocks/0/attn/qkv/kernel'."""
-  return "/".join(_key_str(k) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def shared_mask(params, exclude: Sequence[str]):
@@ -144,7 +137,8 @@ def update(state: dict, losses_T, norms_T, alpha: float) -> dict:
   The first update with alpha > 0 records L(0) = losses_T (so r = 1 and target = mean norm).
   Weights are renormalised to sum to T. Guards: L(0) <= 0 gives ratio 1 (and is re-recorded at
   the next update); all ratios 0 gives r~ = 1 (target = mean norm); target < 1e-8 keeps that
-  task's weight; non-finite inputs leave the state unchanged. A task with G_t = 0 gets weight 0 (as the original; multiplicative, so it stays).
+  task's weight; non-finite inputs leave the state unchanged. A task with G_t = 0 gets weight 0
+  (as in the original; the rule is multiplicative, so it stays 0).
   """
   return _update(state, losses_T, norms_T, alpha)[0]
 

@@ -31,7 +31,3 @@ def meta_masks(key, meta_valid_BxC, p_full, p_part=0.0, combos_KxC=(), combo_wei
     masked_BxC = masked_BxC | (part_B[:, None] & table_KxC[combo_B])
   return meta_valid_BxC & ~masked_BxC, masked_BxC
 
-
-def full_mask(key, meta_valid_BxC, prob):
-  """Clears every component of each sample with probability `prob`."""
-  return meta_masks(key, meta_valid_BxC, prob)[0]

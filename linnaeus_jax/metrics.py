@@ -185,6 +185,14 @@ def subset_membership(labels: dict, task_keys, names=(), task_S=None, cls_S=None
   return out
 
 
+def subset_members(config, labels: dict, consts: dict) -> dict:
+  """`subset_membership` for `config.metrics`, with the arrays of `train.loss_constants`."""
+  return subset_membership(
+      labels, list(config.data.task_keys_h5), [s[0] for s in config.metrics.taxa_subsets],
+      consts.get("subset_task"), consts.get("subset_cls"), consts.get("rarity_bin"),
+      len(config.metrics.rarity_percentiles) + 1 if "rarity_bin" in consts else 0)
+
+
 def subset_counts(logits: dict, labels: dict, example_mask_B, task_keys, members: dict) -> dict:
   """Per subset: `subset_n/<name>` and `subset_correct1/<name>/<task>` (sums, jit-traceable)."""
   out = {}

@@ -183,7 +183,7 @@ def groups(config) -> tuple[Group, ...]:
 
 
 def _path(keys) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
+  return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
 def _stacked(config, path: str) -> bool:

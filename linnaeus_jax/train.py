@@ -172,14 +172,6 @@ def split_micro(x, k: int):
   return jnp.swapaxes(x, 0, 1).reshape((k, b // k) + x.shape[3:])
 
 
-def subset_members(config, labels: dict, consts: dict) -> dict:
-  """{subset: (B,) bool} for `config.metrics` (arrays from `loss_constants`)."""
-  return metrics.subset_membership(
-      labels, list(config.data.task_keys_h5), [s[0] for s in config.metrics.taxa_subsets],
-      consts.get("subset_task"), consts.get("subset_cls"), consts.get("rarity_bin"),
-      len(config.metrics.rarity_percentiles) + 1 if "rarity_bin" in consts else 0)
-
-
 def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Schedules):
   """step(state, batch, consts) -> (state, out); `consts` from `loss_constants`, `lrs` the LR
   schedule of each parameter group (`optim.build`), logged as `lr/<group>` (`lr`: the default).
@@ -250,8 +242,8 @@ def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Sched
     logged = {f"loss/{t}": per_task[t][0] for t in tasks}
     counts = metrics.batch_counts(logits, batch["labels"], per_task, real_B, tasks,
                                   partial_levels=partial, lca_CxC=consts.get("lca"))
-    counts.update(metrics.subset_counts(logits, batch["labels"], real_B, tasks, subset_members(
-        config, batch["labels"], consts)))
+    counts.update(metrics.subset_counts(logits, batch["labels"], real_B, tasks,
+                                        metrics.subset_members(config, batch["labels"], consts)))
     logged.update(  # sums, accumulated between log steps:
         counts=counts,
         masked={c: jnp.sum(masked_BxC[:, i] & real_B) for i, c in enumerate(comps)},
@@ -260,13 +252,14 @@ def make_train_step(graphdef, tx, config, lrs: dict, scheds: schedules_lib.Sched
 
   def gradnorm_update(state, batch, consts, key, sched):
     """The closed-form update from a re-forward of the micro-batch, without metadata
-    (`zero_aux_info`) and without hierarchical refinement; nulls excluded."""
+    (`zero_aux_info`) and without hierarchical refinement; nulls excluded. The re-forward,
+    input preparation included, runs only on update steps (under `lax.cond`)."""
     k_prep, _ = jax.random.split(key)
-    image, meta, meta_valid, mix, _, _ = prepare(batch, k_prep, sched)
-    if gw.zero_aux_info:
-      meta_valid = jnp.zeros_like(meta_valid)
 
     def task_means(params):
+      image, meta, meta_valid, mix, _, _ = prepare(batch, k_prep, sched)  # as micro_step drew
+      if gw.zero_aux_info:
+        meta_valid = jnp.zeros_like(meta_valid)
       _, pt = forward_losses(params, state["buffers"], (image, meta, meta_valid, mix), batch,
                              consts, key, refine=False)
       return jnp.stack([pt[t][0] for t in tasks])
@@ -359,9 +352,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   pm = vs.partial_mask_meta
   partial_every = config_lib.resolve_steps(pm.interval_steps, pm.interval_fraction,
                                            pm.interval_epochs, total, spe) if pm.enabled else 0
-  val_every = config_lib.resolve_steps(sched.validation.interval_steps,
-                                       sched.validation.interval_fraction,
-                                       sched.validation.interval_epochs, total, spe)
+  val_every = config_lib.resolve_steps(vs.interval_steps, vs.interval_fraction,
+                                       vs.interval_epochs, total, spe)
   ckpt_every = config_lib.resolve_steps(sched.checkpoint.interval_steps,
                                         sched.checkpoint.interval_fraction,
                                         sched.checkpoint.interval_epochs, total, spe)
@@ -411,7 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   eval_steps = {}  # one compiled eval step per set of phases
 
   def validate(step, final=False):
-    """Every validation phase due at `step` in one pass over the data; returns `val`'s metrics."""
+    """Every validation phase due at `step` in one pass over the data: {phase: metrics}."""
     ds = pipeline.eval_dataset(data, config, pidx, pcount)
     if ds is None:
       return {}
