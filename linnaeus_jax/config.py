@@ -244,7 +244,9 @@ def base_config() -> ml_collections.ConfigDict:
   # and rarity bins of the finest rank's classes by percentiles of the train class counts.
   c.metrics = dict(taxa_subsets=[], rarity_percentiles=[1, 5, 25, 50, 75, 90, 95, 99])
   c.misc = dict(seed=42)
-  c.mesh = dict(data=-1)  # devices on the data axis; -1 = all
+  # docs/distributed.md. data x fsdp = all devices (of all processes); data=-1: the rest. fsdp > 1
+  # splits every state array of >= fsdp_min_size elements along its largest divisible dimension.
+  c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
   return c
 
 
@@ -396,9 +398,9 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
     if (d.batch_size // num_devices) % 2:
       problems.append(f"data.sampler.type 'grouped' pairs samples: the per-device batch "
                       f"({d.batch_size} / {num_devices}) must be even")
-  for t in mix.null_task_keys:
-    if t not in tasks:
-      problems.append(f"schedule.mix.null_task_keys: {t!r} is not a task key")
+  for key in mix.null_task_keys:
+    if key not in tasks:
+      problems.append(f"schedule.mix.null_task_keys: {key!r} is not a task key")
   if not 0.0 < d.h5.train_val_split_ratio <= 1.0:
     problems.append(f"data.h5.train_val_split_ratio must be in (0, 1], got "
                     f"{d.h5.train_val_split_ratio}")
@@ -566,3 +568,8 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A config written by `to_json` (DIR/config.json), with defaults for keys added since."""
+  return load_overrides(ml_collections.ConfigDict(json.loads(text)))

@@ -102,6 +102,15 @@ def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
   return step
 
 
+def jit_step(graphdef, config, phase_list, state_sharding, mesh):
+  """`make_eval_step` jitted for the train state's shardings and the batch sharding."""
+  variables = (state_sharding["params"], state_sharding["buffers"])
+  repl = sharding.replicated(mesh)
+  return jax.jit(make_eval_step(graphdef, config, phase_list),
+                 in_shardings=(variables, sharding.batch_sharding(mesh), repl),
+                 out_shardings=repl)
+
+
 def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None) -> dict:
   """{phase: metrics} over `dataset` (counts summed over batches, then finalized).
 
@@ -125,10 +134,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[
     raise ValueError("the configuration has no validation rows to evaluate")
   mesh = sharding.make_mesh(config)
   tx, _ = train.optim.build(config, 1, 1)
-  graphdef, init = train.create_state(config, mesh, data.taxonomy.parents)
-  repl = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          jax.eval_shape(lambda: init(tx)))
+  graphdef, init = train.create_state(config, data.taxonomy.parents)
+  abstract, state_sharding = train.abstract_state(init, tx, mesh, config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -139,7 +146,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[
   finally:
     ckpt.close()
   plist = phases(config, partial=True, exhaustive=True)
-  eval_step = jax.jit(make_eval_step(graphdef, config, plist))
+  eval_step = jit_step(graphdef, config, plist, state_sharding, mesh)
   ds = pipeline.eval_dataset(data, config, jax.process_index(), jax.process_count())
   return step, run(eval_step, (state["params"], state["buffers"]), ds, mesh, data.task_keys,
                    train.loss_constants(config, data))

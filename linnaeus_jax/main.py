@@ -1,10 +1,14 @@
 """Entry point: python -m linnaeus_jax.main --config=configs/demo.py --workdir=DIR [--config.x=v].
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR (`--resume=false` refuses
+to touch a DIR that has checkpoints). Several processes (hosts): the same command on each, with
+--coordinator_address/--num_processes/--process_id, or none of them on a TPU pod slice or under
+SLURM, where JAX finds them itself (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -15,7 +19,42 @@ from linnaeus_jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, logs, config).")
+_RESUME = flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --workdir; "
+                            "false refuses to run in a workdir that has checkpoints.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..n-1.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _cluster_detected() -> bool:
+  """A multi-process launch that jax.distributed.initialize() configures by itself."""
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+  """jax.distributed.initialize from the flags, or from the environment when it names a cluster.
+
+  On CPU the collectives between processes run over gloo.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  given = [v is not None for v in (coordinator, num_processes, process_id)]
+  if any(given) and not all(given):
+    raise config_lib.ConfigError("--coordinator_address, --num_processes and --process_id go "
+                                 "together: give all three or none")
+  if not all(given) and not _cluster_detected():
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if all(given):
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
 
 
 def main(argv):
@@ -24,9 +63,14 @@ def main(argv):
   # Orbax and Grain log every checkpoint phase at INFO through absl; keep the console readable.
   logging.set_verbosity(logging.WARNING)
   from linnaeus_jax import train  # pylint: disable=g-import-not-at-top  (after flag parsing)
+  config = _CONFIG.value
+  if not _RESUME.value:
+    config.train.auto_resume = False
   try:
-    train.run(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train.run(config, _WORKDIR.value)
+  except (config_lib.ConfigError, ValueError, FileNotFoundError, FileExistsError,
+          FloatingPointError) as e:
     print(f"\nerror: {e}", file=sys.stderr)
     sys.exit(1)
 

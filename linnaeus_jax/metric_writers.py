@@ -15,13 +15,48 @@ import jax
 from tensorboardX import SummaryWriter
 
 
-class MetricWriter:
+def truncate(path: str, step: int, keep_eval_at_step: bool = True) -> int:
+  """Drops the records of metrics.jsonl after `step` (and its validation records unless
+  `keep_eval_at_step`); returns how many were dropped. The file is replaced atomically."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  def keep(line):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:  # a line cut by a kill
+      return False
+    return rec["step"] < step or (rec["step"] == step and (keep_eval_at_step
+                                                           or rec["phase"] == "train"))
+  kept = [l for l in lines if keep(l)]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(kept)
 
-  def __init__(self, workdir: str):
+
+class MetricWriter:
+  """Appends to DIR/metrics.jsonl and DIR/tensorboard.
+
+  `resume_step`: the run continues from the checkpoint at that step, so the records of steps
+  after it (written by the interrupted run past its last checkpoint) are dropped from both; with
+  `redo_eval_at_resume` the validation records at that step go too (the final validation, which
+  follows the last checkpoint, is run again).
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None,
+               redo_eval_at_resume: bool = False):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      purge = None
+      if resume_step is not None:
+        truncate(path, resume_step, keep_eval_at_step=not redo_eval_at_resume)
+        purge = resume_step + 1  # TensorBoard hides the old events from this step on
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+      self.jsonl = open(path, "a", encoding="utf-8")
 
   def write(self, step: int, phase: str, metrics: dict) -> None:
     if not self.enabled:

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from linnaeus_jax.data import encoders
+
 
 def to_rgb_uint8(img, size: int) -> np.ndarray:
   """PIL image, HWC uint8 array, encoded bytes or a path -> (size, size, 3) uint8 RGB."""
@@ -43,3 +45,123 @@ def normalize(image_BxHxWx3, mean=None, std=None):
   if mean is not None:
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x
+
+
+# ----------------------------------------------------------------------------- Recorded layout
+# What a trained model expects, written to DIR/assets/preprocessing.json at training and copied
+# into bundles; inference encodes request metadata from it with the training formulas.
+
+IMAGE = {"resize": "squash, PIL BOX (area) filter", "value_range": [0.0, 1.0], "mean": None,
+         "std": None, "channels": "RGB"}
+
+
+def _names(ds) -> list[str]:
+  return [x.decode() if isinstance(x, bytes) else str(x) for x in ds.attrs.get("column_names", [])]
+
+
+def _source_columns(name: str, ds) -> tuple[str, list[str], list[float]]:
+  """(encoder, column names, elevation scales) of one labels.h5 metadata dataset."""
+  width = ds.shape[1] if ds.ndim > 1 else 1
+  names = _names(ds)
+  kind = name.upper()
+  if kind == "SPATIAL":
+    return "unit_sphere", names or ["spatial_x", "spatial_y", "spatial_z"][:width], []
+  if kind == "TEMPORAL":
+    default = ["month_sin", "month_cos", "hour_sin", "hour_cos"][:width]
+    return "cyclic_date", names or default, []
+  if kind == "ELEVATION":
+    scales = [float(s) for s in ds.attrs.get("scales", [])]
+    if not scales and names:  # elev_<scale>_sin, elev_<scale>_cos, ...
+      scales = list(dict.fromkeys(float(n.split("_")[1]) for n in names))
+    return "elevation", names or encoders.elevation_column_names(scales), scales
+  return "unknown", names or [f"{name.lower()}_{i}" for i in range(width)], []
+
+
+def record(config) -> dict:
+  """{"image": ..., "metadata": [component, ...]} for `config` and its labels.h5."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  comps = []
+  with h5py.File(config.data.h5.labels_path, "r") as h5:
+    for name, comp in config_lib.enabled_components(config):
+      encoder, names, scales = _source_columns(name, h5[comp.source])
+      columns = list(comp.columns) or names
+      comps.append({"name": name, "idx": comp.idx, "dim": comp.dim, "source": comp.source,
+                    "encoder": encoder, "columns": columns, "scales": scales})
+  return {"image": {"size": config.data.img_size, **IMAGE}, "metadata": comps}
+
+
+def _column(col: str, value) -> float:
+  """One encoded column from its name: `<kind>_<sin|cos>` cycles, spatial_x/y/z, elev_<s>_*."""
+  fn = np.sin if col.endswith("_sin") else np.cos
+  if col.startswith("spatial_"):
+    lat, lon = np.radians(value)
+    return {"x": np.cos(lat) * np.cos(lon), "y": np.cos(lat) * np.sin(lon),
+            "z": np.sin(lat)}[col[-1]]
+  if col.startswith("elev_"):
+    return fn(2 * np.pi * value / float(col.split("_")[1]))
+  period, v = {"month": (12, value.month), "hour": (24, value.hour),
+               "doy": (365.25, value.timetuple().tm_yday),
+               "day_of_year": (365.25, value.timetuple().tm_yday)}[col.rsplit("_", 1)[0]]
+  return fn(2 * np.pi * v / period)
+
+
+def _request_value(encoder: str, request: dict):
+  """The component's raw value from a request, or (None, reason) when missing or invalid."""
+  import datetime as dt  # pylint: disable=g-import-not-at-top
+  if encoder == "unit_sphere":
+    lat, lon = request.get("lat"), request.get("lon")
+    if lat is None or lon is None:
+      return None, "lat/lon missing"
+    try:
+      lat, lon = float(lat), float(lon)
+    except (TypeError, ValueError):
+      return None, f"lat/lon not numbers: {lat!r}, {lon!r}"
+    if not (np.isfinite(lat) and np.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180):
+      return None, f"lat/lon out of range: {lat}, {lon}"
+    return (lat, lon), None
+  if encoder == "cyclic_date":
+    value = request.get("datetime_utc")
+    if value is None or value == "":
+      return None, "datetime_utc missing"
+    if isinstance(value, str):
+      try:
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+      except ValueError:
+        return None, f"datetime_utc not ISO 8601: {value!r}"
+    if not isinstance(value, dt.datetime):
+      return None, f"datetime_utc not a datetime or ISO string: {value!r}"
+    if value.tzinfo is not None:
+      value = value.astimezone(dt.timezone.utc)
+    return value, None
+  if encoder == "elevation":
+    value = request.get("elevation_m")
+    if value is None:
+      return None, "elevation_m missing"
+    try:
+      value = float(value)
+    except (TypeError, ValueError):
+      return None, f"elevation_m not a number: {value!r}"
+    if not np.isfinite(value):
+      return None, f"elevation_m not finite: {value}"
+    return value, None
+  return None, "no encoder for this component at inference"
+
+
+def encode_metadata(layout: list[dict], request: dict | None):
+  """One request's metadata -> ({name: (dim,) float32}, valid (C,) bool, warnings).
+
+  A missing or invalid value makes its component invalid (zeros, valid False) with a warning;
+  a real 0 (equator, sea level) is valid.
+  """
+  request = request or {}
+  meta, valid, warnings = {}, [], []
+  for comp in layout:
+    value, why = _request_value(comp["encoder"], request)
+    if why is None:
+      meta[comp["name"]] = np.array([_column(c, value) for c in comp["columns"]], np.float32)
+    else:
+      meta[comp["name"]] = np.zeros(comp["dim"], np.float32)
+      warnings.append(f"{comp['name']} invalid: {why}")
+    valid.append(why is None)
+  return meta, np.array(valid, bool), warnings

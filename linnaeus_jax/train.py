@@ -17,11 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import early_stopping, evaluate, gradnorm, losses, masking, metric_writers
-from linnaeus_jax import metrics, mixing, models, optim, plots, preprocessing, sharding
+from linnaeus_jax import metrics, mixing, models, optim, plots, preemption, preprocessing, sharding
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import taxonomy as taxonomy_lib
 from linnaeus_jax.data import labels as labels_lib
@@ -41,8 +42,13 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
   config_lib.validate(config, num_devices)
   if config.data.synthetic.enabled and not config.data.h5.labels_path:
     s = config.data.synthetic
-    paths = synthetic.ensure(synthetic.SyntheticOptions(**s.options.to_dict()),
-                             s.cache_dir or None)
+    make = lambda: synthetic.ensure(synthetic.SyntheticOptions(**s.options.to_dict()),
+                                    s.cache_dir or None)
+    if jax.process_count() > 1:  # process 0 generates, the others wait and read
+      if jax.process_index() == 0:
+        make()
+      multihost_utils.sync_global_devices("synthetic dataset")
+    paths = make()
     config.data.h5.labels_path = paths["labels_path"]
     if "images_dir" in paths:
       config.data.hybrid.use_hybrid = True
@@ -63,10 +69,13 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
 
 
 def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
-  """config.json and the dataset's assets (class maps, taxonomy, counts, split, missing images)."""
+  """config.json and the dataset's assets (class maps, taxonomy, counts, split, missing images,
+  and the image/metadata layout that inference reproduces)."""
   if jax.process_index() != 0:
     return
   data.write_assets(os.path.join(workdir, "assets"))
+  with open(os.path.join(workdir, "assets", "preprocessing.json"), "w", encoding="utf-8") as f:
+    json.dump(preprocessing.record(config), f, indent=1)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config_lib.to_json(config))
   if data.missing_images:
@@ -92,14 +101,13 @@ def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, wri
 # ----------------------------------------------------------------------------- State
 
 
-def create_state(config, mesh, parents=None):
+def create_state(config, parents=None):
   """(graphdef, init(tx)); state = {params, buffers, opt_state, gradnorm, step, rng,
   nonfinite_streak, nonfinite_skips}.
 
   `buffers` are the model's untrained constants (taxonomy matrices of hierarchical heads, from
   `parents`); the optimizer sees `params` only.
   """
-  del mesh  # everything is replicated for now
   build = lambda: models.build(config, nnx.Rngs(config.misc.seed), parents)
   graphdef, _, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
 
@@ -115,6 +123,14 @@ def create_state(config, mesh, parents=None):
             "nonfinite_streak": jnp.zeros((), jnp.int32),
             "nonfinite_skips": jnp.zeros((), jnp.int32)}
   return graphdef, init
+
+
+def abstract_state(init, tx, mesh, config):
+  """(abstract state with shardings, sharding tree) of `init(tx)` on `mesh` (`sharding.py`)."""
+  shapes = jax.eval_shape(lambda: init(tx))
+  shardings = sharding.state_sharding(mesh, shapes, config.mesh.fsdp_min_size)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings), shardings
 
 
 def count_params(params) -> int:
@@ -337,6 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   config, data = resolve(config, jax.device_count())
+  sharding.check_process_rows(mesh, config.data.batch_size)
   write_assets(workdir, config, data)
   pidx, pcount = jax.process_index(), jax.process_count()
   tasks = list(config.data.task_keys_h5)
@@ -361,10 +378,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   scheds = schedules_lib.Schedules.from_config(config, total, spe)
   consts = loss_constants(config, data)
 
-  graphdef, init = create_state(config, mesh, data.taxonomy.parents)
+  graphdef, init = create_state(config, data.taxonomy.parents)
   repl = sharding.replicated(mesh)
-  state_shape = jax.eval_shape(lambda: init(tx))
-  state_sharding = jax.tree.map(lambda _: repl, state_shape)
+  abstract, state_sharding = abstract_state(init, tx, mesh, config)
   train_ds = pipeline.train_dataset(data, config, total, pidx, pcount)
   train_iter = iter(train_ds)
   es = config.train.early_stop
@@ -376,11 +392,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   prog = {"early_stop": early_stopping.init_state(), "stopped_at": None}
   start = ckpt.latest_step()
   if start is not None and not config.train.auto_resume:
-    raise RuntimeError(f"{workdir} already holds checkpoints (latest step {start}) and "
-                       "train.auto_resume is False: use a new workdir")
+    ckpt.close()
+    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {start}) and "
+                          "resuming is off (--resume=false / train.auto_resume=False); refusing "
+                          "to overwrite them: use a new --workdir")
   if start is not None:
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            state_shape, state_sharding)
     state, progress = ckpt.restore(start, abstract, train_iter)
     prog.update({k: progress[k] for k in prog if k in progress})
     # Re-materialise restored arrays so that the donating step may consume them.
@@ -394,11 +410,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
   train_step = jax.jit(make_train_step(graphdef, tx, config, lrs, scheds),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  writer = metric_writers.MetricWriter(workdir)
+  end = total if prog["stopped_at"] is None else prog["stopped_at"]
+  # Records past the checkpoint (a run killed after it) are dropped: they are about to be redone.
+  writer = metric_writers.MetricWriter(workdir, resume_step=start,
+                                       redo_eval_at_resume=start == end)
   if pidx == 0:
     print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
           f"rows; {total} steps ({spe} per epoch), batch {config.data.batch_size} on "
           f"{jax.device_count()} device(s); workdir {workdir}", flush=True)
+    leaves = jax.tree.leaves(state)
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"
+    print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}; train state "
+          f"{mib(sum(x.nbytes for x in leaves))}, "
+          f"{mib(sum(x.addressable_shards[0].data.nbytes for x in leaves))} per device", flush=True)
 
   eval_steps = {}  # one compiled eval step per set of phases
 
@@ -412,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
         partial=partial_every > 0 and (final or _every(partial_every, step)),
         exhaustive=final and vs.final_epoch.exhaustive_partial_meta_validation)
     if plist not in eval_steps:
-      eval_steps[plist] = jax.jit(evaluate.make_eval_step(graphdef, config, plist))
+      eval_steps[plist] = evaluate.jit_step(graphdef, config, plist, state_sharding, mesh)
     t0, confusion = time.time(), {}
     results = evaluate.run(eval_steps[plist], (state["params"], state["buffers"]), ds, mesh,
                            tasks, consts, confusion)
@@ -429,16 +453,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
       write_plots(workdir, step, results, confusion["val"], data, writer)
     return results
 
+  config_record = json.loads(config_lib.to_json(config))
+
   def save(step, metric=None):
-    ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe,
-                                        "total_steps": total, **prog}, metric)
+    ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
+                                        **prog, "last_val": last_val, "config": config_record},
+              metric)
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   last_val, acc_sum = {}, None
   t_last, s_last = time.time(), start
   log_every = sched.metrics.tensorboard_interval
+  preempt = preemption.Watch()
   try:
-    for step in range(start, total if prog["stopped_at"] is None else start):
+    for step in range(start, end):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, out = train_step(state, batch, consts)
       acc = out.pop("acc")
@@ -493,6 +521,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
             break
       if _every(ckpt_every, done) and done != total and not saved:
         save(done)
+        saved = True
+      if preempt.reached(done) and done != total:
+        if not saved:
+          save(done)
+        ckpt.wait()
+        _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
+             "Rerun the same command to resume.")
+        return last_val
       if stop_at is not None and done >= stop_at:
         return last_val
     end = total if prog["stopped_at"] is None else prog["stopped_at"]
@@ -502,6 +538,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
       print(f"Training already finished at step {end}; running the final validation.")
     last_val = validate(end, final=True)["val"]
   finally:
-    ckpt.close()
+    preempt.close()
+    ckpt.close()  # waits for the asynchronous saves
     writer.close()
   return last_val

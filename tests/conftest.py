@@ -61,3 +61,20 @@ def tiny_config(dataset_dir: str, **train):
   for k, v in train.items():
     c.train[k] = v
   return c
+
+
+def all_dynamics(c):
+  """Every training-time random behaviour on: partial masking, null scheduling, mixing,
+  taxonomy smoothing, class weights and GradNorm."""
+  pm = c.schedule.meta_masking.partial
+  pm.enabled, pm.end_fraction = True, 1.0
+  pm.whitelist, pm.weights = [["TEMPORAL"], ["SPATIAL", "ELEVATION"]], [2.0, 1.0]
+  c.schedule.null_masking.enabled, c.schedule.null_masking.end_fraction = True, 0.5
+  mix = c.schedule.mix
+  mix.prob.enabled, mix.prob.end_fraction, mix.cutmix.enabled = True, 1.0, True
+  c.loss.task_specific.train.funcs = ["TaxonomyAwareLabelSmoothing", "LabelSmoothingCrossEntropy",
+                                      "CrossEntropyLoss", "SoftTargetCrossEntropy"]
+  c.loss.grad_weighting["class"].method = "smoothing"
+  c.loss.grad_weighting.task.type = "gradnorm"
+  c.loss.grad_weighting.task.update_interval = 4
+  return c

@@ -83,3 +83,12 @@ def test_total_steps_prefers_steps_over_epochs(small_dataset):
   assert config_lib.total_steps(c, steps_per_epoch=10) == 25
   c.train.steps = 7
   assert config_lib.total_steps(c, steps_per_epoch=10) == 7
+
+
+def test_mix_null_task_keys_validate(small_dataset):
+  c = tiny_config(small_dataset[0])
+  c.schedule.mix.null_task_keys = ["taxa_L10"]
+  config_lib.validate(c)  # a valid key: no error (it once shadowed another variable)
+  c.schedule.mix.null_task_keys = ["taxa_L99"]
+  with pytest.raises(config_lib.ConfigError, match="'taxa_L99' is not a task key"):
+    config_lib.validate(c)

@@ -42,3 +42,28 @@ def test_progress_lines():
   first, second = out.getvalue().splitlines()
   assert first.startswith("step 10/100 [##") and "ETA --:--" in first
   assert "loss 1.0000" in second and "img/s" in second and "ETA 00:0" in second
+
+
+def test_resuming_drops_records_past_the_checkpoint(tmp_path):
+  w = metric_writers.MetricWriter(str(tmp_path))
+  for step in (10, 20, 30):
+    w.write(step, "train", {"loss": float(step)})
+    w.write(step, "val", {"loss": step / 10})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 31, "pha')  # cut by a kill -9
+  w = metric_writers.MetricWriter(str(tmp_path), resume_step=20)
+  w.write(21, "train", {"loss": 21.0})
+  w.close()
+  # TensorBoard is told to hide the old events from step 21 on.
+  tb_dir = tmp_path / "tensorboard"
+  purges = {e.step for f in os.listdir(tb_dir) for e in _events(tb_dir / f)
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START}
+  assert purges == {21}
+  recs = [(r["step"], r["phase"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+  assert recs == [(10, "train"), (10, "val"), (20, "train"), (20, "val"), (21, "train")]
+  # A finished run resumed at its end redoes the final validation at that step.
+  metric_writers.MetricWriter(str(tmp_path), resume_step=21, redo_eval_at_resume=True).close()
+  metric_writers.truncate(str(tmp_path / "metrics.jsonl"), 20, keep_eval_at_step=False)
+  recs = [(r["step"], r["phase"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+  assert recs == [(10, "train"), (10, "val"), (20, "train")]

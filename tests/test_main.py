@@ -1,0 +1,238 @@
+"""The command line end to end, in subprocesses: several devices and processes, kill -9, SIGTERM.
+
+Every run uses the same tiny config with every training-time random behaviour on (conftest's
+`all_dynamics`), 20 steps, a checkpoint every 5; the reference is one uninterrupted run on one
+device, made once for the module.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+
+STEPS = 20
+
+CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import all_dynamics, tiny_config
+
+def get_config():
+  c = all_dynamics(tiny_config({data!r}, steps={steps}))
+  c.schedule.checkpoint.interval_steps = 5
+  c.schedule.checkpoint.keep_last_n = 3
+  return c
+"""
+
+
+CACHE_DIR = ""
+
+
+@pytest.fixture(scope="module")
+def config_file(small_dataset, tmp_path_factory):
+  global CACHE_DIR
+  CACHE_DIR = str(tmp_path_factory.mktemp("jax_cache"))
+  path = tmp_path_factory.mktemp("config") / "tiny.py"
+  path.write_text(CONFIG.format(tests=os.path.join(ROOT, "tests"), data=small_dataset[0],
+                                steps=STEPS))
+  return str(path)
+
+
+def _env(devices=1):
+  """CPU with `devices` devices; a compilation cache shared by the module's runs (a rerun
+  compiles nothing: the same executables, so the same numbers)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _launch(config_file, workdir, *flags, devices=1):
+  env = _env(devices)
+  return subprocess.Popen(
+      [sys.executable, "-m", "linnaeus_jax.main", f"--config={config_file}",
+       f"--workdir={workdir}", *flags], cwd=ROOT, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(proc, timeout=600):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _train_records(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [r for r in map(json.loads, f) if r["phase"] == "train"]
+
+
+def _losses(workdir):
+  recs = _train_records(workdir)
+  steps = [r["step"] for r in recs]
+  assert steps == sorted(set(steps)), f"steps repeated or out of order: {steps}"
+  return {r["step"]: r["loss"] for r in recs}
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    recs = _train_records(workdir)
+    if recs and recs[-1]["step"] >= step:
+      return recs[-1]["step"]
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} not reached in {timeout} s")
+
+
+def _final_params(workdir):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as m:
+    state = m.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["params"]
+
+
+def _assert_same_params(a, b):
+  import jax
+  la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory):
+  """One device, uninterrupted: (workdir, {step: loss})."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  _finish(_launch(config_file, workdir))
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return workdir, losses
+
+
+def test_kill_9_at_a_random_step_then_rerun_equals_the_uninterrupted_run(
+    config_file, reference, tmp_path):
+  ref_dir, ref = reference
+  kill_at = random.Random().randint(2, STEPS - 2)
+  proc = _launch(config_file, tmp_path)
+  killed_at = _wait_for_step(proc, tmp_path, kill_at)
+  proc.kill()  # SIGKILL: no handler runs, an asynchronous save may be half written
+  proc.wait()
+  out = _finish(_launch(config_file, tmp_path))
+  msg = f"killed at step {killed_at}"
+  resumed = int(out.split("resumed from step ")[1].split()[0]) if "resumed from" in out else 0
+  assert resumed <= killed_at and resumed % 5 == 0, msg
+  losses = _losses(tmp_path)
+  assert sorted(losses) == list(range(1, STEPS + 1)), msg
+  assert [losses[s] for s in losses] == [ref[s] for s in losses], msg  # bit-exact on CPU
+  _assert_same_params(_final_params(tmp_path), _final_params(ref_dir))
+  # Rerunning a finished run trains nothing and redoes only the final validation.
+  n_lines = sum(1 for _ in open(tmp_path / "metrics.jsonl"))
+  out = _finish(_launch(config_file, tmp_path))
+  assert f"Training already finished at step {STEPS}" in out
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len(lines) == n_lines and _losses(tmp_path) == losses
+  assert [l["phase"] for l in lines[-2:]] == ["val", "val_mask_meta"]
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+from linnaeus_jax import checkpoint
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, *args, **kw):
+  save(self, step, *args, **kw)  # returns once the device->host copy is done; writing goes on
+  if step == 10:
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+from absl import app
+from linnaeus_jax import main
+app.run(main.main)
+"""
+
+
+def test_a_run_killed_during_an_asynchronous_save_resumes_from_the_previous_one(
+    config_file, reference, tmp_path):
+  script = tmp_path / "kill_in_save.py"
+  script.write_text(KILL_IN_SAVE)
+  proc = subprocess.run([sys.executable, str(script), f"--config={config_file}",
+                         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                        text=True, env=_env(), timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+  ckpt_dir = tmp_path / "run" / "checkpoints"
+  entries = os.listdir(ckpt_dir)
+  assert "5" in entries and "10" not in entries, entries  # step 10 was not finalized
+  assert any(e.startswith("10.") for e in entries), entries  # its temporary folder is there
+  out = _finish(_launch(config_file, tmp_path / "run"))
+  assert "resumed from step 5 " in out
+  assert "10" in os.listdir(ckpt_dir)
+  assert not any(e.startswith("10.") for e in os.listdir(ckpt_dir))  # cleaned up
+  assert _losses(tmp_path / "run") == reference[1]
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(config_file, reference, tmp_path):
+  proc = _launch(config_file, tmp_path)
+  _wait_for_step(proc, tmp_path, 7)
+  proc.send_signal(signal.SIGTERM)
+  out = _finish(proc)
+  last = _train_records(tmp_path)[-1]["step"]
+  assert f"SIGTERM: saved the checkpoint at step {last}" in out
+  assert last < STEPS
+  with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as m:
+    assert m.latest_step() == last
+  out = _finish(_launch(config_file, tmp_path))
+  assert f"resumed from step {last} " in out
+  assert _losses(tmp_path) == reference[1]
+
+
+def test_resume_false_refuses_a_workdir_with_checkpoints(config_file, reference):
+  proc = _launch(config_file, reference[0], "--resume=false")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert "already holds checkpoints (latest step 20)" in out and "new --workdir" in out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_match_one_device(config_file, reference, tmp_path):
+  """Gloo collectives between 2 local processes; the same global batch of 16."""
+  port = _free_port()
+  procs = [_launch(config_file, tmp_path, f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+  outs = [_finish(p) for p in procs]
+  assert "on 4 device(s)" in outs[0]
+  losses = _losses(tmp_path)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses],
+                             rtol=2e-5, atol=2e-5)
+  # Both processes wrote their iterator state into every checkpoint; only process 0 logged.
+  data_dir = tmp_path / "checkpoints" / str(STEPS) / "data"
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+  assert "top-1 per rank" in outs[0] and "top-1 per rank" not in outs[1]
+
+
+def test_fsdp_shards_the_state_and_matches_one_device(config_file, reference, tmp_path):
+  proc = _launch(config_file, tmp_path, "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64",
+                 devices=4)
+  out = _finish(proc)
+  state_mib = out.split("train state ")[1].split(" per device")[0]  # "X MiB, Y MiB"
+  total, per_device = (float(v.split()[0].replace(",", "")) for v in state_mib.split(", "))
+  assert "mesh data=2 x fsdp=2" in out and per_device < 0.6 * total, out
+  losses = _losses(tmp_path)
+  np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses],
+                             rtol=2e-5, atol=2e-5)
