@@ -78,3 +78,14 @@ def all_dynamics(c):
   c.loss.grad_weighting.task.type = "gradnorm"
   c.loss.grad_weighting.task.update_interval = 4
   return c
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(small_dataset, tmp_path_factory):
+  """A tiny model trained for 20 steps (one checkpoint at the end), for inference tests."""
+  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  c = tiny_config(small_dataset[0], steps=20)
+  c.schedule.checkpoint.interval_steps = 0
+  train.run(c, workdir)
+  return workdir

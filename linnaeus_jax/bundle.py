@@ -1,0 +1,225 @@
+"""Inference bundles: a folder with everything needed to predict, and nothing of training.
+
+Our layout (docs/inference.md), all paths relative to the folder:
+  bundle.json            format, version, source run and step, tasks, compatibility switches
+  config.json            the resolved config (model, heads, tasks, partial labels)
+  params.npz             parameters and model buffers, keys "params/<path>" and "buffers/<path>"
+  preprocessing.json     image size/resize/range and the metadata layout (order, dims, encoders)
+  taxonomy.json          the class tree (the original's TaxonomyTree v1.0 format)
+  class_index_map.json   {task: {"<class index>": taxon id}} (the original's flat format)
+  model.jax_exported     the forward pass, `jax.export`-serialised for any batch size
+
+`read` also accepts an original bundle folder (`inference_config.yaml`, `taxonomy.json`,
+`class_index_map.json`) together with parameters converted by `tools/convert_torch.py`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+
+import numpy as np
+
+from linnaeus_jax import config as config_lib
+
+SEP = "/"
+FORMAT, VERSION = "linnaeus_jax.bundle", 1
+FILES = ("bundle.json", "config.json", "params.npz", "preprocessing.json", "taxonomy.json",
+         "class_index_map.json", "model.jax_exported")
+
+
+class BundleError(ValueError):
+  pass
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """Nested dicts of arrays -> {"a/b/c": array}."""
+  flat = {}
+  for k, v in tree.items():
+    key = f"{prefix}{SEP}{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      flat.update(flatten(v, key))
+    else:
+      flat[key] = v
+  return flat
+
+
+def unflatten(flat: dict) -> dict:
+  """Inverse of `flatten`; digit keys (unscanned blocks' indices) become ints, as
+  `nnx.to_pure_dict` has them."""
+  out: dict = {}
+  for key, value in flat.items():
+    node, parts = out, [int(p) if p.isdigit() else p for p in key.split(SEP)]
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = value
+  return out
+
+
+def save_params(path: str, variables: dict) -> None:
+  """{"params": tree, "buffers": tree} -> one .npz (written to a temporary name, then renamed)."""
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in flatten(variables).items()})
+  os.replace(tmp, path)
+
+
+def load_params(path: str) -> dict:
+  """{"params": tree, "buffers": tree} (an empty tree is absent from the file)."""
+  with np.load(path) as f:
+    out = unflatten({k: f[k] for k in f.files})
+  return {"params": out.get("params", {}), "buffers": out.get("buffers", {})}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def class_index_map(class_maps: dict) -> dict:
+  return {t: {str(i): int(x) for i, x in sorted(m.items())} for t, m in class_maps.items()}
+
+
+def write(out: str, config, variables: dict, record: dict, class_maps: dict, taxonomy_json: str,
+          info: dict, exported: bytes | None) -> None:
+  """Writes the bundle folder `out` (a new folder; assembled beside it, then renamed)."""
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+  tmp = out.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  m = config.model
+  meta = {"format": FORMAT, "version": VERSION,
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "tasks_coarse_to_fine": sorted(config.data.task_keys_h5, key=config_lib.task_level,
+                                         reverse=True),
+          "partial_levels": bool(config.data.partial.levels),
+          "switches": {"rope_mode": m.rope_mode, "attn_scale": m.attn_scale,
+                       "meta_missing": m.meta_missing},
+          "exported": exported is not None, **info}
+  files = {"bundle.json": json.dumps(meta, indent=1),
+           "config.json": config_lib.to_json(config),
+           "preprocessing.json": json.dumps(record, indent=1),
+           "taxonomy.json": taxonomy_json,
+           "class_index_map.json": json.dumps(class_index_map(class_maps), indent=1)}
+  for name, text in files.items():
+    with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+      f.write(text)
+  save_params(os.path.join(tmp, "params.npz"), variables)
+  if exported is not None:
+    with open(os.path.join(tmp, "model.jax_exported"), "wb") as f:
+      f.write(exported)
+  if os.path.exists(out):
+    os.rmdir(out)
+  os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_json(path: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError as e:
+    raise BundleError(f"{path} is missing") from e
+  except json.JSONDecodeError as e:
+    raise BundleError(f"{path} is not valid JSON: {e}") from e
+
+
+def read(path: str, params: str | None = None) -> dict:
+  """{"config", "variables", "preprocessing", "class_maps", "taxonomy", "info"} of a bundle.
+
+  `params`: for an original bundle, the folder written by `tools/convert_torch.py`.
+  """
+  from linnaeus_jax.taxonomy import TaxonomyTree  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise BundleError(f"bundle folder {path} not found")
+  ours = os.path.exists(os.path.join(path, "bundle.json"))
+  if ours:
+    info = read_json(os.path.join(path, "bundle.json"))
+    if info.get("format") != FORMAT or info.get("version", 0) > VERSION:
+      raise BundleError(f"{path}/bundle.json: format {info.get('format')} version "
+                        f"{info.get('version')} is not one this linnaeus_jax reads")
+    src = path
+  else:
+    if params is None:
+      raise BundleError(f"{path} has no bundle.json: an original bundle needs params= (the "
+                        "output folder of python -m linnaeus_jax.tools.convert_torch)")
+    info, src = {"source": "original bundle", "params": params}, params
+  config = config_lib.from_json(open(os.path.join(src, "config.json"), encoding="utf-8").read()) \
+      if os.path.exists(os.path.join(src, "config.json")) else None
+  if config is None:
+    raise BundleError(f"{src}/config.json is missing")
+  params_path = os.path.join(src, "params.npz")
+  if not os.path.exists(params_path):
+    raise BundleError(f"{params_path} is missing")
+  variables = load_params(params_path)
+  try:
+    taxonomy = TaxonomyTree.from_json(open(os.path.join(path, "taxonomy.json")).read())
+  except FileNotFoundError as e:
+    raise BundleError(f"{path}/taxonomy.json is missing") from e
+  flat = read_json(os.path.join(path, "class_index_map.json"))
+  record = (read_json(os.path.join(path, "preprocessing.json")) if ours
+            else original_preprocessing(path, config))
+  problems = []
+  class_maps = {}
+  for task in config.data.task_keys_h5:
+    n = config.model.classification.heads[task].num_classes
+    m = flat.get(task)
+    if m is None:
+      problems.append(f"class_index_map.json has no task {task}")
+      continue
+    try:
+      class_maps[task] = {int(i): int(x) for i, x in m.items()}
+    except (TypeError, ValueError):
+      problems.append(f"class_index_map.json: {task} must map class indices to integer taxon ids")
+      continue
+    bad = sorted(i for i in class_maps[task] if not 0 <= i < n)
+    if bad or len(class_maps[task]) != n:
+      problems.append(f"class_index_map.json: {task} maps {len(class_maps[task])} classes "
+                      f"(indices {bad[:5]} out of range) but the model has {n}")
+  if problems:
+    raise BundleError(f"bundle {path}:\n  " + "\n  ".join(problems))
+  return {"config": config, "variables": variables, "preprocessing": record,
+          "class_maps": class_maps, "taxonomy": taxonomy, "info": info}
+
+
+def original_preprocessing(path: str, config) -> dict:
+  """The metadata layout of an original bundle, from its inference_config.yaml and the config.
+
+  The image is prepared as the original trained it (area resize, [0, 1], no mean/std), not as
+  its inference code did (reference/inference.md §3, defect 5).
+  """
+  from linnaeus_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  mp = {}
+  yaml_path = os.path.join(path, "inference_config.yaml")
+  if os.path.exists(yaml_path):
+    import yaml  # pylint: disable=g-import-not-at-top
+    with open(yaml_path, encoding="utf-8") as f:
+      mp = (yaml.safe_load(f) or {}).get("metadata_preprocessing", {}) or {}
+  comps, problems = [], []
+  for name, comp in config_lib.enabled_components(config):
+    kind = name.upper()
+    if kind == "SPATIAL":
+      cols, enc, scales = ["spatial_x", "spatial_y", "spatial_z"], "unit_sphere", []
+    elif kind == "TEMPORAL":
+      cyc = "doy" if mp.get("temporal_use_julian_day") else "month"
+      cols = [f"{cyc}_sin", f"{cyc}_cos"] + (["hour_sin", "hour_cos"] if comp.dim == 4 else [])
+      enc, scales = "cyclic_date", []
+    elif kind == "ELEVATION":
+      scales = [float(s) for s in mp.get("elevation_scales", [])]
+      from linnaeus_jax.data import encoders  # pylint: disable=g-import-not-at-top
+      cols, enc = encoders.elevation_column_names(scales), "elevation"
+    else:
+      cols, enc, scales = [f"{name.lower()}_{i}" for i in range(comp.dim)], "unknown", []
+    if len(cols) != comp.dim:
+      problems.append(f"{name}: the model takes {comp.dim} values but the bundle's settings give "
+                      f"{len(cols)} ({cols}); set metadata_preprocessing in inference_config.yaml")
+    comps.append({"name": name, "idx": comp.idx, "dim": comp.dim, "source": comp.source,
+                  "encoder": enc, "columns": cols, "scales": scales})
+  if problems:
+    raise BundleError(f"bundle {path}:\n  " + "\n  ".join(problems))
+  return {"image": {"size": config.data.img_size, **preprocessing.IMAGE}, "metadata": comps}

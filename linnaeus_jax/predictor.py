@@ -1,0 +1,267 @@
+"""Predictor: photos plus where and when -> top-k taxa per rank, coarse to fine (docs/inference.md).
+
+Images and metadata go through the training code (`preprocessing.py`): the same decode and
+resize, the same encoders driven by the layout recorded at training. A batch is cut into chunks
+padded to a few fixed sizes (`buckets`), so that a new request size never compiles anew. A bad
+image is that sample's error; missing or invalid metadata make their component invalid (fed to
+the model as missing) with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linnaeus_jax import bundle as bundle_lib
+from linnaeus_jax import config as config_lib
+from linnaeus_jax import models, preprocessing
+from linnaeus_jax.taxonomy import TaxonomyTree
+
+CONSISTENCY = ("ancestor", "original", "off")
+
+
+def _name(image, i: int) -> str:
+  return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"
+
+
+class Predictor:
+  """`predict(images, metadata)` -> one JSON-serialisable dict per image.
+
+  Build with `from_workdir` (a training run) or `from_bundle` (an exported or original bundle).
+  `class_maps`: {task: {class index: taxon id}}; `taxonomy`: the class tree (for consistency);
+  `null_class`: whether index 0 of every rank is the null class (partial labels).
+  """
+
+  def __init__(self, config, variables: dict, record: dict, class_maps: dict,
+               taxonomy: TaxonomyTree | None, *, buckets: Sequence[int] = (1, 8, 32),
+               top_k: int = 5, consistency: str = "ancestor"):
+    if consistency not in CONSISTENCY:
+      raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+    self.config, self.record, self.taxonomy = config, record, taxonomy
+    self.tasks = list(config.data.task_keys_h5)
+    self.coarse_to_fine = sorted(self.tasks, key=config_lib.task_level, reverse=True)
+    self.class_maps = {t: {int(k): int(v) for k, v in class_maps[t].items()} for t in self.tasks}
+    self.null_class = bool(config.data.partial.levels)
+    self.buckets, self.top_k, self.consistency = sorted(buckets), top_k, consistency
+    self.size = int(record["image"]["size"])
+    self.layout = record["metadata"]
+    self.compiles = 0  # traces of the forward pass: one per bucket size used
+    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))),
+                               nnx.Param, ...)
+    self.variables = jax.device_put(variables)
+
+    def forward(variables, image_u8, meta, valid):
+      self.compiles += 1
+      model = nnx.merge(graphdef, variables["params"], variables["buffers"])
+      logits = model(preprocessing.normalize(image_u8), meta, valid, train=False)
+      return {t: jax.nn.softmax(logits[t].astype(jnp.float32), -1) for t in logits}
+    self._forward = jax.jit(forward)
+
+  # --------------------------------------------------------------------------- loading
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None, **kw) -> "Predictor":
+    """A training run's checkpoint (default: the latest) with its config and assets."""
+    w = load_workdir(workdir, step)
+    return cls(w["config"], w["variables"], w["preprocessing"], w["class_maps"], w["taxonomy"],
+               **kw)
+
+  @classmethod
+  def from_bundle(cls, path: str, params: str | None = None, **kw) -> "Predictor":
+    """Our bundle (`python -m linnaeus_jax.export`), or an original bundle folder (its
+    `taxonomy.json` and `class_index_map.json`) with `params` = a `convert_torch` output."""
+    b = bundle_lib.read(path, params)
+    return cls(b["config"], b["variables"], b["preprocessing"], b["class_maps"], b["taxonomy"],
+               **kw)
+
+  # --------------------------------------------------------------------------- predicting
+
+  def bucket(self, n: int) -> int:
+    return next((b for b in self.buckets if b >= n), self.buckets[-1])
+
+  def logits_batch(self, images_u8, meta: dict, valid):
+    """Probabilities {task: (B, C)} of an already preprocessed batch, chunked and padded."""
+    n, out = len(images_u8), []
+    for a in range(0, n, self.buckets[-1]):
+      chunk = slice(a, min(a + self.buckets[-1], n))
+      m = chunk.stop - chunk.start
+      pad = lambda x, m=m: np.concatenate(
+          [x, np.zeros((self.bucket(m) - m,) + x.shape[1:], x.dtype)]) if self.bucket(m) > m else x
+      probs = self._forward(self.variables, pad(images_u8[chunk]),
+                            {k: pad(v[chunk]) for k, v in meta.items()}, pad(valid[chunk]))
+      out.append({t: np.asarray(p)[:m] for t, p in probs.items()})
+    return {t: np.concatenate([o[t] for o in out]) for t in self.tasks}
+
+  def preprocess(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None):
+    """(uint8 images, meta, valid, per-sample warnings, per-sample errors) of the usable ones."""
+    metadata = list(metadata) if metadata is not None else [None] * len(images)
+    if len(metadata) != len(images):
+      raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
+    imgs, metas, valids, warnings, errors = [], [], [], [], []
+    for img, md in zip(images, metadata):
+      try:
+        imgs.append(preprocessing.to_rgb_uint8(img, self.size))
+        errors.append(None)
+      except Exception as e:  # pylint: disable=broad-except  (any undecodable input)
+        imgs.append(np.zeros((self.size, self.size, 3), np.uint8))
+        errors.append(f"image could not be read: {type(e).__name__}: {e}")
+      if md is not None and not isinstance(md, dict):
+        m, v, w = preprocessing.encode_metadata(self.layout, None)
+        w = [f"metadata is not an object: {md!r}; all components invalid"]
+      else:
+        m, v, w = preprocessing.encode_metadata(self.layout, md)
+      metas.append(m)
+      valids.append(v)
+      warnings.append(w)
+    names = [c["name"] for c in self.layout]
+    meta = {k: np.stack([m[k] for m in metas]) if metas else np.zeros((0, 1), np.float32)
+            for k in names}
+    valid = np.stack(valids) if valids else np.zeros((0, len(names)), bool)
+    images_u8 = np.stack(imgs) if imgs else np.zeros((0, self.size, self.size, 3), np.uint8)
+    return images_u8, meta, valid, warnings, errors
+
+  def predict(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None,
+              top_k: int | None = None) -> list[dict]:
+    """One dict per image: {"image", "ranks": [{"task", "top_k": [[taxon_id, p], ...]}, ...]
+    coarse to fine, "warnings": [...], "error": None or why the image could not be used}.
+
+    `images`: paths, bytes, PIL images or HxWx3 arrays; `metadata`: dicts with any of `lat`,
+    `lon`, `datetime_utc` (ISO string or datetime), `elevation_m`.
+    """
+    k = top_k or self.top_k
+    images_u8, meta, valid, warnings, errors = self.preprocess(images, metadata)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    probs = self.logits_batch(images_u8[ok], {n: v[ok] for n, v in meta.items()}, valid[ok])
+    results = []
+    for i, image in enumerate(images):
+      res = {"image": _name(image, i), "ranks": [], "warnings": warnings[i], "error": errors[i]}
+      if errors[i] is None:
+        j = ok.index(i)
+        res["ranks"] = self.consistent([(t, probs[t][j]) for t in self.coarse_to_fine], k,
+                                       res["warnings"])
+      results.append(res)
+    return results
+
+  # --------------------------------------------------------------------------- consistency
+
+  def _taxon(self, task: str, idx: int) -> int:
+    return self.class_maps[task].get(int(idx), -1)
+
+  def consistent(self, ranked: list, k: int, warnings: list) -> list[dict]:
+    """Top-k per rank after the hierarchical consistency pass (`consistency_pass`)."""
+    tops = [int(np.argmax(p)) for _, p in ranked]
+    keep = consistency_pass([t for t, _ in ranked], tops, self.taxonomy, self.null_class,
+                            self.consistency)
+    out = []
+    for (task, p), state in zip(ranked, keep):
+      if state == "omit":
+        warnings.append(f"{task} omitted: its top-1 is not a descendant of the coarser ranks'")
+        continue
+      if state == "null":
+        out.append({"task": task, "top_k": [[self._taxon(task, 0), 1.0]]})
+        continue
+      order = np.argsort(-p, kind="stable")[:min(k, len(p))]
+      out.append({"task": task, "top_k": [[self._taxon(task, c), float(p[c])] for c in order]})
+    return out
+
+
+def consistency_pass(tasks: list[str], tops: list[int], taxonomy: TaxonomyTree | None,
+                     null_class: bool, mode: str = "ancestor") -> list[str]:
+  """'keep', 'null' or 'omit' per rank (`tasks` coarse to fine, `tops` their top-1 classes).
+
+  ancestor (ours): a rank's top-1 must descend from the nearest kept coarser rank's top-1
+  (across skipped levels); a rank missing from the taxonomy is kept without judging it or
+  its children. On failure, with a null class the rank and every finer one are nulled, without
+  one they are omitted. A null top-1 nulls every finer rank. The coarsest rank is never changed.
+  original: the original's rule (reference/inference.md §5): the previous rank in the list is
+  the parent; only a direct parent link counts; an unknown rank nulls the next; nulling cascades.
+  off: keep all.
+  """
+  n = len(tasks)
+  if mode == "off" or taxonomy is None or n == 0:
+    return ["keep"] * n
+  fail = "null" if null_class or mode == "original" else "omit"
+  out, anchor = ["keep"], (tasks[0], tops[0])  # the coarsest rank is never changed
+  known = set(taxonomy.task_keys)
+  for i in range(1, n):
+    task, top = tasks[i], tops[i]
+    if out[-1] in ("null", "omit"):
+      out.append(out[-1])
+      continue
+    parent_task, parent_top = anchor
+    if null_class and parent_top == 0:
+      out.append("null")
+      continue
+    if mode == "original":
+      chain = taxonomy.task_keys
+      direct = (task in known and parent_task in known
+                and chain.index(parent_task) == chain.index(task) + 1)
+      ok = direct and int(taxonomy.parents[task][top]) == parent_top
+      out.append("keep" if ok else "null")
+      anchor = (task, top)
+      continue
+    if task not in known or parent_task not in known:
+      out.append("keep")  # nothing to judge it by; the anchor stays
+      continue
+    up = taxonomy.task_keys.index(parent_task) - taxonomy.task_keys.index(task)
+    anc = taxonomy.ancestors(task, null_class=null_class)
+    if up <= 0 or up >= anc.shape[0] or int(anc[up, top]) != parent_top:
+      out.append(fail)
+      continue
+    out.append("keep")
+    anchor = (task, top)
+  return out
+
+
+def class_maps_from_class_to_idx(class_to_idx: dict) -> dict:
+  """Our assets' {task: {taxon id | "null": idx}} -> {task: {idx: taxon id}} (null -> 0)."""
+  return {t: {int(i): (0 if k == "null" else int(k)) for k, i in m.items()}
+          for t, m in class_to_idx.items()}
+
+
+def load_workdir(workdir: str, step: int | None = None) -> dict:
+  """What `bundle.read` gives, from a training run's checkpoint (default: the latest) and
+  assets, plus "taxonomy_json" and "step"."""
+  config, variables, step = load_checkpoint(workdir, step)
+  assets = os.path.join(workdir, "assets")
+  record_path = os.path.join(assets, "preprocessing.json")
+  record = (bundle_lib.read_json(record_path) if os.path.exists(record_path)
+            else preprocessing.record(config))  # runs from before the record existed
+  with open(os.path.join(assets, "taxonomy_tree.json"), encoding="utf-8") as f:
+    taxonomy_json = f.read()
+  return {"config": config, "variables": variables, "preprocessing": record, "step": step,
+          "class_maps": class_maps_from_class_to_idx(
+              bundle_lib.read_json(os.path.join(assets, "class_to_idx.json"))),
+          "taxonomy": TaxonomyTree.from_json(taxonomy_json), "taxonomy_json": taxonomy_json}
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(config, {"params", "buffers"} as numpy trees, step) from DIR's checkpoint."""
+  from linnaeus_jax import checkpoint as ckpt_lib, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+  config = config_lib.from_json(open(path, encoding="utf-8").read())
+  taxonomy = TaxonomyTree.from_json(
+      open(os.path.join(workdir, "assets", "taxonomy_tree.json")).read())
+  mesh = sharding.make_mesh(config)
+  tx, _ = optim.build(config, 1, 1)
+  _, init = train.create_state(config, taxonomy.parents)
+  abstract, _ = train.abstract_state(init, tx, mesh, config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    steps = list(ckpt.manager.all_steps())
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
+                              f"{ckpt.directory}; steps: {steps}")
+    state, _ = ckpt.restore(step, abstract, None)
+  finally:
+    ckpt.close()
+  variables = jax.device_get({"params": state["params"], "buffers": state["buffers"]})
+  return config, variables, step
