@@ -38,7 +38,7 @@ def export_forward(config, variables: dict, record: dict,
 
   def forward(flat, image_u8, meta, valid):
     v = bundle_lib.unflatten(flat)
-    model = nnx.merge(graphdef, v["params"], v["buffers"])
+    model = nnx.merge(graphdef, v.get("params", {}), v.get("buffers", {}))
     logits = model(preprocessing.normalize(image_u8), meta, valid, train=False)
     return {t: x.astype(jnp.float32) for t, x in logits.items()}
 

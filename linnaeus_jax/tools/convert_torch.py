@@ -700,8 +700,9 @@ def _override(config, assignment: str) -> None:
 
 
 def load_config(spec: str, overrides=()):
-  """Our config from a config file (`path.py` or `path.py:arg`, `get_config()`) or a
-  config.json written by training, completed with the defaults and `overrides` applied."""
+  """Our config from a config file (`path.py` or `path.py:arg`, `get_config()`), a
+  config.json written by training, or the original's experiment YAML (`tools/import_config`),
+  completed with the defaults and `overrides` applied."""
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -710,7 +711,13 @@ def load_config(spec: str, overrides=()):
   path, *arg = spec.split(":", 1)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no such config file: {path}")
-  if path.endswith(".json"):
+  if path.endswith((".yaml", ".yml")):
+    from linnaeus_jax.tools import import_config  # pylint: disable=g-import-not-at-top
+    config, report = import_config.from_yaml(path)
+    if report["unmapped"]:
+      print(f"warning: {path}: {len(report['unmapped'])} keys not mapped (python -m "
+            "linnaeus_jax.tools.import_config lists them)", file=sys.stderr)
+  elif path.endswith(".json"):
     with open(path, encoding="utf-8") as f:
       try:
         config = ml_collections.ConfigDict(json.load(f))
