@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -153,16 +152,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[
 
 
 def main(argv):
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
   f = flags.FLAGS
-  try:
-    step, results = evaluate_checkpoint(f.config, f.workdir, f.step)
-  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  step, results = cli.call(evaluate_checkpoint, f.config, f.workdir, f.step)
   path = os.path.join(f.workdir, "eval", f"step_{step}.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as fh:

@@ -11,7 +11,6 @@ class map, the preprocessing record and `model.jax_exported`: the forward pass s
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ import numpy as np
 from flax import nnx
 
 from linnaeus_jax import bundle as bundle_lib
-from linnaeus_jax import config as config_lib
 from linnaeus_jax import models, preprocessing
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -66,16 +64,11 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
 
 
 def main(argv):
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
   f = flags.FLAGS
-  try:
-    out = export_workdir(f.workdir, f.out, f.step, tuple(f.platforms))
-  except (bundle_lib.BundleError, FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  out = cli.call(export_workdir, f.workdir, f.out, f.step, tuple(f.platforms))
   size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
   print(f"wrote {out} ({size / 2**20:.1f} MiB): {', '.join(sorted(os.listdir(out)))}")
 

@@ -9,11 +9,11 @@ SLURM, where JAX finds them itself (docs/distributed.md).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from linnaeus_jax import cli
 from linnaeus_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
@@ -55,24 +55,22 @@ def init_distributed(coordinator: str | None, num_processes: int | None,
                                process_id=process_id)
   else:
     jax.distributed.initialize()
+  if jax.default_backend() == "cpu" and jax.config.jax_compilation_cache_dir:
+    # Executables loaded from the persistent cache fail to set up their gloo contexts (JAX
+    # 0.10.2: "Gloo context initialization failed" on the first collective after a rerun).
+    logging.warning("persistent compilation cache disabled: it breaks multi-process CPU runs")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Orbax and Grain log every checkpoint phase at INFO through absl; keep the console readable.
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   from linnaeus_jax import train  # pylint: disable=g-import-not-at-top  (after flag parsing)
   config = _CONFIG.value
   if not _RESUME.value:
     config.train.auto_resume = False
-  try:
-    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.run(config, _WORKDIR.value)
-  except (config_lib.ConfigError, ValueError, FileNotFoundError, FileExistsError,
-          FloatingPointError) as e:
-    print(f"\nerror: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.call(init_distributed, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cli.call(train.run, config, _WORKDIR.value,
+           errors=cli.INPUT_ERRORS + (FloatingPointError,))  # + a run of non-finite losses
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """linnaeus_jax.tools.convert_torch: torch-free loading, strict mapping, CLI, parity.
 
-`tests/data/torch_checkpoint.pth` was written once by PyTorch 2.13 (CPU, the /work/torchref venv
-of the parity reference; torch is not a dependency of linnaeus_jax) from the repository root with:
+`tests/data/torch_checkpoint.pth` was written once by PyTorch 2.13 (CPU, in a separate venv; torch
+is not a dependency of linnaeus_jax) from the repository root with:
 
     import collections
     import torch
@@ -30,8 +30,8 @@ of the parity reference; torch is not a dependency of linnaeus_jax) from the rep
                "tests/data/torch_checkpoint.pth")
 
 The parity test runs only when LINNAEUS_TORCH_REFERENCE names a folder with `pytorch_model.bin`
-and `reference.npz` made by the reference's `make_reference.py` (the original model, sm, 224 px,
-heads 17/9/5/3, metadata TEMPORAL 4, SPATIAL 3, ELEVATION 10).
+and `reference.npz` made by `tests/make_torch_reference.py` from a checkout of the original (sm,
+224 px, heads 17/9/5/3, metadata TEMPORAL 4, SPATIAL 3, ELEVATION 10).
 """
 
 import json

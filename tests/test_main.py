@@ -210,12 +210,23 @@ def _free_port():
 
 
 def test_two_processes_of_two_devices_match_one_device(config_file, reference, tmp_path):
-  """Gloo collectives between 2 local processes; the same global batch of 16."""
-  port = _free_port()
-  procs = [_launch(config_file, tmp_path, f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+  """Gloo collectives between 2 local processes; the same global batch of 16. SIGTERM to one
+  process (a preemption notice to one host) stops both at the same step with a checkpoint;
+  rerunning both finishes the run."""
+  def launch():
+    port = _free_port()
+    return [_launch(config_file, tmp_path, f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+  procs = launch()
+  _wait_for_step(procs[0], tmp_path, 8)
+  procs[1].send_signal(signal.SIGTERM)
   outs = [_finish(p) for p in procs]
-  assert "on 4 device(s)" in outs[0]
+  last = _train_records(tmp_path)[-1]["step"]
+  assert last < STEPS and f"SIGTERM: saved the checkpoint at step {last}" in outs[0]
+  with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as m:
+    assert m.latest_step() == last
+  outs = [_finish(p) for p in launch()]
+  assert "on 4 device(s)" in outs[0] and f"resumed from step {last} " in outs[0]
   losses = _losses(tmp_path)
   assert sorted(losses) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses],

@@ -806,17 +806,12 @@ FLASH_HELP = (
 
 
 def main(argv):
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
   f = flags.FLAGS
-  try:
-    record = run(f.checkpoint, f.config, f.out, flash_attn_trained=f.flash_attn_trained,
-                 overrides=f.override or (), overwrite=f.overwrite)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  record = cli.call(run, f.checkpoint, f.config, f.out, flash_attn_trained=f.flash_attn_trained,
+                    overrides=f.override or (), overwrite=f.overwrite)
   c = record["counts"]
   print(f"converted {c['torch_tensors_used']} tensors ({c['param_elements']:,} values) into "
         f"{c['params']} parameters; ignored {c['torch_tensors_ignored']}; wrote {f.out}")

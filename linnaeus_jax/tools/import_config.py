@@ -34,13 +34,13 @@ import fnmatch
 import keyword
 import os
 import pprint
-import sys
 import textwrap
 
 import ml_collections
 import yaml
 from absl import app, flags, logging
 
+from linnaeus_jax import cli
 from linnaeus_jax import config as config_lib
 
 ConfigError = config_lib.ConfigError
@@ -526,15 +526,9 @@ def summary(report) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.ERROR)  # the summary lists the ignored keys
+  cli.start(argv, logging.ERROR)  # the summary lists the ignored keys
   fl = flags.FLAGS
-  try:
-    config, report = from_yaml(fl.yaml, fl.config_dir)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  config, report = cli.call(from_yaml, fl.yaml, fl.config_dir)
   print(summary(report))
   if fl.out:
     os.makedirs(os.path.dirname(os.path.abspath(fl.out)), exist_ok=True)

@@ -10,10 +10,9 @@ DIR/assets as training does.
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 
@@ -36,15 +35,9 @@ def summary(data, partial: bool) -> dict:
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
-  try:
-    config, data = train.resolve(_CONFIG.value)
-  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  from linnaeus_jax import cli, train  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
+  config, data = cli.call(train.resolve, _CONFIG.value)
   if _WORKDIR.value:
     train.write_assets(_WORKDIR.value, config, data)
   print(json.dumps(summary(data, config.data.partial.levels), indent=1))

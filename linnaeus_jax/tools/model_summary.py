@@ -10,10 +10,9 @@ one image at `data.img_size`; `compile_seconds` the time to lower and compile it
 from __future__ import annotations
 
 import json
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 
@@ -70,15 +69,9 @@ def summary(config) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  try:
-    out = summary(_CONFIG.value)
-  except (config_lib.ConfigError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
+  out = cli.call(summary, _CONFIG.value)
   print(json.dumps(out, indent=1))
 
 

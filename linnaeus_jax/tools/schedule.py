@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 PLACEHOLDER_CLASSES = 2
@@ -123,15 +122,9 @@ def report(result: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  try:
-    result = write(_CONFIG.value, _OUT.value, _SPE.value, _POINTS.value)
-  except (config_lib.ConfigError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
+  result = cli.call(write, _CONFIG.value, _OUT.value, _SPE.value, _POINTS.value)
   print(report(result))
   print(f"\nwrote {os.path.join(_OUT.value, 'schedules.json')} and schedules.png")
 
