@@ -149,10 +149,11 @@ def read(path: str, params: str | None = None) -> dict:
       raise BundleError(f"{path} has no bundle.json: an original bundle needs params= (the "
                         "output folder of python -m linnaeus_jax.tools.convert_torch)")
     info, src = {"source": "original bundle", "params": params}, params
-  config = config_lib.from_json(open(os.path.join(src, "config.json"), encoding="utf-8").read()) \
-      if os.path.exists(os.path.join(src, "config.json")) else None
-  if config is None:
-    raise BundleError(f"{src}/config.json is missing")
+  config_path = os.path.join(src, "config.json")
+  if not os.path.exists(config_path):
+    raise BundleError(f"{config_path} is missing")
+  with open(config_path, encoding="utf-8") as f:
+    config = config_lib.from_json(f.read())
   params_path = os.path.join(src, "params.npz")
   if not os.path.exists(params_path):
     raise BundleError(f"{params_path} is missing")

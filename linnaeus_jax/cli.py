@@ -26,5 +26,6 @@ def call(fn, *args, errors=INPUT_ERRORS, **kwargs):
   try:
     return fn(*args, **kwargs)
   except errors as e:
-    print(f"\nerror: {e}", file=sys.stderr)
+    newline = "\n" if sys.stderr.isatty() else ""  # past a progress line redrawn in place
+    print(f"{newline}error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -137,11 +137,12 @@ class Predictor:
     images_u8, meta, valid, warnings, errors = self.preprocess(images, metadata)
     ok = [i for i, e in enumerate(errors) if e is None]
     probs = self.logits_batch(images_u8[ok], {n: v[ok] for n, v in meta.items()}, valid[ok])
+    row = {i: j for j, i in enumerate(ok)}
     results = []
     for i, image in enumerate(images):
       res = {"image": _name(image, i), "ranks": [], "warnings": warnings[i], "error": errors[i]}
       if errors[i] is None:
-        j = ok.index(i)
+        j = row[i]
         res["ranks"] = self.consistent([(t, probs[t][j]) for t in self.coarse_to_fine], k,
                                        res["warnings"])
       results.append(res)

@@ -7,6 +7,7 @@ Device side: uint8 -> float32 in [0, 1], optionally standardised with a recorded
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 
 import jax.numpy as jnp
@@ -77,6 +78,10 @@ def _source_columns(name: str, ds) -> tuple[str, list[str], list[float]]:
   return "unknown", names or [f"{name.lower()}_{i}" for i in range(width)], []
 
 
+# A valid value per encoder, to list the columns it makes.
+_EXAMPLE = {"unit_sphere": (0.0, 0.0), "cyclic_date": dt.datetime(2000, 1, 1), "elevation": 0.0}
+
+
 def record(config) -> dict:
   """{"image": ..., "metadata": [component, ...]} for `config` and its labels.h5."""
   import h5py  # pylint: disable=g-import-not-at-top
@@ -86,29 +91,32 @@ def record(config) -> dict:
     for name, comp in config_lib.enabled_components(config):
       encoder, names, scales = _source_columns(name, h5[comp.source])
       columns = list(comp.columns) or names
+      if encoder != "unknown" and not set(columns) <= set(_encoded_columns(
+          {"encoder": encoder, "scales": scales}, _EXAMPLE[encoder])):
+        encoder = "unknown"  # columns inference cannot compute: always missing there
       comps.append({"name": name, "idx": comp.idx, "dim": comp.dim, "source": comp.source,
                     "encoder": encoder, "columns": columns, "scales": scales})
   return {"image": {"size": config.data.img_size, **IMAGE}, "metadata": comps}
 
 
-def _column(col: str, value) -> float:
-  """One encoded column from its name: `<kind>_<sin|cos>` cycles, spatial_x/y/z, elev_<s>_*."""
-  fn = np.sin if col.endswith("_sin") else np.cos
-  if col.startswith("spatial_"):
-    lat, lon = np.radians(value)
-    return {"x": np.cos(lat) * np.cos(lon), "y": np.cos(lat) * np.sin(lon),
-            "z": np.sin(lat)}[col[-1]]
-  if col.startswith("elev_"):
-    return fn(2 * np.pi * value / float(col.split("_")[1]))
-  period, v = {"month": (12, value.month), "hour": (24, value.hour),
-               "doy": (365.25, value.timetuple().tm_yday),
-               "day_of_year": (365.25, value.timetuple().tm_yday)}[col.rsplit("_", 1)[0]]
-  return fn(2 * np.pi * v / period)
+def _encoded_columns(comp: dict, value) -> dict:
+  """{column name: value} of every column the component's encoder makes (data/encoders.py, the
+  formulas the training files were written with)."""
+  enc = comp["encoder"]
+  if enc == "unit_sphere":
+    return dict(zip(("spatial_x", "spatial_y", "spatial_z"), encoders.spatial(*value)))
+  if enc == "cyclic_date":
+    doy = value.timetuple().tm_yday
+    m = encoders.temporal(month=value.month, hour=value.hour)
+    d = encoders.temporal(day_of_year=doy)
+    return {"month_sin": m[0], "month_cos": m[1], "hour_sin": m[2], "hour_cos": m[3],
+            "doy_sin": d[0], "doy_cos": d[1], "day_of_year_sin": d[0], "day_of_year_cos": d[1]}
+  return dict(zip(encoders.elevation_column_names(comp["scales"]),
+                  encoders.elevation(value, comp["scales"])))
 
 
 def _request_value(encoder: str, request: dict):
   """The component's raw value from a request, or (None, reason) when missing or invalid."""
-  import datetime as dt  # pylint: disable=g-import-not-at-top
   if encoder == "unit_sphere":
     lat, lon = request.get("lat"), request.get("lon")
     if lat is None or lon is None:
@@ -159,7 +167,8 @@ def encode_metadata(layout: list[dict], request: dict | None):
   for comp in layout:
     value, why = _request_value(comp["encoder"], request)
     if why is None:
-      meta[comp["name"]] = np.array([_column(c, value) for c in comp["columns"]], np.float32)
+      cols = _encoded_columns(comp, value)
+      meta[comp["name"]] = np.array([cols[c] for c in comp["columns"]], np.float32)
     else:
       meta[comp["name"]] = np.zeros(comp["dim"], np.float32)
       warnings.append(f"{comp['name']} invalid: {why}")

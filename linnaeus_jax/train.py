@@ -344,11 +344,11 @@ def _every(interval: int, step: int) -> bool:
   return interval > 0 and step % interval == 0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last validation metrics.
 
-  `stop_at` ends the run after that step as an interruption would: no final checkpoint or
-  validation (a rerun resumes from the latest checkpoint).
+  SIGTERM ends the run after the current step with a checkpoint (`preemption.py`); rerunning
+  resumes from the latest checkpoint.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
@@ -528,8 +528,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = N
         ckpt.wait()
         _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
              "Rerun the same command to resume.")
-        return last_val
-      if stop_at is not None and done >= stop_at:
         return last_val
     end = total if prog["stopped_at"] is None else prog["stopped_at"]
     if ckpt.latest_step() != end:

@@ -13,7 +13,7 @@ LAYOUT = [
      "columns": ["month_sin", "month_cos", "hour_sin", "hour_cos"]},
     {"name": "SPATIAL", "dim": 3, "encoder": "unit_sphere",
      "columns": ["spatial_x", "spatial_y", "spatial_z"]},
-    {"name": "ELEVATION", "dim": 4, "encoder": "elevation",
+    {"name": "ELEVATION", "dim": 4, "encoder": "elevation", "scales": [100.0, 1000.0],
      "columns": ["elev_100_sin", "elev_100_cos", "elev_1000_sin", "elev_1000_cos"]},
 ]
 
