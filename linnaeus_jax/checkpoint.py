@@ -40,6 +40,11 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True,
                       metrics=None if metric is None else {"metric": float(metric)})
 
+  def progress(self, step: int) -> dict:
+    """The JSON progress record of `step` alone."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        progress=ocp.args.JsonRestore()))["progress"]
+
   def restore(self, step: int, abstract_state, data_iter):
     """Restores into `abstract_state`'s shapes and shardings and into `data_iter` in place."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore())

@@ -397,6 +397,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           "resuming is off (--resume=false / train.auto_resume=False); refusing "
                           "to overwrite them: use a new --workdir")
   if start is not None:
+    saved_by = ckpt.progress(start).get("process_count", pcount)
+    if saved_by != pcount:
+      ckpt.close()
+      raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} was written by "
+                       f"{saved_by} processes, this run has {pcount}: each process's data "
+                       "position is saved for its own slice, so resume with the same number")
     state, progress = ckpt.restore(start, abstract, train_iter)
     prog.update({k: progress[k] for k in prog if k in progress})
     # Re-materialise restored arrays so that the donating step may consume them.
@@ -457,8 +463,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(step, metric=None):
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
-                                        **prog, "last_val": last_val, "config": config_record},
-              metric)
+                                        "process_count": pcount, **prog, "last_val": last_val,
+                                        "config": config_record}, metric)
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   last_val, acc_sum = {}, None

@@ -40,3 +40,12 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.latest_step() == 5
   ckpt.close()
+
+
+def test_progress_alone_is_readable(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(3, {"w": jnp.ones(2)}, _iter(), {"step": 3, "process_count": 2})
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.progress(3) == {"step": 3, "process_count": 2}
+  ckpt.close()
