@@ -6,7 +6,8 @@
 FILE: a `torch.save` zip (a bare state dict such as `pytorch_model.bin`, or a training `.pth`
 whose `model` / `state_dict` entry is one; `module.` prefixes are stripped), read without torch,
 or an `.npz` whose keys are the torch names. CONFIG: one of our config files (`get_config()`,
-optionally `path.py:arg`) or a `config.json` written by our training.
+optionally `path.py:arg`), a `config.json` written by our training, or the original's experiment
+YAML (translated by `tools/import_config.py`).
 
 Strict (reference/model.md §12): every torch tensor is used exactly once and every parameter of
 the config's model is filled, or one `ConversionError` lists every missing key, every left-over
@@ -825,7 +826,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "torch.save file (state dict or training .pth), or "
                       ".npz keyed by torch names.")
   flags.DEFINE_string("config", None, "Our config: a .py file (get_config(), optionally "
-                      "path.py:arg) or a config.json written by training.")
+                      "path.py:arg), a config.json written by training, or the original's "
+                      "experiment YAML.")
   flags.DEFINE_string("out", None, "Output folder (created; must be absent or empty).")
   flags.DEFINE_bool("flash_attn_trained", False, FLASH_HELP)
   flags.DEFINE_multi_string("override", None, "key=value on the config, e.g. "
