@@ -127,23 +127,13 @@ def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None)
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
   """(step, {phase: metrics}) of DIR's checkpoint at `step` (default: the latest)."""
-  from linnaeus_jax import checkpoint as ckpt_lib, train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
   config, data = train.resolve(config, jax.device_count())
   if not len(data.val):
     raise ValueError("the configuration has no validation rows to evaluate")
   mesh = sharding.make_mesh(config)
-  tx, _ = train.optim.build(config, 1, 1)
-  graphdef, init = train.create_state(config, data.taxonomy.parents)
-  abstract, state_sharding = train.abstract_state(init, tx, mesh, config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
-                              f"{ckpt.directory}; steps: {list(ckpt.manager.all_steps())}")
-    state, _ = ckpt.restore(step, abstract, None)
-  finally:
-    ckpt.close()
+  step, state, graphdef, state_sharding = train.restore_state(config, workdir,
+                                                              data.taxonomy.parents, mesh, step)
   plist = phases(config, partial=True, exhaustive=True)
   eval_step = jit_step(graphdef, config, plist, state_sharding, mesh)
   ds = pipeline.eval_dataset(data, config, jax.process_index(), jax.process_count())

@@ -103,19 +103,16 @@ def parse_filter(text: str) -> Predicate:
     pos += 1
     return toks[pos - 1]
 
-  def disjunction():
-    terms = [conjunction()]
-    while peek() == "or":
-      take("or")
-      terms.append(conjunction())
-    return terms[0] if len(terms) == 1 else (lambda p, s: any(t(p, s) for t in terms))
+  def joined(word, operand, combine):
+    """operand (word operand)*, combined with `combine` (any for 'or', all for 'and')."""
+    terms = [operand()]
+    while peek() == word:
+      take(word)
+      terms.append(operand())
+    return terms[0] if len(terms) == 1 else (lambda p, s: combine(t(p, s) for t in terms))
 
-  def conjunction():
-    terms = [negation()]
-    while peek() == "and":
-      take("and")
-      terms.append(negation())
-    return terms[0] if len(terms) == 1 else (lambda p, s: all(t(p, s) for t in terms))
+  disjunction = lambda: joined("or", conjunction, any)
+  conjunction = lambda: joined("and", negation, all)
 
   def negation():
     if peek() == "not":

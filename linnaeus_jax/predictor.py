@@ -243,26 +243,15 @@ def load_workdir(workdir: str, step: int | None = None) -> dict:
 
 def load_checkpoint(workdir: str, step: int | None = None):
   """(config, {"params", "buffers"} as numpy trees, step) from DIR's checkpoint."""
-  from linnaeus_jax import checkpoint as ckpt_lib, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import sharding, train  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-  config = config_lib.from_json(open(path, encoding="utf-8").read())
-  taxonomy = TaxonomyTree.from_json(
-      open(os.path.join(workdir, "assets", "taxonomy_tree.json")).read())
-  mesh = sharding.make_mesh(config)
-  tx, _ = optim.build(config, 1, 1)
-  _, init = train.create_state(config, taxonomy.parents)
-  abstract, _ = train.abstract_state(init, tx, mesh, config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  try:
-    steps = list(ckpt.manager.all_steps())
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
-                              f"{ckpt.directory}; steps: {steps}")
-    state, _ = ckpt.restore(step, abstract, None)
-  finally:
-    ckpt.close()
+  with open(path, encoding="utf-8") as f:
+    config = config_lib.from_json(f.read())
+  with open(os.path.join(workdir, "assets", "taxonomy_tree.json"), encoding="utf-8") as f:
+    taxonomy = TaxonomyTree.from_json(f.read())
+  step, state, _, _ = train.restore_state(config, workdir, taxonomy.parents,
+                                          sharding.make_mesh(config), step)
   variables = jax.device_get({"params": state["params"], "buffers": state["buffers"]})
   return config, variables, step

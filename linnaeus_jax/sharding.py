@@ -18,7 +18,7 @@ BATCH_AXES = ("data", "fsdp")
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
   """(data, fsdp) from `config.mesh`; -1 for `data` takes every device left by `fsdp`."""
-  fsdp = int(config.mesh.get("fsdp", 1))
+  fsdp = int(config.mesh.fsdp)
   data = int(config.mesh.data)
   problems = []
   if fsdp < 1 or num_devices % fsdp:

@@ -133,6 +133,25 @@ def abstract_state(init, tx, mesh, config):
                       shapes, shardings), shardings
 
 
+def restore_state(config, workdir: str, parents, mesh, step: int | None = None):
+  """(step, state, graphdef, state sharding) of DIR's checkpoint at `step` (default: the
+  latest), for evaluation and inference (no data iterator)."""
+  tx, _ = optim.build(config, 1, 1)
+  graphdef, init = create_state(config, parents)
+  abstract, state_sharding = abstract_state(init, tx, mesh, config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    steps = list(ckpt.manager.all_steps())
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
+                              f"{ckpt.directory}; steps: {steps}")
+    state, _ = ckpt.restore(step, abstract, None)
+  finally:
+    ckpt.close()
+  return step, state, graphdef, state_sharding
+
+
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
