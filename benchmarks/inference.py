@@ -24,8 +24,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from linnaeus_jax import export  # noqa: E402
-from linnaeus_jax.predictor import Predictor  # noqa: E402
+from linnaeus_jax.inference import export  # noqa: E402
+from linnaeus_jax.inference.predictor import Predictor  # noqa: E402
 
 META = {"lat": 45.5, "lon": -73.6, "datetime_utc": "2021-06-01T10:00:00Z", "elevation_m": 30.0}
 

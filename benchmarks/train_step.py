@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from linnaeus_jax import config as config_lib  # noqa: E402
-from linnaeus_jax import optim, schedules, sharding, train  # noqa: E402
+from linnaeus_jax import optim, schedules, sharding, train_step  # noqa: E402
+from linnaeus_jax import state as state_lib  # noqa: E402
 from linnaeus_jax.tools import model_summary  # noqa: E402
 
 CLASSES = (684, 179, 40, 4)  # the reference parity heads
@@ -81,9 +82,10 @@ def bench(c, steps, repeats=1):
   forward = model_summary.summary(c)
   mesh = sharding.make_mesh(c)
   tx, lr = optim.build(c, 1000, 100)
-  graphdef, init = train.create_state(c)
+  graphdef, init = state_lib.create_state(c)
   state = jax.jit(lambda: init(tx))()
-  step = train.make_train_step(graphdef, tx, c, lr, schedules.Schedules.from_config(c, 1000, 100))
+  step = train_step.make_train_step(graphdef, tx, train_step.StepConfig.from_config(c), lr,
+                                    schedules.Schedules.from_config(c, 1000, 100))
   rng = np.random.default_rng(0)
   comps = config_lib.enabled_components(c)
   batch_np = {

@@ -18,11 +18,11 @@ def get_config():
   c.aug.autoaug.policy = "none"  # the synthetic task needs no augmentation to generalise
   c.aug.random_erase.prob = 0.0
   m = c.model
-  m.convnext_stages.depths = [1, 1]
-  m.convnext_stages.dims = [32, 48, 64, 96]
-  m.rope_stages.depths = [1, 1]
-  m.rope_stages.dims = [64, 96]
-  m.rope_stages.num_heads = [2, 3]
+  m.convnext_stages.depths = (1, 1)
+  m.convnext_stages.dims = (32, 48, 64, 96)
+  m.rope_stages.depths = (1, 1)
+  m.rope_stages.dims = (64, 96)
+  m.rope_stages.num_heads = (2, 3)
   m.drop_path_rate = 0.0
   c.train.steps = 500
   c.lr_scheduler.base_lr = 2e-3

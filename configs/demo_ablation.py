@@ -20,12 +20,12 @@ def _demo():
 def get_config(variant: str = "full"):
   c = _demo()
   v = c.schedule.validation.partial_mask_meta
-  v.enabled, v.interval_steps, v.whitelist = True, 250, [["SPATIAL"]]
+  v.enabled, v.interval_steps, v.whitelist = True, 250, (("SPATIAL",),)
   if variant == "partial":  # also mask one component at a time in training
     pm = c.schedule.meta_masking.partial
     pm.enabled, pm.start_prob, pm.end_prob = True, 0.3, 0.3
     pm.end_fraction = 1.0
-    pm.whitelist = [["TEMPORAL"], ["SPATIAL"], ["ELEVATION"]]
+    pm.whitelist = (("TEMPORAL",), ("SPATIAL",), ("ELEVATION",))
   elif variant != "full":
     raise ValueError(f"variant {variant!r}: 'full' or 'partial'")
   return c

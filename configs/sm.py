@@ -1,4 +1,4 @@
-"""mFormerV1_sm (reference/model.md §2) on a labels.h5 dataset at 384x384.
+"""mFormerV1_sm (docs/model.md#sizes) on a labels.h5 dataset at 384x384.
 
     python -m linnaeus_jax.main --config=configs/sm.py --workdir=DIR \
         --config.data.h5.labels_path=/data/labels.h5 --config.data.hybrid.use_hybrid=True \
@@ -33,9 +33,9 @@ def get_config():
   pm.enabled = True
   pm.start_fraction, pm.end_fraction = 0.1, 0.9  # or start_steps / end_steps
   pm.start_prob, pm.end_prob, pm.prob_end_fraction = 0.01, 0.7, 0.5
-  pm.whitelist = [["TEMPORAL"], ["SPATIAL"], ["ELEVATION"], ["TEMPORAL", "SPATIAL"],
-                  ["TEMPORAL", "ELEVATION"], ["SPATIAL", "ELEVATION"]]
-  pm.weights = [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+  pm.whitelist = (("TEMPORAL",), ("SPATIAL",), ("ELEVATION",), ("TEMPORAL", "SPATIAL"),
+                  ("TEMPORAL", "ELEVATION"), ("SPATIAL", "ELEVATION"))
+  pm.weights = (1.0, 1.0, 1.0, 0.5, 0.5, 0.5)
 
   # Null labels: keep a null label's loss with probability 0 -> 1 over the first 20% (per task,
   # per sample); train.phase1_mask_null_loss=True would exclude nulls altogether instead.
@@ -44,31 +44,31 @@ def get_config():
 
   # Selective mixing of same-genus partners (group_levels[0]); one draw per batch.
   mix = c.schedule.mix
-  mix.group_levels = ["taxa_L20"]
+  mix.group_levels = ("taxa_L20",)
   mix.min_group_size = 4
-  mix.exclude_null_samples, mix.null_task_keys = True, []  # [] = all tasks
+  mix.exclude_null_samples, mix.null_task_keys = True, ()  # () = all tasks
   mix.prob.enabled, mix.prob.start_prob, mix.prob.end_prob = True, 0.5, 0.1
   mix.prob.end_fraction = 0.8
   mix.mixup.enabled, mix.mixup.alpha = True, 1.0
-  mix.cutmix.enabled, mix.cutmix.alpha, mix.cutmix.minmax = True, 1.0, [0.3, 0.7]
+  mix.cutmix.enabled, mix.cutmix.alpha, mix.cutmix.minmax = True, 1.0, (0.3, 0.7)
   mix.switch_prob = 0.5  # CutMix instead of Mixup, when both are enabled
   mix.meta_mix = "pick"  # a mixed component is valid only if valid in both ('prefer_valid')
 
   # Losses: per task; TaxonomyAwareLabelSmoothing uses the taxonomy smoothing matrices.
   loss = c.loss
-  loss.task_specific.train.funcs = ["TaxonomyAwareLabelSmoothing", "LabelSmoothingCrossEntropy",
-                                    "CrossEntropyLoss", "CrossEntropyLoss"]
-  loss.task_specific.val.funcs = ["CrossEntropyLoss"] * 4
+  loss.task_specific.train.funcs = ("TaxonomyAwareLabelSmoothing", "LabelSmoothingCrossEntropy",
+                                    "CrossEntropyLoss", "CrossEntropyLoss")
+  loss.task_specific.val.funcs = ("CrossEntropyLoss",) * 4
   c.model.label_smoothing = 0.1  # LabelSmoothingCrossEntropy's s
   ts = loss.taxonomy_smoothing
-  ts.enabled = [True, False, False, False]
+  ts.enabled = (True, False, False, False)
   ts.alpha, ts.beta, ts.uniform_roots, ts.fallback_to_uniform = 0.1, 1.0, True, True
   cw = loss.grad_weighting["class"]  # class weights from the train counts, applied once
   cw.method = "none"  # or 'smoothing', 'capping' (cw.cap), 'exponential', 'logarithmic'
   cw.train, cw.val = True, False
   tw = loss.grad_weighting.task
-  tw.type = "gradnorm"  # or 'static' with tw.init_weights = [1.0, 1.0, 1.0, 1.0]
+  tw.type = "gradnorm"  # or 'static' with tw.init_weights = (1.0, 1.0, 1.0, 1.0)
   tw.alpha, tw.update_interval, tw.warmup_steps = 1.5, 100, 0
-  tw.exclude = ["head", "meta_"]  # parameters not shared by the tasks
+  tw.exclude = ("head", "meta_")  # parameters not shared by the tasks
   tw.zero_aux_info = True  # GradNorm's re-forward without metadata
   return c

@@ -1,4 +1,4 @@
-"""mFormerV1_xl (reference/model.md §2) on a labels.h5 dataset at 384x384.
+"""mFormerV1_xl (docs/model.md#sizes) on a labels.h5 dataset at 384x384.
 
     python -m linnaeus_jax.main --config=configs/xl.py --workdir=DIR \
         --config.data.h5.labels_path=/data/labels.h5 --config.data.hybrid.use_hybrid=True \
@@ -14,7 +14,4 @@ def get_config():
   c.data.img_size = 384
   c.data.batch_size = 64
   c.data.batch_size_val = 128
-  # The original ramps full metadata masking 1.0 -> 0.0 but gives no end (it fell back to 5000
-  # steps); an end is required here.
-  c.schedule.meta_masking.end_fraction = 0.3
   return c

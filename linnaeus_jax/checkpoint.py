@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -59,7 +58,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

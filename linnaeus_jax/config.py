@@ -5,6 +5,11 @@ Key paths are the original's YACS paths lower-cased with the same nesting
 (task keys such as `taxa_L10`, components `TEMPORAL`). `base_config()` holds every known key with
 the original's defaults; files in `configs/` start from it. `validate()` lists every unknown key
 and every inconsistent value in one error.
+
+Every key can be set on the command line (`--config.data.batch_size=32`): sequences are tuples,
+which ml_collections parses from Python literals (`--config.data.task_keys_h5="('taxa_L10',
+'taxa_L20')"`, nested for whitelists). New entries of the open subtrees (`OPEN_SUBTREES`) need a
+config file. Nothing here imports jax, so that checking a config is cheap.
 """
 
 from __future__ import annotations
@@ -12,19 +17,27 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 
 import ml_collections
+
+from linnaeus_jax import param_filters
 
 TASK_KEYS = ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")
 HEAD_TYPES = ("Linear", "HierarchicalSoftmax", "ConditionalClassifier")
 ROUTINGS = ("soft", "hard", "gumbel")
 REMAT = ("none", "full", "dots")
 LR_SCHEDULES = ("cosine", "linear", "step", "wsd", "constant")
+DECAY_TYPES = ("cosine", "linear")  # lr_scheduler.decay_type (wsd's decay)
 OPTIMIZERS = ("adamw", "sgd", "muon", "ademamix")
 LOSSES = ("CrossEntropyLoss", "LabelSmoothingCrossEntropy", "SoftTargetCrossEntropy",
           "TaxonomyAwareLabelSmoothing")
 CLASS_WEIGHTS = ("none", "smoothing", "capping", "exponential", "logarithmic")
 TASK_WEIGHTING = ("static", "gradnorm")
+# aug.autoaug.policy: one of AUTOAUG_POLICIES or RandAugment 'rand-m<M>-n<N>' (data/augment.py).
+AUTOAUG_POLICIES = ("none", "original")
+RANDAUG = re.compile(r"rand-m(\d+(?:\.\d+)?)-n(\d+)")
+ERASE_MODES = ("pixel", "rand", "const")  # aug.random_erase.mode
 # Subtrees whose keys are data (task keys, component names): any key may appear there, but each
 # entry must have the shape of the template.
 OPEN_SUBTREES = {"model.classification.heads": "head", "data.meta.components": "component",
@@ -36,7 +49,7 @@ class ConfigError(ValueError):
 
 
 def _component(enabled, source, dim, idx):
-  return dict(enabled=enabled, source=source, columns=[], dim=dim, idx=idx, allow_missing=True,
+  return dict(enabled=enabled, source=source, columns=(), dim=dim, idx=idx, allow_missing=True,
               oor_mask=False)
 
 
@@ -52,7 +65,7 @@ def component_template():
 
 def param_group_template(**values):
   """A parameter group entry (docs/optimization.md) with every key, so that each one can be
-  overridden on the command line. filter / decay: filter strings (linnaeus_jax/optim.py);
+  overridden on the command line. filter / decay: filter strings (linnaeus_jax/param_filters.py);
   optimizer '' and weight_decay < 0 inherit optimizer.name / optimizer.weight_decay."""
   group = ml_collections.ConfigDict(dict(filter="", optimizer="", weight_decay=-1.0,
                                          lr_multiplier=1.0, decay="decayable"))
@@ -67,29 +80,34 @@ TEMPLATES = {"head": head_template, "component": component_template,
              "param_group": param_group_template}
 
 
+def param_group_values(node) -> dict:
+  """A parameter group's entry with the template's values for the keys it leaves out."""
+  return {**param_group_template().to_dict(), **node.to_dict()}
+
+
 # mFormerV1 sizes (reference/model.md §2); only the first two ConvNeXt depths are used.
 MFORMER_V1_SIZES = {
-    "sm": dict(dims=[96, 192, 384, 768], rope_depths=[5, 2], heads=[6, 12], drop_path=0.2),
-    "md": dict(dims=[96, 192, 384, 768], rope_depths=[10, 2], heads=[6, 12], drop_path=0.3),
-    "lg": dict(dims=[192, 384, 768, 1536], rope_depths=[10, 2], heads=[12, 24], drop_path=0.4),
-    "xl": dict(dims=[256, 512, 1024, 2048], rope_depths=[22, 2], heads=[16, 32], drop_path=0.5),
+    "sm": dict(dims=(96, 192, 384, 768), rope_depths=(5, 2), heads=(6, 12), drop_path=0.2),
+    "md": dict(dims=(96, 192, 384, 768), rope_depths=(10, 2), heads=(6, 12), drop_path=0.3),
+    "lg": dict(dims=(192, 384, 768, 1536), rope_depths=(10, 2), heads=(12, 24), drop_path=0.4),
+    "xl": dict(dims=(256, 512, 1024, 2048), rope_depths=(22, 2), heads=(16, 32), drop_path=0.5),
 }
 
 
 def set_model_size(config: ml_collections.ConfigDict, size: str) -> None:
   """Sets config.model to the mFormerV1 size `size` (sm, md, lg, xl)."""
   s, m = MFORMER_V1_SIZES[size], config.model
-  m.convnext_stages.depths = [3, 3]
-  m.convnext_stages.dims = list(s["dims"])
-  m.rope_stages.depths = list(s["rope_depths"])
-  m.rope_stages.dims = list(s["dims"][2:])
-  m.rope_stages.num_heads = list(s["heads"])
-  m.rope_stages.mlp_ratio = [4.0, 4.0]
+  m.convnext_stages.depths = (3, 3)
+  m.convnext_stages.dims = s["dims"]
+  m.rope_stages.depths = s["rope_depths"]
+  m.rope_stages.dims = s["dims"][2:]
+  m.rope_stages.num_heads = s["heads"]
+  m.rope_stages.mlp_ratio = (4.0, 4.0)
   m.drop_path_rate = s["drop_path"]
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every known key, with the original's defaults where it has one."""
+  """Every known key, with the original's defaults where it has one (sequences as tuples)."""
   c = ml_collections.ConfigDict()
   c.data = dict(
       h5=dict(labels_path="", images_path="", train_labels_path="", val_labels_path="",
@@ -102,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
                                      num_workers=8, decode=False, report_path="")),
       sampler=dict(type="grouped"),  # 'grouped' (pairs for mixing) | 'standard'
       taxonomy=dict(path="", multi_parent="error"),  # ours: taxonomy_tree.json; or 'majority' 
-      task_keys_h5=list(TASK_KEYS),
+      task_keys_h5=TASK_KEYS,
       partial=dict(levels=False),
       out_of_region=dict(include=True),
       upward_major_check=False,
@@ -126,8 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(
       name="mFormerV1",
       in_chans=3,
-      convnext_stages=dict(depths=[3, 3], dims=[96, 192, 384, 768], layer_scale_init_value=1e-6),
-      rope_stages=dict(depths=[5, 2], dims=[384, 768], num_heads=[6, 12], mlp_ratio=[4.0, 4.0],
+      convnext_stages=dict(depths=(3, 3), dims=(96, 192, 384, 768), layer_scale_init_value=1e-6),
+      rope_stages=dict(depths=(5, 2), dims=(384, 768), num_heads=(6, 12), mlp_ratio=(4.0, 4.0),
                        rope_theta=10000.0, rope_mixed=True),
       drop_rate=0.0,
       drop_path_rate=0.2,
@@ -153,14 +171,15 @@ def base_config() -> ml_collections.ConfigDict:
       nonfinite_patience=5,  # ours: stop after this many non-finite (skipped) steps in a row
       accumulation_steps=1,  # micro-batches of data.batch_size / k per optimizer update
       # Stop when `metric` ('<phase>/<name>', e.g. val/loss, val/acc1/taxa_L10) has not improved
-      # by min_delta for `patience` evaluations; mode min | max | auto (min for losses). The
-      # same metric ranks checkpoints for schedule.checkpoint.keep_top_n.
-      early_stop=dict(active=False, metric="val/loss", mode="auto", patience=5, min_delta=0.0),
+      # by min_delta for `patience_evals` validations in a row; mode min | max | auto (min for
+      # losses). The same metric ranks checkpoints for schedule.checkpoint.keep_top_n.
+      early_stop=dict(active=False, metric="val/loss", mode="auto", patience_evals=5,
+                      min_delta=0.0),
   )
   # docs/optimization.md. name: the optimizer of every group that names none.
   c.optimizer = dict(
       name="adamw", eps=1e-8, weight_decay=0.05,
-      betas=[0.9, 0.999, 0.9999],  # adamw: betas[:2]; ademamix: all three
+      betas=(0.9, 0.999, 0.9999),  # adamw: betas[:2]; ademamix: all three
       momentum=0.9,  # sgd (always nesterov)
       alpha=5.0, t_alpha_beta3=0,  # ademamix; t_alpha_beta3 > 0: alpha / beta3 warmup (steps)
       # muon: Muon on 2-D and conv (4-D) parameters per block, AdamW on the rest of its group
@@ -184,16 +203,16 @@ def base_config() -> ml_collections.ConfigDict:
       # but only its first step took effect).
       scale_by_batch=False, reference_bs=512)
   c.loss = dict(
-      task_specific=dict(train=dict(funcs=["CrossEntropyLoss"] * 4),
-                         val=dict(funcs=["CrossEntropyLoss"] * 4)),
+      task_specific=dict(train=dict(funcs=("CrossEntropyLoss",) * 4),
+                         val=dict(funcs=("CrossEntropyLoss",) * 4)),
       # Per-task switch (task_keys_h5 order) for TaxonomyAwareLabelSmoothing's matrices.
-      taxonomy_smoothing=dict(enabled=[False] * 4, alpha=0.1, beta=1.0, uniform_roots=True,
+      taxonomy_smoothing=dict(enabled=(False,) * 4, alpha=0.1, beta=1.0, uniform_roots=True,
                               fallback_to_uniform=True),
       grad_weighting=dict(
           # type 'static': init_weights (or ones); 'gradnorm': the original's closed-form rule
           # (reference/training.md §6). The original defaults to gradnorm; we default to static.
-          task=dict(type="static", init_weights=[], alpha=1.5, update_interval=100,
-                    warmup_steps=0, exclude=["head", "meta_"], zero_aux_info=True),
+          task=dict(type="static", init_weights=(), alpha=1.5, update_interval=100,
+                    warmup_steps=0, exclude=("head", "meta_"), zero_aux_info=True),
           # class weights from the train counts, applied once per sample (Decision 6).
           **{"class": dict(train=True, val=False, method="none", smoothing_factor=0.1,
                            cap=20.0, base=2.0, log_base=10.0)}),
@@ -201,13 +220,15 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.schedule = dict(
       # Ramps p(step) = start -> end, linear until the end (steps > fraction; <= 0 = unset).
+      # Full metadata masking ends at 30% of training (the original gave no end and fell back to
+      # 5000 steps).
       meta_masking=dict(
-          enabled=True, start_prob=1.0, end_prob=0.0, end_steps=0, end_fraction=-1.0,
+          enabled=True, start_prob=1.0, end_prob=0.0, end_steps=0, end_fraction=0.3,
           # Partial masking: active in [start, end); its probability ramps from step 0 to
           # prob_end; each masked sample gets one whitelist combination, drawn by weights.
           partial=dict(enabled=False, start_steps=0, start_fraction=-1.0, end_steps=0,
                        end_fraction=-1.0, start_prob=0.01, end_prob=0.7, prob_end_steps=0,
-                       prob_end_fraction=0.5, whitelist=[], weights=[])),
+                       prob_end_fraction=0.5, whitelist=(), weights=())),
       # Probability of keeping a null label's loss (per task, per sample); disabled = 1.
       null_masking=dict(enabled=False, start_prob=0.0, end_prob=1.0, end_steps=0,
                         end_fraction=-1.0),
@@ -220,29 +241,29 @@ def base_config() -> ml_collections.ConfigDict:
           mask_meta_interval_steps=0, mask_meta_interval_fraction=-1.0,
           mask_meta_interval_epochs=1.0,
           partial_mask_meta=dict(enabled=False, interval_steps=0, interval_fraction=-1.0,
-                                 interval_epochs=1.0, whitelist=[]),
+                                 interval_epochs=1.0, whitelist=()),
           final_epoch=dict(exhaustive_partial_meta_validation=False,
-                           exhaustive_meta_components=[])),  # [] = every enabled component
+                           exhaustive_meta_components=())),  # () = every enabled component
       checkpoint=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
                       keep_last_n=2, keep_top_n=0),
       metrics=dict(console_interval=100, tensorboard_interval=50),
       # Selective mixing of the sampler's partners (same group at group_levels[0]). Off by
       # default: the original's default (constant 0.2, tested twice) mixed 4% of batches.
-      mix=dict(group_levels=["taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"], min_group_size=4,
-               exclude_null_samples=False, null_task_keys=[],
+      mix=dict(group_levels=("taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"), min_group_size=4,
+               exclude_null_samples=False, null_task_keys=(),
                prob=dict(enabled=False, start_prob=1.0, end_prob=0.2, end_steps=0,
                          end_fraction=-1.0),
                switch_prob=0.5,  # CutMix instead of Mixup when both are enabled
                mixup=dict(enabled=True, alpha=1.0),
-               cutmix=dict(enabled=False, alpha=1.0, minmax=[]),
+               cutmix=dict(enabled=False, alpha=1.0, minmax=()),
                meta_mix="pick"),  # 'pick' | 'prefer_valid' (training.md §10)
   )
   c.aug = dict(autoaug=dict(policy="original"),  # 'none' | 'original' | 'rand-m<M>-n<N>'
-               random_erase=dict(prob=0.25, mode="pixel", area_range=[0.02, 0.4],
-                                 aspect_ratio=[0.3, 3.3], count=1))
-  # Per-subset top-1 (`subset_acc1/<name>/<task>`): taxa subsets as [name, task key, taxon id],
+               random_erase=dict(prob=0.25, mode="pixel", area_range=(0.02, 0.4),
+                                 aspect_ratio=(0.3, 3.3), count=1))
+  # Per-subset top-1 (`subset_acc1/<name>/<task>`): taxa subsets as (name, task key, taxon id),
   # and rarity bins of the finest rank's classes by percentiles of the train class counts.
-  c.metrics = dict(taxa_subsets=[], rarity_percentiles=[1, 5, 25, 50, 75, 90, 95, 99])
+  c.metrics = dict(taxa_subsets=(), rarity_percentiles=(1, 5, 25, 50, 75, 90, 95, 99))
   c.misc = dict(seed=42)
   # docs/distributed.md. data x fsdp = all devices (of all processes); data=-1: the rest. fsdp > 1
   # splits every state array of >= fsdp_min_size elements along its largest divisible dimension.
@@ -251,20 +272,68 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns base_config() updated with `config`, so absent keys get their defaults."""
+  """Returns base_config() updated with `config`, so absent keys get their defaults.
+
+  The entries of an open subtree are data: `config`'s replace the defaults' (each completed from
+  its template), so that e.g. a run with two heads does not get the four default ones back.
+  """
   merged = base_config()
   _merge(merged, config)
   return merged
 
 
+def tuples(value):
+  """`value` with every list (at any depth) as a tuple, the type command-line overrides need."""
+  if isinstance(value, dict):
+    return {k: tuples(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(tuples(v) for v in value)
+  return value
+
+
 def _merge(dst, src, prefix=""):
   for key, value in src.items():
-    if isinstance(value, ml_collections.ConfigDict) and key in dst and isinstance(
+    path = prefix + key
+    if path in OPEN_SUBTREES and isinstance(value, ml_collections.ConfigDict):
+      entries = ml_collections.ConfigDict()
+      for name, entry in value.items():
+        if isinstance(entry, ml_collections.ConfigDict):  # else left for validate() to report
+          entry, given = TEMPLATES[OPEN_SUBTREES[path]](), entry
+          _merge(entry, given, f"{path}.{name}.")
+        entries[name] = entry
+      with dst.unlocked():
+        dst[key] = entries
+    elif isinstance(value, ml_collections.ConfigDict) and key in dst and isinstance(
         dst[key], ml_collections.ConfigDict):
-      _merge(dst[key], value, prefix + key + ".")
+      _merge(dst[key], value, path + ".")
     else:
       with dst.unlocked():
-        dst[key] = value
+        dst[key] = tuples(value)
+
+
+def _unknown(path: str, key: str, known) -> str:
+  """`unknown key <path>.<key>`, with the closest known key if one is close."""
+  hint = difflib.get_close_matches(key, list(known), n=1)
+  prefix = path + "." if path else ""
+  return f"unknown key {prefix}{key}" + (f" (did you mean {prefix}{hint[0]}?)" if hint else "")
+
+
+def override_problem(config, path: str) -> str | None:
+  """Why `--config.<path>=...` cannot set `config` (None if it can): an unknown key (with the
+  closest known one), or a new entry of an open subtree, which only a config file can add."""
+  node, done = config, ""
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{done} is a value ({type(node).__name__}), it has no key {key!r}"
+    if key not in node:
+      if done in OPEN_SUBTREES:
+        kind = OPEN_SUBTREES[done]
+        return (f"{done} has no entry {key!r}, and new entries cannot be added on the command "
+                f"line: add it in a config file (e.g. a copy of configs/sm.py): "
+                f"`c.{done}.{key} = config_lib.{kind}_template()`, then set its keys")
+      return _unknown(done, key, node.keys())
+    node, done = node[key], f"{done}.{key}" if done else key
+  return None
 
 
 def _unknown_keys(node, ref, path, problems):
@@ -279,9 +348,7 @@ def _unknown_keys(node, ref, path, problems):
         _unknown_keys(entry, template, f"{full}.{name}", problems)
       continue
     if key not in ref:
-      hint = difflib.get_close_matches(key, list(ref.keys()), n=1)
-      problems.append(f"unknown key {full}" + (f" (did you mean {path + '.' if path else ''}"
-                                               f"{hint[0]}?)" if hint else ""))
+      problems.append(_unknown(path, key, ref.keys()))
       continue
     if isinstance(node[key], ml_collections.ConfigDict) and isinstance(
         ref[key], ml_collections.ConfigDict):
@@ -380,12 +447,11 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
       ("data.taxonomy.multi_parent", d.taxonomy.multi_parent, ("error", "majority"))):
     if value not in allowed:
       problems.append(f"{key} {value!r} not in {allowed}")
-  from linnaeus_jax.data import augment  # pylint: disable=g-import-not-at-top
-  if (problem := augment.check_policy(config.aug.autoaug.policy)):
+  if (problem := autoaug_policy_problem(config.aug.autoaug.policy)):
     problems.append(problem)
   er = config.aug.random_erase
-  if er.mode not in ("pixel", "rand", "const"):
-    problems.append(f"aug.random_erase.mode {er.mode!r} not in ('pixel', 'rand', 'const')")
+  if er.mode not in ERASE_MODES:
+    problems.append(f"aug.random_erase.mode {er.mode!r} not in {ERASE_MODES}")
   if er.count != 1:
     problems.append("aug.random_erase.count must be 1 (one box per sample)")
   if not 0.0 <= er.prob <= 1.0:
@@ -450,8 +516,8 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
   if "/" not in es.metric or not es.metric.startswith("val"):
     problems.append(f"train.early_stop.metric {es.metric!r} must be '<val phase>/<metric>', "
                     "e.g. 'val/loss' or 'val/acc1/taxa_L10'")
-  if es.patience < 1:
-    problems.append("train.early_stop.patience must be >= 1 (evaluations)")
+  if es.patience_evals < 1:
+    problems.append("train.early_stop.patience_evals must be >= 1 (validations)")
   if config.schedule.checkpoint.keep_top_n < 0:
     problems.append("schedule.checkpoint.keep_top_n must be >= 0")
   k = t.accumulation_steps
@@ -463,8 +529,7 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
                     f"devices")
   if t.steps <= 0 and t.epochs <= 0:
     problems.append("set train.steps or train.epochs to a positive number")
-  from linnaeus_jax import optim  # pylint: disable=g-import-not-at-top
-  problems += optim.config_problems(config)  # optimizer.*, lr_scheduler.*, parameter groups
+  problems += _optimizer_problems(config)  # optimizer.*, lr_scheduler.*, parameter groups
   mm = config.schedule.meta_masking
   if mm.enabled:
     if mm.end_steps <= 0 and mm.end_fraction < 0 and mm.start_prob != mm.end_prob:
@@ -478,6 +543,85 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
       problems.append(f"schedule.metrics.{key} must be >= 1")
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def autoaug_policy_problem(policy: str) -> str | None:
+  """None if `policy` is a valid aug.autoaug.policy, else the problem."""
+  if policy in AUTOAUG_POLICIES or RANDAUG.fullmatch(policy):
+    return None
+  return f"aug.autoaug.policy {policy!r}: expected 'none', 'original' or 'rand-m<M>-n<N>'"
+
+
+def _optimizer_problems(config) -> list[str]:
+  """Problems of the optimizer and lr_scheduler sections (docs/optimization.md)."""
+  problems, o, s = [], config.optimizer, config.lr_scheduler
+  pg = o.parameter_groups
+
+  def check_filter(key, text):
+    if (problem := param_filters.problem(text)):
+      problems.append(f"{key} {text!r}: {problem}")
+
+  def check_group(key, node):
+    e = param_group_values(node)
+    if e["optimizer"] and e["optimizer"] not in OPTIMIZERS:
+      problems.append(f"{key}.optimizer {e['optimizer']!r} not in {OPTIMIZERS} "
+                      f"('' = optimizer.name)")
+    if not e["lr_multiplier"] > 0:
+      problems.append(f"{key}.lr_multiplier must be > 0, got {e['lr_multiplier']}")
+    check_filter(f"{key}.decay", e["decay"])
+    return e
+
+  if o.name not in OPTIMIZERS:
+    problems.append(f"optimizer.name {o.name!r} not in {OPTIMIZERS}")
+  if len(o.betas) not in (2, 3) or not all(0.0 <= b < 1.0 for b in o.betas):
+    problems.append(f"optimizer.betas must be 2 or 3 numbers in [0, 1), got {tuple(o.betas)}")
+  if not 0.0 <= o.momentum < 1.0:
+    problems.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+  if o.weight_decay < 0:
+    problems.append(f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+  if o.muon.ns_steps < 1:
+    problems.append("optimizer.muon.ns_steps must be >= 1")
+  check_filter("optimizer.muon.adamw_filter", o.muon.adamw_filter)
+  check_group("optimizer.parameter_groups.default", pg.default)
+  order = list(pg.order)
+  if len(set(order)) != len(order):
+    problems.append(f"optimizer.parameter_groups.order has duplicates: {order}")
+  for name in order:
+    if name not in pg.groups:
+      problems.append(f"optimizer.parameter_groups.order names {name!r}, which is not in "
+                      f"optimizer.parameter_groups.groups")
+  for name, node in pg.groups.items():
+    key = f"optimizer.parameter_groups.groups.{name}"
+    if name == "default":
+      problems.append(f"{key}: 'default' is reserved (set optimizer.parameter_groups.default)")
+    if name not in order:
+      problems.append(f"{key} is not in optimizer.parameter_groups.order (the matching order)")
+    e = check_group(key, node)
+    if not e["filter"]:
+      problems.append(f"{key}.filter is empty (use 'all' to match everything)")
+    else:
+      check_filter(f"{key}.filter", e["filter"])
+
+  if s.name not in LR_SCHEDULES:
+    problems.append(f"lr_scheduler.name {s.name!r} not in {LR_SCHEDULES}")
+  if s.base_lr <= 0:
+    problems.append(f"lr_scheduler.base_lr must be positive, got {s.base_lr}")
+  if s.min_lr > s.base_lr:
+    problems.append(f"lr_scheduler.min_lr {s.min_lr} exceeds base_lr {s.base_lr}")
+  if s.warmup_lr < 0 or s.min_lr < 0:
+    problems.append("lr_scheduler.warmup_lr and min_lr must be >= 0")
+  if s.decay_type not in DECAY_TYPES:
+    problems.append(f"lr_scheduler.decay_type {s.decay_type!r} not in {DECAY_TYPES}")
+  if s.name == "step" and (s.decay_steps < 1 or not 0.0 < s.decay_rate <= 1.0):
+    problems.append(f"lr_scheduler 'step' needs decay_steps >= 1 and decay_rate in (0, 1], got "
+                    f"{s.decay_steps}, {s.decay_rate}")
+  fr = (s.stable_duration_fraction, s.decay_duration_fraction)
+  if s.name == "wsd" and (min(fr) < 0 or fr[1] <= 0 or sum(fr) > 1.0):
+    problems.append(f"lr_scheduler 'wsd' needs stable_duration_fraction >= 0, "
+                    f"decay_duration_fraction > 0 and their sum <= 1, got {fr}")
+  if s.scale_by_batch and s.reference_bs < 1:
+    problems.append(f"lr_scheduler.reference_bs must be >= 1, got {s.reference_bs}")
+  return problems
 
 
 def _training_dynamics_problems(config, tasks) -> list[str]:
@@ -507,8 +651,8 @@ def _training_dynamics_problems(config, tasks) -> list[str]:
                       "or end_fraction")
   for entry in config.metrics.taxa_subsets:
     if len(entry) != 3 or entry[1] not in tasks:
-      problems.append(f"metrics.taxa_subsets entry {list(entry)} must be [name, task key, "
-                      f"taxon id] with a task of {tasks}")
+      problems.append(f"metrics.taxa_subsets entry {tuple(entry)} must be (name, task key, "
+                      f"taxon id) with a task of {tasks}")
   v = s.validation
   for key, combos in (("partial_mask_meta.whitelist", v.partial_mask_meta.whitelist),
                       ("final_epoch.exhaustive_meta_components",
@@ -531,8 +675,8 @@ def _training_dynamics_problems(config, tasks) -> list[str]:
       problems.append(f"schedule.mix.{key}.alpha must be > 0, got {mix[key].alpha}")
   mm = list(mix.cutmix.minmax)
   if mm and not (len(mm) == 2 and 0.0 <= mm[0] < mm[1] <= 1.0):
-    problems.append(f"schedule.mix.cutmix.minmax must be [] or [a, b] with 0 <= a < b <= 1, "
-                    f"got {mm}")
+    problems.append(f"schedule.mix.cutmix.minmax must be () or (a, b) with 0 <= a < b <= 1, "
+                    f"got {tuple(mm)}")
   gw = config.loss.grad_weighting
   if gw.task.type not in TASK_WEIGHTING:
     problems.append(f"loss.grad_weighting.task.type {gw.task.type!r} not in {TASK_WEIGHTING}")
@@ -571,5 +715,12 @@ def to_json(config) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """A config written by `to_json` (DIR/config.json), with defaults for keys added since."""
-  return load_overrides(ml_collections.ConfigDict(json.loads(text)))
+  """A config written by `to_json` (DIR/config.json), with defaults for keys added since; its
+  lists come back as tuples, so that it can still be overridden on the command line."""
+  return load_overrides(ml_collections.ConfigDict(tuples(json.loads(text))))
+
+
+def read_json(path: str) -> ml_collections.ConfigDict:
+  """`from_json` of the file at `path` (e.g. a training run's DIR/config.json)."""
+  with open(path, encoding="utf-8") as f:
+    return from_json(f.read())

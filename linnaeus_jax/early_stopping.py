@@ -1,4 +1,4 @@
-"""Best-metric tracking and early stopping on a validation metric (reference/training.md §12).
+"""Best-metric tracking and early stopping on a validation metric (docs/design.md#early-stopping).
 
 The metric is named `<phase>/<name>` (`val/loss`, `val/acc1/taxa_L10`, `val_mask_meta/loss`).
 Its direction is `mode` ('min' | 'max'; 'auto': min for names containing "loss"). Patience is

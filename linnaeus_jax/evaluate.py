@@ -7,8 +7,8 @@ whitelisted and the exhaustive combinations) on the validation split and writes
 DIR/eval/step_<N>.json: {phase: {metric: value}}.
 
 A phase is (name, components masked). `val` masks nothing, `val_mask_meta` everything, a
-`val_mask_<A>_<B>` phase the listed components (reference/training.md §11, Decision 7: columns of
-the packing table, i.e. validity flags, never value slices). One jitted call evaluates every
+`val_mask_<A>_<B>` phase the listed components: their validity flags, never value slices
+(docs/design.md#validation-masking-and-chain-accuracy). One jitted call evaluates every
 phase of a batch: the model is `vmap`ped over the phases' validity flags, so the ConvNeXt stages,
 which do not see metadata, run once per batch. No augmentation, no random masking.
 """
@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import losses, metrics, preprocessing, sharding
+from linnaeus_jax import metrics, preprocessing, sharding, train_step
+from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
 
 
@@ -60,18 +61,16 @@ def phases(config, *, mask_meta=True, partial=False, exhaustive=False) -> tuple:
   return tuple(named.items())
 
 
-def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
+def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ()),)):
   """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank)}.
 
-  `variables`: (params, buffers) as split by `train.create_state`; `consts` from
-  `train.loss_constants` (taxonomy matrices, class weights).
+  `variables`: (params, buffers) of the train state; `consts` from `state.loss_constants`. The
+  losses and counts are the train step's (`train_step.losses_and_counts` with the validation
+  criteria), so `val/loss` is the quantity training minimises.
   """
-  tasks = list(config.data.task_keys_h5)
-  funcs = list(config.loss.task_specific.val.funcs)
-  use_class_w = config.loss.grad_weighting["class"].val
-  names = [n for n, _ in config_lib.enabled_components(config)]
-  masks_KxC = np.array([[n in masked for n in names] for _, masked in phase_list],
-                       bool).reshape(len(phase_list), len(names))
+  masks_KxC = np.array([[n in masked for n in cfg.components] for _, masked in phase_list],
+                       bool).reshape(len(phase_list), len(cfg.components))
+  coarse = cfg.tasks[-1]  # confusion counts of the coarsest rank, for the plots
 
   def step(variables, batch, consts):
     image = preprocessing.normalize(batch["image"])
@@ -79,18 +78,7 @@ def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
 
     def forward(valid_BxC):
       logits = nnx.merge(graphdef, *variables)(image, batch["meta"], valid_BxC, train=False)
-      per_task = losses.task_losses(
-          logits, batch["labels"], tasks, funcs, smoothing=config.model.label_smoothing,
-          partial_levels=config.data.partial.levels,
-          mask_nulls=config.train.phase1_mask_null_loss, example_mask_B=batch["example_mask"],
-          tax_matrices=consts.get("tax"),
-          class_weights=consts.get("class_w") if use_class_w else None)
-      counts = metrics.batch_counts(logits, batch["labels"], per_task, batch["example_mask"],
-                                    tasks, partial_levels=config.data.partial.levels,
-                                    lca_CxC=consts.get("lca"))
-      counts.update(metrics.subset_counts(logits, batch["labels"], batch["example_mask"], tasks,
-                                          metrics.subset_members(config, batch["labels"], consts)))
-      coarse = tasks[-1]  # confusion counts of the coarsest rank, for the plots
+      _, counts = train_step.losses_and_counts(cfg, logits, batch, consts, train=False)
       c = logits[coarse].shape[-1]
       true_BxC = jax.nn.one_hot(batch["labels"][coarse], c) * batch["example_mask"][:, None]
       pred_BxC = jax.nn.one_hot(jnp.argmax(logits[coarse], -1), c)
@@ -101,17 +89,20 @@ def make_eval_step(graphdef, config, phase_list=(("val", ()),)):
   return step
 
 
-def jit_step(graphdef, config, phase_list, state_sharding, mesh):
+def jit_step(graphdef, cfg, phase_list, state_sharding, mesh):
   """`make_eval_step` jitted for the train state's shardings and the batch sharding."""
-  variables = (state_sharding["params"], state_sharding["buffers"])
+  variables = (state_sharding.params, state_sharding.buffers)
   repl = sharding.replicated(mesh)
-  return jax.jit(make_eval_step(graphdef, config, phase_list),
+  return jax.jit(make_eval_step(graphdef, cfg, phase_list),
                  in_shardings=(variables, sharding.batch_sharding(mesh), repl),
                  out_shardings=repl)
 
 
-def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None) -> dict:
-  """{phase: metrics} over `dataset` (counts summed over batches, then finalized).
+def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None,
+        task_weights=None) -> dict:
+  """{phase: metrics} of `variables` (params, buffers) over `dataset`: counts summed over
+  batches, then finalized; `loss` weighted by `task_weights` (the train state's), as the train
+  loss is.
 
   `confusion`, a dict, receives {phase: (C, C) counts} of the coarsest rank (rows: true class).
   """
@@ -122,23 +113,26 @@ def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None)
     conf = {p: conf.get(p, 0) + np.asarray(m, np.int64) for p, (_, m) in out.items()}
   if confusion is not None:
     confusion.update(conf)
-  return {p: metrics.finalize(t, tasks) for p, t in totals.items()}
+  if task_weights is not None:
+    task_weights = np.asarray(jax.device_get(task_weights))
+  return {p: metrics.finalize(t, tasks, task_weights) for p, t in totals.items()}
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
   """(step, {phase: metrics}) of DIR's checkpoint at `step` (default: the latest)."""
-  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
-  config, data = train.resolve(config, jax.device_count())
+  config, data = state_lib.resolve(config, jax.device_count())
   if not len(data.val):
     raise ValueError("the configuration has no validation rows to evaluate")
   mesh = sharding.make_mesh(config)
-  step, state, graphdef, state_sharding = train.restore_state(config, workdir,
-                                                              data.taxonomy.parents, mesh, step)
+  step, state, graphdef, state_sharding = state_lib.restore_state(
+      config, workdir, data.taxonomy.parents, mesh, step)
   plist = phases(config, partial=True, exhaustive=True)
-  eval_step = jit_step(graphdef, config, plist, state_sharding, mesh)
+  eval_step = jit_step(graphdef, train_step.StepConfig.from_config(config), plist,
+                       state_sharding, mesh)
   ds = pipeline.eval_dataset(data, config, jax.process_index(), jax.process_count())
-  return step, run(eval_step, (state["params"], state["buffers"]), ds, mesh, data.task_keys,
-                   train.loss_constants(config, data))
+  return step, run(eval_step, (state.params, state.buffers), ds, mesh, data.task_keys,
+                   state_lib.loss_constants(config, data),
+                   task_weights=state.gradnorm["weights"])
 
 
 def main(argv):
@@ -146,12 +140,15 @@ def main(argv):
   from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
   cli.start(argv)
   f = flags.FLAGS
-  step, results = cli.call(evaluate_checkpoint, f.config, f.workdir, f.step)
+  config = f.config  # without --config: the run's own (DIR/config.json)
+  if config is None:
+    config = cli.call(config_lib.read_json, os.path.join(f.workdir, "config.json"))
+  step, results = cli.call(evaluate_checkpoint, config, f.workdir, f.step)
   path = os.path.join(f.workdir, "eval", f"step_{step}.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as fh:
     json.dump(results, fh, indent=1, sort_keys=True)
-  tasks = list(f.config.data.task_keys_h5)
+  tasks = list(config.data.task_keys_h5)
   print(f"step {step}: top-1 per rank ({', '.join(tasks)})")
   for phase, r in sorted(results.items()):
     print(f"  {phase:<28} loss {r['loss']:.4f}  " +
@@ -160,11 +157,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config()); default: the "
+                                  "run's DIR/config.json. --config.x=v overrides need it.",
                                   lock_config=False)
   flags.DEFINE_string("workdir", None, "The training run's folder (checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  flags.mark_flags_as_required(["workdir"])
+  cli.run(main)

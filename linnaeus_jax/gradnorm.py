@@ -1,4 +1,4 @@
-"""GradNorm task weighting: the original's closed-form multiplicative rule (training.md §6).
+"""GradNorm task weighting: the original's closed-form multiplicative rule (docs/training.md#losses).
 
 Not the paper's gradient descent on L_grad. Every `update_interval` steps (from `warmup_steps`,
 step 0 included), with G_t = ||dL_t / d theta_shared||_2 and L_t(0) the losses of the first
@@ -99,7 +99,7 @@ def task_grad_norms(losses_fn: Callable, params, mask):
 
 
 def _update(state: dict, losses_T, norms_T, alpha: float):
-  """The rule of §6 steps 3-5; returns (new state, info)."""
+  """The update rule of the module docstring; returns (new state, info)."""
   w = state["weights"]
   num_tasks = w.shape[0]
   losses_T = jnp.asarray(losses_T, jnp.float32)
@@ -132,7 +132,7 @@ def _update(state: dict, losses_T, norms_T, alpha: float):
 
 
 def update(state: dict, losses_T, norms_T, alpha: float) -> dict:
-  """New state after one closed-form GradNorm update (§6 steps 3-5).
+  """New state after one closed-form GradNorm update (the rule in the module docstring).
 
   The first update with alpha > 0 records L(0) = losses_T (so r = 1 and target = mean norm).
   Weights are renormalised to sum to T. Guards: L(0) <= 0 gives ratio 1 (and is re-recorded at

@@ -1,6 +1,6 @@
 """Per-sample, per-task losses on (mixed) target distributions, with null masking and weights.
 
-Per task (reference/training.md §4, §5): the criterion's target row for a hard label (one-hot,
+Per task (docs/training.md#losses): the criterion's target row for a hard label (one-hot,
 smoothed one-hot or a taxonomy-smoothing row), mixed with the batch's lambda; the per-sample loss
 l_b = -sum_c y_bc log softmax(z_b)_c; the include mask m_b (padding, nulls, null-keep coin); the
 class weight w_b = sum_c h_bc w_c applied once (h = the mixed one-hot);
@@ -10,7 +10,7 @@ L_t = sum_b m_b w_b l_b / max(sum_b m_b, 1) and total = sum_t task_w_t L_t.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,7 @@ CLASS_WEIGHTS = {
 
 def class_weights(counts_C: np.ndarray, method: str, *, smoothing_factor: float = 0.1,
                   cap: float = 20.0, base: float = 2.0, log_base: float = 10.0) -> np.ndarray:
-  """Per-class loss weights (C,) float32 from train counts n_c (§5.3; N = sum n_c, class 0 in).
+  """Per-class loss weights (C,) float32 from train counts n_c (docs/training.md#losses; N = sum n_c, class 0 in).
 
   none 1; smoothing N / (n_c + smoothing_factor); capping min(N / n_c, cap);
   exponential base^(N / n_c); logarithmic 1 / (1 + log_b(r (b - 1) + 1)), r = n_c / N.
@@ -134,18 +134,27 @@ def _mix(a_BxC, lam_B, partner_B):
 # ----------------------------------------------------------------------------- Task losses
 
 
+class TaskLoss(NamedTuple):
+  """One task's loss on a batch: `mean` = sum_b weight_b loss_b / max(sum_b include_b, 1)."""
+  mean: jax.Array
+  per_sample_B: jax.Array  # unweighted, every row (padding and nulls included)
+  include_B: jax.Array  # bool: counted in the mean (not padding, not a masked null)
+  weight_B: jax.Array  # include_b times the sample's class weight
+
+
+
 def task_losses(logits: dict, labels: dict, task_keys, funcs, *, smoothing: float,
-                partial_levels: bool, mask_nulls: bool, example_mask_B=None, lam_B=None,
+                null_class: bool, mask_nulls: bool, example_mask_B=None, lam_B=None,
                 partner_B=None, tax_matrices: dict | None = None,
                 class_weights: dict | None = None, null_keep_prob=None, key=None,
                 argmax_targets: bool = False):
-  """{task: (mean loss L_t, unweighted per-sample loss (B,), include mask (B,) bool)}.
+  """{task: `TaskLoss`}: the mean loss L_t and its per-sample parts.
 
   Args:
     logits, labels: {task: (B, C) logits}, {task: (B,) int class}.
     task_keys, funcs: the tasks and their criterion names (keys of `CRITERIA`).
     smoothing: LabelSmoothingCrossEntropy's s.
-    partial_levels: class 0 is the null label; without it no sample is null.
+    null_class: class 0 is the null label; without it no sample is null.
     mask_nulls: Phase 1: null samples are excluded (takes precedence over `null_keep_prob`).
     example_mask_B: False for padding rows, always excluded.
     lam_B, partner_B: mixing (both or neither): target = lam row(y_b) + (1 - lam) row(y_partner);
@@ -181,7 +190,7 @@ def task_losses(logits: dict, labels: dict, task_keys, funcs, *, smoothing: floa
 
     include_B = (jnp.ones(y_B.shape, bool) if example_mask_B is None
                  else jnp.asarray(example_mask_B).astype(bool))
-    if partial_levels:
+    if null_class:
       null_B = h_BxC[:, 0] > 0.5
       if mask_nulls:
         include_B = include_B & ~null_B
@@ -197,7 +206,7 @@ def task_losses(logits: dict, labels: dict, task_keys, funcs, *, smoothing: floa
     else:
       m_w_B = m_B
     mean = jnp.sum(m_w_B * per_sample_B) / jnp.maximum(jnp.sum(m_B), 1.0)
-    out[task] = (mean, per_sample_B, include_B)
+    out[task] = TaskLoss(mean, per_sample_B, include_B, m_w_B)
   return out
 
 

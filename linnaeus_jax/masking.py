@@ -1,9 +1,11 @@
-"""Per-sample metadata masks, drawn inside the jitted train step (reference/training.md §3, §17).
+"""Per-sample metadata masks, drawn inside the jitted train step.
 
-Each sample is fully masked (every component) with probability p_full; otherwise, with
-probability p_part, one whitelisted combination of components, drawn by weight, is masked.
+docs/training.md#metadata-masking. Each sample is fully masked (every component) with
+probability p_full; otherwise, with probability p_part, one whitelisted combination of
+components, drawn by weight, is masked.
 Masking only clears validity flags, ANDed into the batch's own (a missing component stays
-missing); the model then sees the component as missing (Decision 4). Validation never calls this.
+missing); the model then sees the component as missing
+(docs/design.md#metadata-masking-by-validity-flags). Validation never calls this.
 """
 
 from __future__ import annotations

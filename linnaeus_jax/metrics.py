@@ -9,7 +9,10 @@ Every metric and its definition is listed in docs/evaluation.md.
 Count keys (`t` a task, `t0 = task_keys[0]` the finest task, `k` in `topk`):
   n                          real examples
   correct1/t, correct{k}/t   top-1 / top-k correct (top-k = top-1 when the task has < k classes)
-  loss_sum/t                 per-sample loss (per_task_loss[t][1]) summed
+  loss_sum/t, loss_n/t       the training loss's numerator and denominator: per-sample loss
+                             times its weight (`TaskLoss.weight_B`: class weight, 0 for
+                             excluded nulls) summed, and the included samples counted
+  loss_all_sum/t             per-sample loss of every real example (nulls included, unweighted)
   chain_correct              every task's top-1 correct (nulls included)
   partial_chain_n            samples with at least one non-null rank (all samples without
                              partial levels)
@@ -69,17 +72,18 @@ def lca_heights(tree, task: str, null_class: bool = False, *, block: int = 1024)
 
 
 def batch_counts(logits: dict, labels: dict, per_task_loss: dict, example_mask_B, task_keys, *,
-                 topk=DEFAULT_TOPK, partial_levels: bool = False, lca_CxC=None) -> dict:
+                 topk=DEFAULT_TOPK, null_class: bool = False, lca_CxC=None) -> dict:
   """{count key: float32 scalar} for one batch; jit-traceable (see the module docstring).
 
   Args:
     logits, labels: {task: (B, C) logits}, {task: (B,) int class}.
-    per_task_loss: `losses.task_losses`' {task: (mean, per-sample loss (B,), include (B,))}; only
-      the per-sample loss is used, over every real example (nulls included).
+    per_task_loss: `losses.task_losses`' {task: TaskLoss}; `loss_sum`/`loss_n` follow its include
+      mask and weights (so `loss` is the quantity training minimises), `loss_all_sum` and the
+      null / non-null losses count every real example, unweighted.
     example_mask_B: False for padding rows, which count nowhere.
     task_keys: the tasks, finest first.
     topk: static tuple of k for `correct{k}/t` and `hdist{k}_sum`; top-1 is always counted.
-    partial_levels: class 0 is the null label: null / non-null split and partial chain.
+    null_class: class 0 is the null label: null / non-null split and partial chain.
     lca_CxC: `lca_heights` of the finest task (a jnp array under jit): mistake severity and
       hierarchical distance@k counts; skipped when None.
   """
@@ -113,9 +117,11 @@ def batch_counts(logits: dict, labels: dict, per_task_loss: dict, example_mask_B
         continue
       counts[f"correct{k}/{t}"] = total(
           correct_B if ke == 1 else jnp.any(top_idx[t][:, :ke] == y_B[:, None], -1))
-    loss_B = per_task_loss[t][1]
-    counts[f"loss_sum/{t}"] = total(loss_B)
-    if partial_levels:
+    loss_B = per_task_loss[t].per_sample_B
+    counts[f"loss_sum/{t}"] = total(per_task_loss[t].weight_B * loss_B)
+    counts[f"loss_n/{t}"] = total(per_task_loss[t].include_B)
+    counts[f"loss_all_sum/{t}"] = total(loss_B)
+    if null_class:
       null_B = y_B == 0
       partial_ok_B &= correct_B | null_B
       any_non_null_B |= ~null_B
@@ -124,7 +130,7 @@ def batch_counts(logits: dict, labels: dict, per_task_loss: dict, example_mask_B
         counts[f"{name}_correct1/{t}"] = total(sel_B & correct_B)
         counts[f"{name}_loss_sum/{t}"] = total(jnp.where(sel_B, loss_B, 0.0))
   counts["chain_correct"] = total(all_correct_B)
-  if partial_levels:
+  if null_class:
     counts["partial_chain_n"] = total(any_non_null_B)
     counts["partial_chain_correct"] = total(any_non_null_B & partial_ok_B)
   else:
@@ -138,7 +144,7 @@ def batch_counts(logits: dict, labels: dict, per_task_loss: dict, example_mask_B
     lca_CxC = jnp.asarray(lca_CxC)
     if lca_CxC.shape != (c, c):
       raise ValueError(f"metrics: lca_CxC has shape {lca_CxC.shape}, task {t0} has {c} classes")
-    valid_B = (y_B != 0) if partial_levels else jnp.ones_like(mask_B)
+    valid_B = (y_B != 0) if null_class else jnp.ones_like(mask_B)
     pred_B = jnp.argmax(z_BxC, -1)
     h1_B = lca_CxC[y_B, pred_B].astype(jnp.float32)
     mistake_B = valid_B & (pred_B != y_B)
@@ -185,14 +191,6 @@ def subset_membership(labels: dict, task_keys, names=(), task_S=None, cls_S=None
   return out
 
 
-def subset_members(config, labels: dict, consts: dict) -> dict:
-  """`subset_membership` for `config.metrics`, with the arrays of `train.loss_constants`."""
-  return subset_membership(
-      labels, list(config.data.task_keys_h5), [s[0] for s in config.metrics.taxa_subsets],
-      consts.get("subset_task"), consts.get("subset_cls"), consts.get("rarity_bin"),
-      len(config.metrics.rarity_percentiles) + 1 if "rarity_bin" in consts else 0)
-
-
 def subset_counts(logits: dict, labels: dict, example_mask_B, task_keys, members: dict) -> dict:
   """Per subset: `subset_n/<name>` and `subset_correct1/<name>/<task>` (sums, jit-traceable)."""
   out = {}
@@ -217,19 +215,28 @@ def rarity_bins(counts_C: np.ndarray, percentiles, null_class: bool) -> np.ndarr
   return np.searchsorted(thresholds, counts, side="right").astype(np.int32)
 
 
-def finalize(total: dict, task_keys) -> dict:
+def finalize(total: dict, task_keys, task_weights=None) -> dict:
   """Values from summed counts; which metrics appear follows the count keys present.
 
-  A metric whose denominator is 0 (no null samples, no mistakes, ...) is reported as 0.0.
+  `loss/t` is the training criterion's mean (nulls masked and class weights as in the loss that
+  produced the counts) and `loss` = sum_t w_t loss/t with the task weights `task_weights` (T,)
+  (default ones), so that it is comparable with the train loss; `loss_all/t` and `loss_all` count
+  every example, unweighted. A metric whose denominator is 0 (no null samples, no mistakes, ...)
+  is reported as 0.0.
   """
   n = max(total["n"], 1.0)
-  out = {"loss": sum(total[f"loss_sum/{t}"] for t in task_keys) / n}
+  w_T = np.ones(len(task_keys)) if task_weights is None else np.asarray(task_weights, np.float64)
+  out = {}
+  for i, t in enumerate(task_keys):
+    out[f"loss/{t}"] = _ratio(total[f"loss_sum/{t}"], total[f"loss_n/{t}"])
+    out[f"loss_all/{t}"] = total[f"loss_all_sum/{t}"] / n
+  out["loss"] = float(sum(w_T[i] * out[f"loss/{t}"] for i, t in enumerate(task_keys)))
+  out["loss_all"] = sum(out[f"loss_all/{t}"] for t in task_keys)
   for t in task_keys:
     ks = sorted(int(m.group(1)) for key in total
                 if (m := re.fullmatch(r"correct(\d+)/(.+)", key)) and m.group(2) == t)
     for k in ks:
       out[f"acc{k}/{t}"] = 100.0 * total[f"correct{k}/{t}"] / n
-    out[f"loss/{t}"] = total[f"loss_sum/{t}"] / n
     for name in ("null", "non_null"):
       if f"{name}_n/{t}" in total:
         den = total[f"{name}_n/{t}"]

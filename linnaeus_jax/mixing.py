@@ -1,12 +1,12 @@
 """Selective Mixup / CutMix between the sampler's partners, inside the train step.
 
-reference/training.md §10, Decision 6: the sampler puts partners of one taxonomic group at batch
-positions (2i, 2i+1) with `pair_ok`; one probability draw per batch (`apply`), one lambda per
-batch, CutMix instead of Mixup with `switch_prob` when both are enabled. Samples without a
-partner are untouched. Targets are mixed by the loss from (lam_B, partner_B). Metadata are never
-averaged: a per-sample coin picks the source, and with `meta_mix='pick'` a mixed component is
-valid only if valid in both samples (a masked component stays masked); 'prefer_valid' takes
-whichever side is valid.
+docs/training.md#selective-mixing, docs/design.md#selective-mixing: the sampler puts partners
+of one taxonomic group at batch positions (2i, 2i+1) with `pair_ok`; one probability draw per
+batch (`apply`), one lambda per batch, CutMix instead of Mixup with `switch_prob` when both are
+enabled. Samples without a partner are untouched. Targets are mixed by the loss from (lam_B,
+partner_B). Metadata are never averaged: a per-sample coin picks the source, and with
+`meta_mix='pick'` a mixed component is valid only if valid in both samples (a masked component
+stays masked); 'prefer_valid' takes whichever side is valid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optax optimizer: parameter groups, per-group LR schedules, clipping (reference/training.md §7-9).
+"""Optax optimizer: parameter groups, per-group LR schedules, clipping (docs/optimization.md).
 
 Every parameter belongs to exactly one group: the first group (in
 `optimizer.parameter_groups.order`) whose filter matches its '/'-joined path, else `default`.
@@ -6,14 +6,8 @@ Each group has its optimizer (adamw | sgd | muon | ademamix), weight decay, LR m
 weight-decay filter; `optax.multi_transform` applies them with exclusive labels. Each group's LR
 is a pure function of the step: linear warmup, then a decay measured from the warmup end.
 
-Filters are strings (so that they can be overridden on the command line), e.g.
-`"startswith:head/ or (ndim:2 and not contains:meta_)"`:
-  contains:S  startswith:S  endswith:S  regex:S   the path ('stage3/blocks/attn/qkv/kernel');
-                                                  quote S ('...' or "...") if it has spaces or ()
-  ndim:N[,M..]  min_ndim:N  max_ndim:N            the per-block rank (a scanned stage's stacked
-                                                  leading axis does not count)
-  all  none  decayable                            decayable: the default weight-decay rule
-  not  and  or  ( )                               in that order of precedence
+Filters are strings in the language of `linnaeus_jax/param_filters.py`, e.g.
+`"startswith:head/ or (ndim:2 and not contains:meta_)"`.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import re
 from typing import Callable
 
 import jax
@@ -30,118 +23,7 @@ import optax
 from optax import contrib
 
 from linnaeus_jax import config as config_lib
-
-Predicate = Callable[[str, tuple], bool]  # (path, per-block shape) -> bool
-
-
-# ----------------------------------------------------------------------------- Filters
-
-
-def _decayable(path: str, shape: tuple) -> bool:
-  """The default weight-decay rule: matrices and kernels, not biases/norms/tokens/RoPE freqs."""
-  parts = path.split("/")
-  name = parts[-1]
-  return (len(shape) >= 2 and name not in ("bias", "freqs") and "token" not in name
-          and not any("norm" in p for p in parts))
-
-
-def _ndims(values: str) -> Predicate:
-  wanted = {int(v) for v in values.split(",")}
-  return lambda path, shape: len(shape) in wanted
-
-
-_ATOMS: dict[str, Callable[[str], Predicate]] = {
-    "contains": lambda s: lambda path, shape: s in path,
-    "startswith": lambda s: lambda path, shape: path.startswith(s),
-    "endswith": lambda s: lambda path, shape: path.endswith(s),
-    "regex": lambda s: (lambda r: lambda path, shape: r.search(path) is not None)(re.compile(s)),
-    "ndim": _ndims,
-    "min_ndim": lambda s: lambda path, shape: len(shape) >= int(s),
-    "max_ndim": lambda s: lambda path, shape: len(shape) <= int(s),
-}
-_KEYWORDS: dict[str, Predicate] = {
-    "all": lambda path, shape: True,
-    "none": lambda path, shape: False,
-    "decayable": _decayable,
-}
-_TOKEN = re.compile(r"""\s*(?:(?P<paren>[()])|(?P<kind>\w+):(?:'(?P<q1>[^']*)'|"(?P<q2>[^"]*)"|"""
-                    r"""(?P<bare>[^\s()]+))|(?P<word>\w+)|(?P<bad>\S+))""")
-
-
-def _tokens(text: str) -> list[tuple[str, ...]]:
-  out = []
-  for m in _TOKEN.finditer(text):
-    if m["paren"]:
-      out.append((m["paren"],))
-    elif m["kind"]:
-      value = next(v for v in (m["q1"], m["q2"], m["bare"]) if v is not None)
-      out.append(("atom", m["kind"], value))
-    elif m["word"]:
-      out.append((m["word"],) if m["word"] in ("and", "or", "not") else ("atom", m["word"], None))
-    elif m["bad"]:
-      raise ValueError(f"unexpected {m['bad']!r}")
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def parse_filter(text: str) -> Predicate:
-  """The predicate of a filter string; ValueError says what is wrong with it."""
-  toks, pos = _tokens(text), 0
-  if not toks:
-    raise ValueError("empty filter")
-
-  def peek():
-    return toks[pos][0] if pos < len(toks) else None
-
-  def take(expected):
-    nonlocal pos
-    what = "a rule (kind:value, all, none, decayable)" if expected == "atom" else repr(expected)
-    if pos >= len(toks):
-      raise ValueError(f"ends early: expected {what}")
-    if toks[pos][0] != expected:
-      raise ValueError(f"expected {what} at token {pos + 1}, got {toks[pos][0]!r}")
-    pos += 1
-    return toks[pos - 1]
-
-  def joined(word, operand, combine):
-    """operand (word operand)*, combined with `combine` (any for 'or', all for 'and')."""
-    terms = [operand()]
-    while peek() == word:
-      take(word)
-      terms.append(operand())
-    return terms[0] if len(terms) == 1 else (lambda p, s: combine(t(p, s) for t in terms))
-
-  disjunction = lambda: joined("or", conjunction, any)
-  conjunction = lambda: joined("and", negation, all)
-
-  def negation():
-    if peek() == "not":
-      take("not")
-      inner = negation()
-      return lambda p, s: not inner(p, s)
-    if peek() == "(":
-      take("(")
-      inner = disjunction()
-      take(")")
-      return inner
-    tok = take("atom")
-    _, kind, value = tok
-    if value is None:
-      if kind not in _KEYWORDS:
-        raise ValueError(f"unknown word {kind!r} (keywords: {sorted(_KEYWORDS)})")
-      return _KEYWORDS[kind]
-    if kind not in _ATOMS:
-      raise ValueError(f"unknown rule {kind}: (rules: {sorted(_ATOMS)})")
-    try:
-      return _ATOMS[kind](value)
-    except (ValueError, re.error) as e:
-      raise ValueError(f"bad value in {kind}:{value} ({e})") from None
-
-  pred = disjunction()
-  if pos != len(toks):
-    raise ValueError(f"unexpected {toks[pos][0] if toks[pos][0] != 'atom' else toks[pos][1]!r} "
-                     f"at token {pos + 1} (join rules with and / or)")
-  return pred
+from linnaeus_jax import param_filters
 
 
 # ----------------------------------------------------------------------------- Groups
@@ -158,13 +40,8 @@ class Group:
   decay: str  # filter of the group's parameters that get weight decay
 
 
-def _entry(node) -> dict:
-  """A group's config entry with the template's values for the keys it leaves out."""
-  return {**config_lib.param_group_template().to_dict(), **node.to_dict()}
-
-
 def _group(name, node, o) -> Group:
-  e = _entry(node)
+  e = config_lib.param_group_values(node)
   return Group(name=name, filter=e["filter"] or "all", optimizer=e["optimizer"] or o.name,
                weight_decay=o.weight_decay if e["weight_decay"] < 0 else e["weight_decay"],
                lr_multiplier=e["lr_multiplier"], decay=e["decay"])
@@ -200,7 +77,7 @@ def _map(config, fn, tree):
 
 
 def _label(gs: tuple[Group, ...], path: str, shape: tuple) -> str:
-  return next(g.name for g in gs if parse_filter(g.filter)(path, shape))
+  return next(g.name for g in gs if param_filters.parse(g.filter)(path, shape))
 
 
 def param_labels(config, params):
@@ -211,13 +88,14 @@ def param_labels(config, params):
 
 def decay_mask(config, group: Group, tree):
   """True where weight decay applies (the group's `decay` filter)."""
-  pred = parse_filter(group.decay)
+  pred = param_filters.parse(group.decay)
   return _map(config, pred, tree)
 
 
 def _muon_matrix(config, path: str, shape: tuple) -> bool:
   """Muon's share of a muon group: 2-D / 4-D (conv) per block, minus optimizer.muon.adamw_filter."""
-  return len(shape) in (2, 4) and not parse_filter(config.optimizer.muon.adamw_filter)(path, shape)
+  adamw = param_filters.parse(config.optimizer.muon.adamw_filter)
+  return len(shape) in (2, 4) and not adamw(path, shape)
 
 
 def group_table(config, params) -> list[dict]:
@@ -238,7 +116,7 @@ def group_table(config, params) -> list[dict]:
     r = rows[g.name]
     r["tensors"] += 1
     r["params"] += int(x.size)
-    r["decayed"] += int(parse_filter(g.decay)(path, shape) and g.weight_decay > 0)
+    r["decayed"] += int(param_filters.parse(g.decay)(path, shape) and g.weight_decay > 0)
     r["adamw_tensors"] += int(g.optimizer == "muon" and not _muon_matrix(config, path, shape))
   return list(rows.values())
 
@@ -436,80 +314,3 @@ def build(config, total_steps: int, steps_per_epoch: int
 
 def global_norm(tree):
   return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
-
-
-# ----------------------------------------------------------------------------- Validation
-
-
-def config_problems(config) -> list[str]:
-  """Problems of the optimizer and lr_scheduler sections (for config.validate)."""
-  problems, o, s = [], config.optimizer, config.lr_scheduler
-  pg = o.parameter_groups
-
-  def check_filter(key, text):
-    try:
-      parse_filter(text)
-    except ValueError as e:
-      problems.append(f"{key} {text!r}: {e}")
-
-  def check_group(key, node):
-    e = _entry(node)
-    if e["optimizer"] and e["optimizer"] not in OPTIMIZERS:
-      problems.append(f"{key}.optimizer {e['optimizer']!r} not in {tuple(OPTIMIZERS)} "
-                      f"('' = optimizer.name)")
-    if not e["lr_multiplier"] > 0:
-      problems.append(f"{key}.lr_multiplier must be > 0, got {e['lr_multiplier']}")
-    check_filter(f"{key}.decay", e["decay"])
-    return e
-
-  if o.name not in OPTIMIZERS:
-    problems.append(f"optimizer.name {o.name!r} not in {tuple(OPTIMIZERS)}")
-  if len(o.betas) not in (2, 3) or not all(0.0 <= b < 1.0 for b in o.betas):
-    problems.append(f"optimizer.betas must be 2 or 3 numbers in [0, 1), got {list(o.betas)}")
-  if not 0.0 <= o.momentum < 1.0:
-    problems.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
-  if o.weight_decay < 0:
-    problems.append(f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
-  if o.muon.ns_steps < 1:
-    problems.append("optimizer.muon.ns_steps must be >= 1")
-  check_filter("optimizer.muon.adamw_filter", o.muon.adamw_filter)
-  check_group("optimizer.parameter_groups.default", pg.default)
-  order = list(pg.order)
-  if len(set(order)) != len(order):
-    problems.append(f"optimizer.parameter_groups.order has duplicates: {order}")
-  for name in order:
-    if name not in pg.groups:
-      problems.append(f"optimizer.parameter_groups.order names {name!r}, which is not in "
-                      f"optimizer.parameter_groups.groups")
-  for name, node in pg.groups.items():
-    key = f"optimizer.parameter_groups.groups.{name}"
-    if name == "default":
-      problems.append(f"{key}: 'default' is reserved (set optimizer.parameter_groups.default)")
-    if name not in order:
-      problems.append(f"{key} is not in optimizer.parameter_groups.order (the matching order)")
-    e = check_group(key, node)
-    if not e["filter"]:
-      problems.append(f"{key}.filter is empty (use 'all' to match everything)")
-    else:
-      check_filter(f"{key}.filter", e["filter"])
-
-  if s.name not in config_lib.LR_SCHEDULES:
-    problems.append(f"lr_scheduler.name {s.name!r} not in {config_lib.LR_SCHEDULES}")
-  if s.base_lr <= 0:
-    problems.append(f"lr_scheduler.base_lr must be positive, got {s.base_lr}")
-  if s.min_lr > s.base_lr:
-    problems.append(f"lr_scheduler.min_lr {s.min_lr} exceeds base_lr {s.base_lr}")
-  if s.warmup_lr < 0 or s.min_lr < 0:
-    problems.append("lr_scheduler.warmup_lr and min_lr must be >= 0")
-  if s.decay_type not in _ANNEAL:
-    problems.append(f"lr_scheduler.decay_type {s.decay_type!r} not in {tuple(_ANNEAL)}")
-  if s.name == "step" and (s.decay_steps < 1 or not 0.0 < s.decay_rate <= 1.0):
-    problems.append(f"lr_scheduler 'step' needs decay_steps >= 1 and decay_rate in (0, 1], got "
-                    f"{s.decay_steps}, {s.decay_rate}")
-  fr = (s.stable_duration_fraction, s.decay_duration_fraction)
-  if s.name == "wsd" and (min(fr) < 0 or fr[1] <= 0 or sum(fr) > 1.0):
-    problems.append(f"lr_scheduler 'wsd' needs stable_duration_fraction >= 0, "
-                    f"decay_duration_fraction > 0 and their sum <= 1, got {fr}")
-  if s.scale_by_batch and s.reference_bs < 1:
-    problems.append(f"lr_scheduler.reference_bs must be >= 1, got {s.reference_bs}")
-  return problems

@@ -14,6 +14,15 @@ import jax
 from jax.experimental import multihost_utils
 
 
+class Preempted(Exception):
+  """Raised by `train.run` after the SIGTERM checkpoint is saved (main exits with
+  `--preempted_exit_code`, default 0)."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}")
+    self.step = step
+
+
 class Watch:
   """`reached(step)` turns True at the step where the run should save and stop."""
 

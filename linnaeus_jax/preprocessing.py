@@ -1,4 +1,5 @@
-"""Image decoding and normalisation shared by training and inference (Decision 11).
+"""Image decoding and normalisation shared by training and inference
+(docs/design.md#one-preprocessing-path-for-training-and-inference).
 
 Host side: decode any image to RGB uint8 and squash it to S x S with area interpolation (PIL BOX,
 the equivalent of the original's cv2 INTER_AREA when shrinking); no crop, no aspect preservation.

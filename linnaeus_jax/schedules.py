@@ -1,7 +1,8 @@
-"""Training-time probabilities as pure functions of the step (reference/training.md §2-4, §10).
+"""Training-time probabilities as pure functions of the step (docs/training.md#schedules).
 
 Every end is resolved to an integer step once, at start-up, by the one precedence rule of
-`config.resolve_steps` (steps > fraction > epochs; Decision 8); the functions below are then
+`config.resolve_steps` (steps > fraction > epochs;
+docs/design.md#one-step-resolution-rule-for-schedules); the functions below are then
 jnp-traceable in the step, so they run inside the jitted train step.
 """
 

@@ -130,7 +130,8 @@ def _edge_weights(anc_RxC: np.ndarray, rows_N: np.ndarray, beta: float) -> np.nd
 def smoothing_matrices(tree: TaxonomyTree, enabled, alpha: float, beta: float,
                        uniform_roots: bool, fallback_to_uniform: bool, null_class: bool,
                        block: int = 512) -> dict[str, np.ndarray]:
-  """Taxonomy-aware label-smoothing matrices T (C, C) float32 for the enabled tasks (§5.2).
+  """Taxonomy-aware label-smoothing matrices T (C, C) float32 for the enabled tasks
+  (docs/training.md#losses).
 
   `enabled` is a per-task flag list in `tree.task_keys` order (missing entries are False).
   T_ii = 1 - alpha; T_ij = alpha * w_ij / sum_k w_ik, w_ij = exp(-beta d_ij), d_ij = tree edges

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from linnaeus_jax import config as config_lib
 from linnaeus_jax.data import augment
 
 
@@ -37,8 +38,9 @@ def test_policies_are_deterministic_given_the_generator():
                                                      np.random.default_rng(s)), _img())
              for s in range(10)]
   assert sum(changed) >= 8
-  assert augment.check_policy("rand-m9-n2") is None
-  assert "expected" in augment.check_policy("randaug")
+  assert config_lib.autoaug_policy_problem("rand-m9-n2") is None
+  assert config_lib.autoaug_policy_problem("rand-m2.5-n1") is None
+  assert "expected" in config_lib.autoaug_policy_problem("randaug")
 
 
 def test_random_erasing_box_statistics():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from linnaeus_jax import bundle
-from linnaeus_jax.predictor import Predictor, load_workdir
+from linnaeus_jax.inference import bundle
+from linnaeus_jax.inference.predictor import Predictor, load_workdir
 from linnaeus_jax.tools import convert_torch
 
 

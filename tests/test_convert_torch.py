@@ -1,33 +1,4 @@
-"""linnaeus_jax.tools.convert_torch: torch-free loading, strict mapping, CLI, parity.
-
-`tests/data/torch_checkpoint.pth` was written once by PyTorch 2.13 (CPU, in a separate venv; torch
-is not a dependency of linnaeus_jax) from the repository root with:
-
-    import collections
-    import torch
-    from yacs.config import CfgNode
-
-
-    class Note:  # a custom class: the loader must neither import nor run it
-      def __init__(self):
-        self.text = "not a tensor"
-
-
-    sd = collections.OrderedDict()
-    sd["module.a.weight"] = torch.arange(6, dtype=torch.float32).reshape(2, 3) / 4
-    sd["module.t.weight"] = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # (1, 4)
-    sd["module.s.bias"] = torch.arange(10, dtype=torch.float32)[2:9:3]  # offset 2, stride 3
-    sd["module.b.weight"] = torch.tensor([[1.0, -2.5], [3.140625, 2.0 ** -7]],
-                                         dtype=torch.bfloat16)
-    sd["module.h.weight"] = torch.tensor([0.5, -65504.0], dtype=torch.float16)
-    sd["module.p.gamma"] = torch.nn.Parameter(torch.tensor([1.5, -0.25]))
-    sd["module.n.num_batches_tracked"] = torch.tensor(7, dtype=torch.int64)
-    sd["module.m.mask"] = torch.tensor([True, False, True])
-    torch.save({"model": sd, "epoch": 3, "note": Note(),
-                "config": CfgNode({"MODEL": CfgNode({"NAME": "mFormerV1_sm", "DEPTHS": [3, 3]})}),
-                "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}},
-                              "param_groups": [{"lr": 0.1}]}},
-               "tests/data/torch_checkpoint.pth")
+"""linnaeus_jax.tools.convert_torch: strict mapping, CLI, parity (the reader: test_torch_pickle).
 
 The parity test runs only when LINNAEUS_TORCH_REFERENCE names a folder with `pytorch_model.bin`
 and `reference.npz` made by `tests/make_torch_reference.py` from a checkout of the original (sm,
@@ -44,13 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from linnaeus_jax import bundle, models
 from linnaeus_jax import config as config_lib
+from linnaeus_jax import models
+from linnaeus_jax.inference import bundle
 from linnaeus_jax.tools import convert_torch as ct
+from linnaeus_jax.tools import torch_pickle
 
 from conftest import ROOT, tiny_config
 
-FIXTURE = os.path.join(ROOT, "tests", "data", "torch_checkpoint.pth")
 CLASSES = (5, 4, 3, 2)
 
 
@@ -179,32 +151,6 @@ def test_config_mismatches_are_listed_together():
     ct.convert({k: v for k, v in sd.items() if k not in del_keys}, missing_meta)
 
 
-def test_loader_reads_a_real_torch_file_without_torch(tmp_path):
-  assert "torch" not in sys.modules
-  sd = ct.load_torch_checkpoint(FIXTURE)
-  assert "torch" not in sys.modules
-  assert list(sd) == ["a.weight", "t.weight", "s.bias", "b.weight", "h.weight", "p.gamma",
-                      "n.num_batches_tracked", "m.mask"]  # `model` unwrapped, `module.` gone
-  np.testing.assert_array_equal(sd["a.weight"], np.arange(6, dtype=np.float32).reshape(2, 3) / 4)
-  np.testing.assert_array_equal(sd["t.weight"], np.arange(12, dtype=np.float32).reshape(3, 4).T)
-  np.testing.assert_array_equal(sd["s.bias"], np.array([2.0, 5.0, 8.0], np.float32))
-  assert sd["b.weight"].dtype == np.float32  # bfloat16 -> float32, exactly
-  np.testing.assert_array_equal(sd["b.weight"], np.array([[1.0, -2.5], [3.140625, 2.0 ** -7]]))
-  assert sd["h.weight"].dtype == np.float16
-  np.testing.assert_array_equal(sd["h.weight"], np.array([0.5, -65504.0], np.float16))
-  np.testing.assert_array_equal(sd["p.gamma"], np.array([1.5, -0.25], np.float32))
-  assert sd["n.num_batches_tracked"].dtype == np.int64 and sd["n.num_batches_tracked"] == 7
-  np.testing.assert_array_equal(sd["m.mask"], np.array([True, False, True]))
-
-  npz = str(tmp_path / "sd.npz")
-  np.savez(npz, **{"module.x.weight": np.ones((2, 2), np.float32)})
-  assert list(ct.load_torch_checkpoint(npz)) == ["x.weight"]
-  bad = tmp_path / "bad.pth"
-  bad.write_bytes(b"\x80\x02not a zip")
-  with pytest.raises(ct.CheckpointError, match="legacy"):
-    ct.load_torch_checkpoint(str(bad))
-
-
 def test_run_writes_the_folder_only_when_complete(tmp_path):
   cfg, _, params, _ = _random_model(_tiny())
   npz = str(tmp_path / "sd.npz")
@@ -242,7 +188,46 @@ def test_cli_reports_bad_input_and_exits_1(tmp_path):
   assert r.returncode == 1, r.stderr
   assert "error: the checkpoint does not match" in r.stderr
   assert "stem.0.weight: checkpoint (16, 3, 4, 4), expected (96, 3, 4, 4)" in r.stderr
+  r = subprocess.run(base + [f"--checkpoint={npz}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 1 and "give exactly one of --config and --yaml_config" in r.stderr
   assert not os.path.exists(tmp_path / "out")
+
+
+TINY_YAML = """
+MODEL:
+  TYPE: mFormerV1
+  CONVNEXT_STAGES: {DEPTHS: [1, 1], DIMS: [16, 24, 32, 48]}
+  ROPE_STAGES: {DEPTHS: [1, 1], DIMS: [32, 48], NUM_HEADS: [2, 2]}
+DATA:
+  META: {COMPONENTS: {ELEVATION: {ENABLED: True}}}
+"""
+
+
+def test_cli_takes_a_config_file_with_overrides_or_the_originals_yaml(tmp_path):
+  cfg, _, params, _ = _random_model(_tiny())
+  npz = str(tmp_path / "sd.npz")
+  np.savez(npz, **ct.to_torch({"params": params}, cfg))
+  (tmp_path / "tiny.json").write_text(config_lib.to_json(_tiny(num_classes=(0, 0, 0, 0))))
+  (tmp_path / "tiny.py").write_text(
+      "from linnaeus_jax import config as config_lib\n\n\ndef get_config():\n"
+      f"  return config_lib.from_json(open({str(tmp_path / 'tiny.json')!r}).read())\n")
+  (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+  base = [sys.executable, "-m", "linnaeus_jax.tools.convert_torch", f"--checkpoint={npz}"]
+  for name, args in (("py", [f"--config={tmp_path / 'tiny.py'}", "--config.data.img_size=64"]),
+                     ("yaml", [f"--yaml_config={tmp_path / 'tiny.yaml'}"])):
+    out = tmp_path / name
+    r = subprocess.run(base + args + [f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    _assert_trees_equal(bundle.load_params(str(out / "params.npz"))["params"], params)
+    record = json.loads((out / "conversion.json").read_text())
+    converted = ct.load_config(str(out / "config.json"))
+    if name == "py":
+      assert record["config_source"] == str(tmp_path / "tiny.py")
+      assert record["overrides"] == ["data.img_size=64"] and converted.data.img_size == 64
+    else:
+      assert record["config_source"] == str(tmp_path / "tiny.yaml") and not record["overrides"]
 
 
 @pytest.mark.skipif(not os.environ.get("LINNAEUS_TORCH_REFERENCE"),
@@ -259,7 +244,7 @@ def test_parity_with_the_original():
   config.model.dtype = "float32"
   for t in config.data.task_keys_h5:
     config.model.classification.heads[t].num_classes = 0
-  sd = ct.load_torch_checkpoint(os.path.join(ref_dir, "pytorch_model.bin"))
+  sd = torch_pickle.load_torch_checkpoint(os.path.join(ref_dir, "pytorch_model.bin"))
   variables, config = ct.convert(sd, config)
   assert [config.model.classification.heads[t].num_classes
           for t in config.data.task_keys_h5] == [17, 9, 5, 3]

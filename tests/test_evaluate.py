@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from linnaeus_jax import config as config_lib, evaluate, models, preprocessing, sharding, train
+from linnaeus_jax import config as config_lib, evaluate, models, preprocessing, sharding
+from linnaeus_jax import state as state_lib, train, train_step
 from linnaeus_jax.data import images, pipeline
 
 from conftest import tiny_config
@@ -34,16 +35,16 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   c = tiny_config(small_dataset[0])
   c.data.batch_size_val = 24  # the last batch is padded
   c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL"]]
-  c, data = train.resolve(c)
+  c, data = state_lib.resolve(c)
   mesh = sharding.make_mesh(c)
   graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
   variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
   order = sorted(k for k in data.class_to_idx["taxa_L40"] if k != "null")[0]
   c.metrics.taxa_subsets = [["first_order", "taxa_L40", order]]
   plist = evaluate.phases(c, partial=True)
-  step = jax.jit(evaluate.make_eval_step(graphdef, c, plist))
+  step = jax.jit(evaluate.make_eval_step(graphdef, train_step.StepConfig.from_config(c), plist))
   got = evaluate.run(step, variables, pipeline.eval_dataset(data, c), mesh, data.task_keys,
-                     train.loss_constants(c, data))
+                     state_lib.loss_constants(c, data))
   assert set(got) == {"val", "val_mask_meta", "val_mask_SPATIAL"}
   assert len(data.val) % 24 and got["val"]["num_examples"] == len(data.val)
 
@@ -80,3 +81,14 @@ def test_evaluate_a_checkpoint_reproduces_the_final_validation(small_dataset, tm
       assert results[phase][key] == pytest.approx(logged[phase][key], rel=1e-6)
   with pytest.raises(FileNotFoundError, match="no checkpoint 7"):
     evaluate.evaluate_checkpoint(c, str(tmp_path), step=7)
+  # The command without --config evaluates with the run's own DIR/config.json.
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, "-m", "linnaeus_jax.evaluate", f"--workdir={tmp_path}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  written = json.load(open(tmp_path / "eval" / "step_10.json"))
+  assert set(written) == set(results)
+  for phase in results:
+    assert written[phase]["loss"] == pytest.approx(results[phase]["loss"], rel=1e-5), phase

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from linnaeus_jax import bundle, export
-from linnaeus_jax.predictor import Predictor
+from linnaeus_jax.inference import bundle, export
+from linnaeus_jax.inference.predictor import Predictor
 
 from conftest import ROOT
 
@@ -63,7 +63,7 @@ assert not any(m.startswith("linnaeus_jax") for m in sys.modules), "linnaeus_jax
                      text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
   assert r.returncode == 0, r.stderr[-3000:]
   got = np.load(tmp_path / "logits.npz")
-  expected = p.logits_batch(images_u8, meta, valid)  # softmax probabilities
+  expected = p.probs_batch(images_u8, meta, valid)  # softmax probabilities
   for task, probs in expected.items():
     z = got[task]
     np.testing.assert_allclose(np.exp(z - z.max(-1, keepdims=True)) /
@@ -78,8 +78,8 @@ def test_export_refuses_to_overwrite_and_reports_a_missing_checkpoint(trained_wo
   r = subprocess.run([sys.executable, "-m", "linnaeus_jax.export", f"--workdir={trained_workdir}",
                       f"--out={bundle_dir}"], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode == 1 and "exists and is not empty" in r.stderr
-  r = subprocess.run([sys.executable, "-m", "linnaeus_jax.export", f"--workdir={trained_workdir}",
-                      f"--out={tmp_path / 'x'}", "--step=7"], cwd=ROOT, capture_output=True,
-                     text=True)
+  r = subprocess.run([sys.executable, "-m", "linnaeus_jax.inference.export",  # the shim's module
+                      f"--workdir={trained_workdir}", f"--out={tmp_path / 'x'}", "--step=7"],
+                     cwd=ROOT, capture_output=True, text=True)
   assert r.returncode == 1 and "no checkpoint 7" in r.stderr and "steps: [20]" in r.stderr
   assert not os.path.exists(tmp_path / "x")

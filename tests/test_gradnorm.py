@@ -13,7 +13,8 @@ EXCLUDE = ["head", "meta_"]
 
 
 def ref_update(w, l0, initialized, losses, norms, alpha):
-  """Reference for training.md §6 steps 3-5, written from the text (plain numpy, float64)."""
+  """Reference for the closed-form GradNorm update (docs/training.md#losses, task weights),
+  written from the text (plain numpy, float64)."""
   w, l0 = np.array(w, np.float64), np.array(l0, np.float64)
   losses, norms = np.asarray(losses, np.float64), np.asarray(norms, np.float64)
   n = len(w)

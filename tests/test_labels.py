@@ -67,7 +67,7 @@ def test_class_maps_and_filters_by_hand(tmp_path):
 def test_hierarchy_and_multi_parent_error(tmp_path):
   path = _write(tmp_path / "l.h5", img_identifiers=[f"{i}.jpg" for i in range(6)],
                 taxa_L10=SPECIES, taxa_L20=GENUS, spatial=np.ones((6, 3), np.float32))
-  assert labels.load(_hand_config(path)).hierarchy == {"taxa_L10": {1: 1, 3: 2}}
+  assert labels.load(_hand_config(path)).taxonomy.hierarchy_map() == {"taxa_L10": {1: 1, 3: 2}}
   bad = _write(tmp_path / "bad.h5", img_identifiers=["a", "b"], taxa_L10=np.array([10, 10]),
                taxa_L20=np.array([5, 7]), spatial=np.ones((2, 3), np.float32))
   with pytest.raises(labels.DataError, match=r"taxon 10 \(taxa_L10\) has several parents .*\[5, 7\]"):
@@ -79,12 +79,12 @@ def test_hierarchy_and_multi_parent_error(tmp_path):
   c = _hand_config(major)
   c.data.taxonomy.multi_parent = "majority"
   d = labels.load(c)
-  assert d.hierarchy == {"taxa_L10": {1: 2}} and d.class_to_idx["taxa_L20"][7] == 2
+  assert d.taxonomy.hierarchy_map() == {"taxa_L10": {1: 2}} and d.class_to_idx["taxa_L20"][7] == 2
   # A taxonomy_tree.json given explicitly replaces the co-occurrence links.
   tree = tmp_path / "taxonomy_tree.json"
   tree.write_text(d.taxonomy.to_json().replace('"1": 2', '"1": 1'))
   c.data.taxonomy.path = str(tree)
-  assert labels.load(c).hierarchy == {"taxa_L10": {1: 1}}
+  assert labels.load(c).taxonomy.hierarchy_map() == {"taxa_L10": {1: 1}}
 
 
 def test_schema_problems_listed_together(tmp_path):
@@ -287,10 +287,10 @@ def _skip_missing(small_dataset, tmp_path, n_missing):
 
 
 def test_split_rows_and_missing_image_report_are_written(small_dataset, tmp_path):
-  from linnaeus_jax import train
+  from linnaeus_jax import state as state_lib
   c, gone = _skip_missing(small_dataset, tmp_path, 2)
   d = labels.load(c)
-  train.write_assets(str(tmp_path / "run"), c, d)
+  state_lib.write_assets(str(tmp_path / "run"), c, d)
   split = np.load(tmp_path / "run" / "assets" / "split_rows.npz")
   np.testing.assert_array_equal(split["train"], d.train.raw_row)
   np.testing.assert_array_equal(split["val"], d.val.raw_row)

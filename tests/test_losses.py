@@ -15,7 +15,7 @@ def _lse(row):
 
 
 def _one(fn, labels, **kw):
-  args = dict(smoothing=0.1, partial_levels=False, mask_nulls=False,
+  args = dict(smoothing=0.1, null_class=False, mask_nulls=False,
               tax_matrices={"a": T3})
   args.update(kw)
   return losses.task_losses({"a": LOGITS}, {"a": jnp.asarray(labels)}, ["a"], [fn], **args)["a"]
@@ -117,7 +117,7 @@ def test_class_weight_applied_once():
 def test_null_masking_and_task_weights():
   logits = {"a": LOGITS[:2], "b": LOGITS[:2]}
   labels = {"a": jnp.array([0, 2]), "b": jnp.array([1, 2])}
-  kw = dict(smoothing=0.0, partial_levels=True)
+  kw = dict(smoothing=0.0, null_class=True)
   keep = losses.task_losses(logits, labels, ["a", "b"], ["CrossEntropyLoss"] * 2,
                             mask_nulls=False, **kw)
   masked = losses.task_losses(logits, labels, ["a", "b"], ["CrossEntropyLoss"] * 2,
@@ -135,13 +135,13 @@ def test_null_masking_and_task_weights():
                              masked["a"][0] + masked["b"][0], rtol=1e-6)
   # Without partial levels class 0 is a real taxon and nothing is masked.
   no_partial = losses.task_losses(logits, labels, ["a"], ["CrossEntropyLoss"], smoothing=0.0,
-                                  partial_levels=False, mask_nulls=True)
+                                  null_class=False, mask_nulls=True)
   np.testing.assert_allclose(no_partial["a"][0], per.mean(), rtol=1e-6)
 
 
 def test_all_excluded_gives_zero_not_nan():
   out = losses.task_losses({"a": LOGITS}, {"a": jnp.array([0, 0, 1])}, ["a"], ["CrossEntropyLoss"],
-                           smoothing=0.0, partial_levels=True, mask_nulls=True,
+                           smoothing=0.0, null_class=True, mask_nulls=True,
                            example_mask_B=jnp.array([True, True, False]))
   assert float(out["a"][0]) == 0.0
 
@@ -149,7 +149,7 @@ def test_all_excluded_gives_zero_not_nan():
 def test_mixed_null_is_decided_by_the_mixed_one_hot():
   # h_0 > 0.5 decides, not the sample's own label: sample 0 (null) keeps 0.4 of itself: not null;
   # sample 1 (class 2) takes 0.6 of a null: null; sample 2 (null) keeps 0.6: null.
-  out = _one("CrossEntropyLoss", [0, 2, 0], partial_levels=True, mask_nulls=True,
+  out = _one("CrossEntropyLoss", [0, 2, 0], null_class=True, mask_nulls=True,
              lam_B=jnp.array([0.4, 0.4, 0.6]), partner_B=jnp.array([1, 0, 1]))
   np.testing.assert_array_equal(out[2], [True, False, False])
 
@@ -160,12 +160,12 @@ def test_null_keep_probability():
   z = jnp.zeros((b, 3))
   run = jax.jit(lambda p, key, pad: losses.task_losses(
       {"a": z, "b": z}, {"a": y, "b": y}, ["a", "b"], ["CrossEntropyLoss"] * 2, smoothing=0.0,
-      partial_levels=True, mask_nulls=False, example_mask_B=pad, null_keep_prob=p, key=key))
+      null_class=True, mask_nulls=False, example_mask_B=pad, null_keep_prob=p, key=key))
   key, pad = jax.random.key(0), jnp.ones(b, bool)
   every, none = run(1.0, key, pad), run(0.0, key, pad)
   assert bool(every["a"][2].all())
   np.testing.assert_array_equal(none["a"][2], np.arange(b) % 2 == 1)
-  phase1 = _one("CrossEntropyLoss", [0, 2, 1], partial_levels=True, mask_nulls=True,
+  phase1 = _one("CrossEntropyLoss", [0, 2, 1], null_class=True, mask_nulls=True,
                 null_keep_prob=1.0, key=key)  # Phase 1 takes precedence
   np.testing.assert_array_equal(phase1[2], [False, True, True])
   out = run(0.3, key, pad)
@@ -178,14 +178,14 @@ def test_null_keep_probability():
   padded = run(1.0, key, pad.at[1].set(False))
   assert not bool(padded["a"][2][1])
   with pytest.raises(ValueError, match="key"):
-    _one("CrossEntropyLoss", [0, 1, 2], partial_levels=True, null_keep_prob=0.5)
+    _one("CrossEntropyLoss", [0, 1, 2], null_class=True, null_keep_prob=0.5)
 
 
 def test_jit_with_everything():
   @jax.jit
   def f(logits, y, lam, partner, t, w, p, key):
     out = losses.task_losses({"a": logits}, {"a": y}, ["a"], ["TaxonomyAwareLabelSmoothing"],
-                             smoothing=0.1, partial_levels=True, mask_nulls=False, lam_B=lam,
+                             smoothing=0.1, null_class=True, mask_nulls=False, lam_B=lam,
                              partner_B=partner, tax_matrices={"a": t}, class_weights={"a": w},
                              null_keep_prob=p, key=key)
     return losses.total_loss(out, ["a"], jnp.array([0.5]))

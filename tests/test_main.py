@@ -247,3 +247,42 @@ def test_fsdp_shards_the_state_and_matches_one_device(config_file, reference, tm
   losses = _losses(tmp_path)
   np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses],
                              rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config=configs/demo.py", "--config.data.batchsize=8"],
+     "unknown key data.batchsize (did you mean data.batch_size?)"),
+    (["--config=configs/demo.py", "--config.data.batch_size=abc"], "data.batch_size=abc"),
+    (["--config=configs/missing.py"], "--config=configs/missing.py: no such file"),
+    (["--config={syntax}"], "SyntaxError"),
+    (["--config={raises}"], "get_config() raised RuntimeError: no data here; second line"),
+])
+def test_bad_config_flags_fail_in_one_line_before_the_workdir_exists(tmp_path, args, needle):
+  (tmp_path / "syntax.py").write_text("def get_config(:\n")
+  (tmp_path / "raises.py").write_text(
+      "def get_config():\n  raise RuntimeError('no data here\\nsecond line')\n")
+  args = [a.format(syntax=tmp_path / "syntax.py", raises=tmp_path / "raises.py") for a in args]
+  workdir = tmp_path / "run"
+  r = subprocess.run([sys.executable, "-m", "linnaeus_jax.main", f"--workdir={workdir}", *args],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and r.stderr.startswith("error: "), r.stderr[-3000:]
+  assert len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+  assert not workdir.exists()
+
+
+def test_a_preempted_run_exits_with_preempted_exit_code(monkeypatch, tmp_path):
+  from absl import flags
+  from absl.testing import flagsaver
+  from linnaeus_jax import main, preemption, train
+
+  def preempted(config, workdir):
+    raise preemption.Preempted(7)  # after train.run has saved the SIGTERM checkpoint
+
+  monkeypatch.setattr(train, "run", preempted)
+  for extra, code in (([], 0), (["--preempted_exit_code=143"], 143)):
+    with flagsaver.flagsaver():
+      flags.FLAGS(["main", f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+                   f"--workdir={tmp_path}", *extra])
+      with pytest.raises(SystemExit) as e:
+        main.main(["main"])
+    assert e.value.code == code

@@ -10,14 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linnaeus_jax import metrics
+from linnaeus_jax import losses, metrics
 from linnaeus_jax.taxonomy import TaxonomyTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _loss(*v):
-  return (None, jnp.array(v, jnp.float32), None)
+  """Every example included with weight 1: the loss counts are plain sums of `v`."""
+  v = jnp.array(v, jnp.float32)
+  return losses.TaskLoss(None, v, jnp.ones(v.shape, bool), jnp.ones_like(v))
 
 
 def _onehot_logits(preds, c):
@@ -37,8 +39,7 @@ def test_counts_by_hand():
   logits = {"a": jnp.array([[3.0, 0.0], [0.0, 1.0], [5.0, 0.0]]),
             "b": jnp.array([[0.0, 2.0], [0.0, 1.0], [1.0, 0.0]])}
   labels = {"a": jnp.array([0, 0, 0]), "b": jnp.array([1, 1, 1])}
-  per_task = {"a": (None, jnp.array([1.0, 2.0, 100.0]), None),
-              "b": (None, jnp.array([3.0, 4.0, 100.0]), None)}
+  per_task = {"a": _loss(1.0, 2.0, 100.0), "b": _loss(3.0, 4.0, 100.0)}
   mask = jnp.array([True, True, False])  # the third example is padding
   c = metrics.batch_counts(logits, labels, per_task, mask, ["a", "b"])
   total = metrics.accumulate(metrics.accumulate(None, c), c)
@@ -52,6 +53,27 @@ def test_counts_by_hand():
   # Without partial levels there are no nulls: partial chain accuracy is chain accuracy.
   np.testing.assert_allclose(out["partial_chain_accuracy"], 50.0)
   assert not any("null" in k for k in out)
+
+
+def test_loss_counts_follow_the_include_mask_weights_and_task_weights():
+  """loss/t = sum w_b l_b / (included), as the train loss; loss = sum_t w_t loss/t; loss_all
+  counts every real example unweighted."""
+  logits = {"a": jnp.zeros((4, 2)), "b": jnp.zeros((4, 2))}
+  labels = {"a": jnp.array([0, 1, 1, 0]), "b": jnp.array([1, 1, 0, 0])}
+  l = jnp.array([1.0, 2.0, 4.0, 100.0])
+  per_task = {
+      "a": losses.TaskLoss(None, l, jnp.array([False, True, True, True]),
+                           jnp.array([0.0, 3.0, 0.5, 1.0])),  # row 0 a masked null
+      "b": losses.TaskLoss(None, l, jnp.ones(4, bool), jnp.ones(4))}
+  mask = jnp.array([True, True, True, False])  # row 3 padding
+  c = metrics.batch_counts(logits, labels, per_task, mask, ["a", "b"], null_class=True)
+  out = metrics.finalize(metrics.accumulate(None, c), ["a", "b"], task_weights=[2.0, 0.5])
+  np.testing.assert_allclose(out["loss/a"], (3.0 * 2.0 + 0.5 * 4.0) / 2)
+  np.testing.assert_allclose(out["loss/b"], (1.0 + 2.0 + 4.0) / 3)
+  np.testing.assert_allclose(out["loss"], 2.0 * 4.0 + 0.5 * 7.0 / 3, rtol=1e-6)
+  np.testing.assert_allclose(out["loss_all/a"], 7.0 / 3)
+  np.testing.assert_allclose(out["loss_all"], 14.0 / 3, rtol=1e-6)
+  np.testing.assert_allclose(out["loss_null/a"], 1.0)  # the masked null, still reported
 
 
 def test_topk_by_hand():
@@ -92,7 +114,7 @@ def _chain_batch():
 
 def test_partial_chain_accuracy_with_null_ranks():
   tasks, logits, labels, per_task, mask = _chain_batch()
-  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, partial_levels=True)
+  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, null_class=True)
   # 0: null species mispredicted, genus and family right -> partial right, chain wrong.
   # 1: all null -> excluded from partial, chain right. 2: all right. 3: genus wrong.
   # 4: null species and genus predicted null, family right -> both right.
@@ -110,7 +132,7 @@ def test_partial_chain_accuracy_with_null_ranks():
 
 def test_null_and_non_null_accuracy():
   tasks, logits, labels, per_task, mask = _chain_batch()
-  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, partial_levels=True)
+  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, null_class=True)
   # species: null samples 0, 1, 4 (right: 1, 4), non-null 2, 3 (both right).
   assert (float(c["null_n/s"]), float(c["null_correct1/s"])) == (3, 2)
   assert (float(c["non_null_n/s"]), float(c["non_null_correct1/s"])) == (2, 2)
@@ -182,7 +204,7 @@ def _severity_batch():
 def test_mistake_severity_and_hierarchical_distance_by_hand():
   tasks, logits, labels, per_task, mask = _severity_batch()
   lca = jnp.asarray(metrics.lca_heights(_tree(TREE_SPECIES), "L10", null_class=True))
-  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, partial_levels=True,
+  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, null_class=True,
                            lca_CxC=lca)
   # Row 0: y=1, top-1 2 (same genus, height 1), top-3 heights (1, 2, 0).
   # Row 1: y=3, correct; top-3 heights (0, 2, 3).
@@ -198,7 +220,7 @@ def test_mistake_severity_and_hierarchical_distance_by_hand():
   np.testing.assert_allclose(out["hier_dist1/L10"], 4 / 3, rtol=1e-6)
   np.testing.assert_allclose(out["hier_dist3/L10"], 14 / 9, rtol=1e-6)
   # Skipped without the matrix.
-  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, partial_levels=True)
+  c = metrics.batch_counts(logits, labels, per_task, mask, tasks, null_class=True)
   out = metrics.finalize(metrics.accumulate(None, c), tasks)
   assert not any(k.startswith(("mistake", "hier_dist")) for k in out)
 
@@ -207,7 +229,7 @@ def test_finalize_with_empty_denominators_reports_zero():
   tasks, logits, labels, per_task, mask = _severity_batch()
   lca = metrics.lca_heights(_tree(TREE_SPECIES), "L10", null_class=True)
   only_null = jnp.array([False, False, False, True, False])  # one real sample, null label
-  c = metrics.batch_counts(logits, labels, per_task, only_null, tasks, partial_levels=True,
+  c = metrics.batch_counts(logits, labels, per_task, only_null, tasks, null_class=True,
                            lca_CxC=lca)
   out = metrics.finalize(metrics.accumulate(None, c), tasks)
   assert out["num_examples"] == 1
@@ -221,7 +243,7 @@ def _random_batch(b, seed):
   tasks, sizes = ["L10", "L20", "L30"], {"L10": 6, "L20": 4, "L30": 3}
   logits = {t: jnp.asarray(rng.normal(size=(b, sizes[t])), jnp.float32) for t in tasks}
   labels = {t: jnp.asarray(rng.integers(0, sizes[t], b)) for t in tasks}
-  per_task = {t: (None, jnp.asarray(rng.uniform(size=b), jnp.float32), None) for t in tasks}
+  per_task = {t: _loss(*rng.uniform(size=b)) for t in tasks}
   mask = jnp.asarray(rng.uniform(size=b) < 0.8)
   return tasks, logits, labels, per_task, mask
 
@@ -230,11 +252,11 @@ def test_counts_of_two_halves_sum_to_the_full_batch_under_jit():
   tasks, logits, labels, per_task, mask = _random_batch(16, 0)
   lca = jnp.asarray(metrics.lca_heights(_tree(TREE_SPECIES), "L10", null_class=True))
   step = jax.jit(functools.partial(metrics.batch_counts, task_keys=tasks, topk=(1, 3),
-                                   partial_levels=True))
+                                   null_class=True))
 
   def part(sl):
     take = lambda d: {t: v[sl] for t, v in d.items()}
-    pt = {t: (None, per_task[t][1][sl], None) for t in tasks}
+    pt = {t: jax.tree.map(lambda x: x[sl], per_task[t]._replace(mean=None)) for t in tasks}
     return step(take(logits), take(labels), pt, mask[sl], lca_CxC=lca)
   full = metrics.accumulate(None, part(slice(0, 16)))
   halves = metrics.accumulate(metrics.accumulate(None, part(slice(0, 8))), part(slice(8, 16)))
@@ -267,10 +289,10 @@ def test_counts_on_8_host_devices_equal_single_device():
       sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
       put = lambda x: jax.device_put(x, sh)
       f = jax.jit(lambda lg, lb, pt, m, lca: metrics.batch_counts(
-          lg, lb, pt, m, tasks, partial_levels=True, lca_CxC=lca))
+          lg, lb, pt, m, tasks, null_class=True, lca_CxC=lca))
       sharded = f(jax.tree.map(put, logits), jax.tree.map(put, labels),
-                  {t: (None, put(per_task[t][1]), None) for t in tasks}, put(mask), lca)
-      single = metrics.batch_counts(logits, labels, per_task, mask, tasks, partial_levels=True,
+                  {t: jax.tree.map(put, per_task[t]) for t in tasks}, put(mask), lca)
+      single = metrics.batch_counts(logits, labels, per_task, mask, tasks, null_class=True,
                                     lca_CxC=lca)
       print(json.dumps([metrics.accumulate(None, sharded), metrics.accumulate(None, single)]))
       """)
@@ -303,7 +325,7 @@ def test_subset_accuracy_and_rarity_bins_by_hand():
   assert float(counts["subset_correct1/c2/fine"]) == 1
   assert float(counts["subset_n/rarity_1"]) == 2  # rows 1 and 2 (row 3 is padding)
   assert float(counts["subset_correct1/rarity_1/coarse"]) == 1
-  base = metrics.batch_counts(logits, labels, {t: (0, jnp.zeros(4), None) for t in tasks}, mask,
+  base = metrics.batch_counts(logits, labels, {t: _loss(0, 0, 0, 0) for t in tasks}, mask,
                               tasks)
   out = metrics.finalize({k: float(v) for k, v in {**base, **counts}.items()}, tasks)
   assert out["subset_acc1/rarity_1/fine"] == pytest.approx(50.0)

@@ -24,7 +24,8 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-# reference/README.md parity table: (total, metadata embedders, heads, learned missing tokens).
+# The original's counts (docs/model.md#sizes): (total, metadata embedders, heads,
+# learned missing tokens).
 PARITY = {"sm": (31_383_022, 4_472_064, 697_483, 3_456),
           "md": (40_257_262, 4_472_064, 697_483, 3_456),
           "lg": (159_255_118, 17_791_488, 1_394_059, 6_912),

@@ -313,19 +313,7 @@ def test_ademamix_matches_optax_contrib_and_beta3_warmup():
   assert 0.9 < float(b3(49)) < 0.9999
 
 
-# ----------------------------------------------------------------------------- Filters, validation
-
-
-def test_filter_language():
-  f = optim.parse_filter("not endswith:bias and (ndim:2 or regex:'a/(b|c)') or all and none")
-  assert f("x/kernel", (2, 2)) and not f("x/bias", (2, 2)) and f("a/c/scale", (3,))
-  assert not f("x/scale", (3,))
-  assert optim.parse_filter("min_ndim:2 and max_ndim:3")("x", (1, 2, 3))
-  assert optim.parse_filter('contains:"a b"')("x a b", ())
-  assert optim.parse_filter("ndim:2,4")("k", (1, 1, 1, 1))
-  for bad in ("", "contains:a and", "(ndim:2", "size:3", "ndim:x", "regex:'('", "bogus", "a b"):
-    with pytest.raises(ValueError):
-      optim.parse_filter(bad)
+# ----------------------------------------------------------------------------- Validation
 
 
 def test_validate_reports_bad_groups_clearly():
@@ -356,3 +344,4 @@ def test_validate_reports_bad_groups_clearly():
 def test_registries_match_the_config_constants():
   assert tuple(optim.OPTIMIZERS) == config_lib.OPTIMIZERS
   assert tuple(optim._DECAYS) == config_lib.LR_SCHEDULES
+  assert tuple(optim._ANNEAL) == config_lib.DECAY_TYPES

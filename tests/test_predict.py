@@ -7,14 +7,14 @@ import sys
 
 import numpy as np
 
-from linnaeus_jax import predict
-from linnaeus_jax.predictor import Predictor
+from linnaeus_jax.inference import predict
+from linnaeus_jax.inference.predictor import Predictor
 
 from conftest import ROOT
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "linnaeus_jax.predict", *args], cwd=ROOT,
+def _cli(*args, module="linnaeus_jax.predict"):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
 
 
@@ -61,8 +61,10 @@ def test_cli_bad_input_exits_1_with_the_reason(tmp_path):
   r = _cli(f"--bundle={tmp_path / 'nope'}", f"--images={tmp_path}", f"--out={tmp_path / 'o'}")
   assert r.returncode == 1 and "no images in" in r.stderr
   (tmp_path / "a.jpg").write_bytes(b"x")
-  r = _cli(f"--bundle={tmp_path / 'nope'}", f"--images={tmp_path}", f"--out={tmp_path / 'o'}")
-  assert r.returncode == 1 and "bundle folder" in r.stderr and "not found" in r.stderr
+  for module in ("linnaeus_jax.predict", "linnaeus_jax.inference.predict"):  # shim and module
+    r = _cli(f"--bundle={tmp_path / 'nope'}", f"--images={tmp_path}", f"--out={tmp_path / 'o'}",
+             module=module)
+    assert r.returncode == 1 and "bundle folder" in r.stderr and "not found" in r.stderr
   assert not os.path.exists(tmp_path / "o")
 
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from linnaeus_jax import models, preprocessing
-from linnaeus_jax.predictor import Predictor, consistency_pass
+from linnaeus_jax.inference.predictor import Predictor, consistency_pass
 from linnaeus_jax.taxonomy import TaxonomyTree
 
 

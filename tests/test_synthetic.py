@@ -1,5 +1,7 @@
 import dataclasses
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -8,7 +10,7 @@ from PIL import Image
 
 from linnaeus_jax.data import synthetic
 
-from conftest import SMALL
+from conftest import ROOT, SMALL
 
 
 def _arrays(path):
@@ -139,9 +141,25 @@ def test_invalid_options_all_reported():
     assert needle in str(e.value)
 
 
-def test_cli(tmp_path):
-  synthetic.main(["--out", str(tmp_path), "--num_orders=1", "--families_per_order=1",
-                  "--genera_per_family=2", "--species_per_genus=2",
-                  "--max_samples_per_species=3", "--min_samples_per_species=3", "--img_size=32"])
-  with h5py.File(tmp_path / "labels.h5", "r") as h5:
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "linnaeus_jax.data.synthetic", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_takes_absl_flags(tmp_path):
+  r = _cli(f"--out={tmp_path / 'a'}", "--num_orders=1", "--families_per_order=1",
+           "--genera_per_family=2", "--species_per_genus=2", "--max_samples_per_species=3",
+           "--min_samples_per_species=3", "--img_size=32", "--elevation_scales=100,2000",
+           "--temporal_hours")
+  assert r.returncode == 0, r.stderr
+  with h5py.File(tmp_path / "a" / "labels.h5", "r") as h5:
     assert len(h5["img_identifiers"]) == 12
+    assert h5["temporal"].shape[1] == 4 and h5["elevation_broadrange_2"].shape[1] == 2 * 2
+  r = _cli("--helpshort")
+  assert "--species_per_genus" in r.stdout and "--[no]temporal_hours" in r.stdout
+  for bad, needle in ((["--img_size=x"], "--img_size=x"), (["--elevation_scales=a"], "numbers"),
+                      (["--bogus=1"], "bogus"), ([], "--out")):
+    r = _cli(*([f"--out={tmp_path / 'b'}"] if bad else []), *bad)
+    assert r.returncode == 1 and r.stderr.startswith("error: "), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+  assert not (tmp_path / "b").exists()

@@ -115,7 +115,8 @@ def test_null_class_is_nobodys_relative():
 
 
 def _brute_row(tree, task, i, alpha, beta):
-  """Per-pair LCA distances by walking parent chains, then the §5.2 row (no null class)."""
+  """Per-pair LCA distances by walking parent chains, then the taxonomy-smoothing row of
+  docs/training.md#losses (no null class)."""
   ks = tree.task_keys[tree.task_keys.index(task):-1]
 
   def chain(c):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from linnaeus_jax import train
+from linnaeus_jax import state as state_lib, train
 
 from conftest import ROOT, tiny_config
 
@@ -60,7 +60,7 @@ def test_head_size_mismatch_with_data_is_an_error(small_dataset, tmp_path):
   c = tiny_config(small_dataset[0])
   c.model.classification.heads.taxa_L10.num_classes = 5
   with pytest.raises(ValueError, match="taxa_L10.num_classes is 5 but the data has 17"):
-    train.resolve(c)
+    state_lib.resolve(c)
 
 
 def _main(*args):
@@ -77,56 +77,6 @@ def test_cli_reports_bad_config_clearly(tmp_path):
   assert r.returncode != 0 and "stepz" in r.stderr
 
 
-def _step_setup(small_dataset, **train_kw):
-  """A tiny config's state, a jitted train step and a real 16-sample batch."""
-  import jax
-  from linnaeus_jax import optim, schedules
-  from linnaeus_jax.data import pipeline
-  c = tiny_config(small_dataset[0], **train_kw)
-  c.model.drop_path_rate = 0.0
-  c.schedule.meta_masking.enabled = False
-  c, data = train.resolve(c)
-  tx, lrs = optim.build(c, 100, 10)
-  graphdef, init = train.create_state(c, data.taxonomy.parents)
-  state = jax.jit(lambda: init(tx))()
-  step = jax.jit(train.make_train_step(graphdef, tx, c, lrs,
-                                       schedules.Schedules.from_config(c, 100, 10)))
-  batch = next(iter(pipeline.train_dataset(data, c, 100, 0, 1)))
-  return c, state, step, batch, train.loss_constants(c, data)
-
-
-def test_accumulated_micro_batches_equal_one_large_batch(small_dataset):
-  import jax
-  _, state, step1, batch, consts = _step_setup(small_dataset)
-  _, _, step2, _, _ = _step_setup(small_dataset, accumulation_steps=2)
-  # Without padding or excluded samples every micro-batch has the same weight: mean of the
-  # micro-batch means = the mean over the batch.
-  assert np.asarray(batch["example_mask"]).all()
-  a_state, a = step1(jax.tree.map(np.asarray, state), batch, consts)
-  b_state, b = step2(jax.tree.map(np.asarray, state), batch, consts)
-  np.testing.assert_allclose(float(b["loss"]), float(a["loss"]), rtol=1e-5)
-  np.testing.assert_allclose(float(b["grad_norm"]), float(a["grad_norm"]), rtol=1e-4)
-  assert float(b["acc"]["counts"]["n"]) == float(a["acc"]["counts"]["n"]) == 16
-  for x, y in zip(jax.tree.leaves(b_state["params"]), jax.tree.leaves(a_state["params"])):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-
-
-def test_a_nan_batch_skips_the_update_and_is_counted(small_dataset):
-  import jax
-  _, state, step, batch, consts = _step_setup(small_dataset)
-  bad = dict(batch, meta={k: np.full_like(np.asarray(v), np.nan) for k, v in batch["meta"].items()})
-  before = jax.tree.map(np.asarray, state)
-  after, out = step(jax.tree.map(np.asarray, state), bad, consts)
-  assert not np.isfinite(float(out["loss"]))
-  for x, y in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"])):
-    np.testing.assert_array_equal(x, y)
-  assert int(after["nonfinite_streak"]) == 1 and int(out["nonfinite_skips"]) == 1
-  assert int(after["step"]) == 1  # the step still advances (the LR schedule with it)
-  after, out = step(after, batch, consts)
-  assert np.isfinite(float(out["loss"])) and int(after["nonfinite_streak"]) == 0
-  assert int(after["nonfinite_skips"]) == 1
-
-
 def test_training_stops_after_repeated_non_finite_steps(small_dataset, tmp_path):
   c = tiny_config(small_dataset[0], steps=30, nonfinite_patience=3)
   c.lr_scheduler.base_lr = c.lr_scheduler.warmup_lr = 1e30  # the first update overflows
@@ -141,7 +91,8 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(small_datase
   c = tiny_config(small_dataset[0], steps=30)
   c.schedule.validation.interval_steps = 5
   c.schedule.checkpoint.keep_last_n, c.schedule.checkpoint.keep_top_n = 1, 1
-  c.train.early_stop.update(dict(active=True, metric="val/loss", patience=2, min_delta=1e9))
+  c.train.early_stop.update(dict(active=True, metric="val/loss", patience_evals=2,
+                                 min_delta=1e9))
   train.run(c, str(tmp_path))  # step 5 is the best; steps 10 and 15 do not improve by 1e9
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [5, 15]
   recs = _train_records(tmp_path)
@@ -151,3 +102,79 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(small_datase
   assert max(l["step"] for l in lines) == 15
   assert [l["phase"] for l in lines if l["step"] == 15 and l["phase"] != "train"] == [
       "val", "val_mask_meta"]
+
+
+@pytest.fixture(scope="module")
+def null_dataset(tmp_path_factory):
+  """A small synthetic dataset where a quarter of the species and a tenth of the genera are null."""
+  import dataclasses
+  from conftest import SMALL
+  from linnaeus_jax.data import synthetic
+  out = str(tmp_path_factory.mktemp("nulls"))
+  synthetic.generate(out, dataclasses.replace(SMALL, null_species_rate=0.25, null_genus_rate=0.1,
+                                              seed=5), verbose=False)
+  return out
+
+
+def _val_logits(workdir):
+  """(config, val rows, {task: logits}) of the checkpoint a run left in `workdir`, by hand."""
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from linnaeus_jax import config as config_lib, models, preprocessing
+  from linnaeus_jax.data import images, labels
+  c = config_lib.from_json(open(os.path.join(workdir, "config.json")).read())
+  data = labels.load(c)
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    s = m.restore(m.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0), data.taxonomy.parents)),
+                             nnx.Param, ...)
+  reader = images.ImageReader(data.val_images, c.data.img_size)
+  pixels = np.stack([reader(int(r), i) for r, i in zip(data.val.raw_row, data.val.image_id)])
+  logits = nnx.merge(graphdef, s["params"], s["buffers"])(
+      preprocessing.normalize(pixels), data.val.meta, data.val.meta_valid, train=False)
+  return c, data, jax.tree.map(np.asarray, logits)
+
+
+def test_val_loss_is_the_train_criterion_nulls_masked_and_weighted(null_dataset, tmp_path):
+  """Phase 1 masks nulls in the validation loss too, and `loss` has the training's class and
+  task weights (loss.grad_weighting.class.val): val/loss is what training minimises."""
+  from linnaeus_jax import evaluate, losses
+  c = tiny_config(null_dataset, steps=6, phase1_mask_null_loss=True)
+  c.loss.grad_weighting["class"].update(method="capping", cap=3.0, train=True, val=True)
+  c.loss.grad_weighting.task.init_weights = [2.0, 1.0, 0.5, 1.0]
+  train.run(c, str(tmp_path))
+  _, results = evaluate.evaluate_checkpoint(c, str(tmp_path))
+  c, data, logits = _val_logits(tmp_path)
+  total, total_all = 0.0, 0.0
+  for j, (t, w) in enumerate(zip(data.task_keys, [2.0, 1.0, 0.5, 1.0])):
+    y = data.val.labels[:, j]
+    z = logits[t] - logits[t].max(-1, keepdims=True)
+    ce = -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(-1)))
+    cw = losses.class_weights(np.bincount(data.train.labels[:, j],
+                                          minlength=data.num_classes[t]), "capping", cap=3.0)
+    keep = y != 0
+    assert 0 < keep.sum() < len(y) or j > 1  # the finest ranks do have nulls
+    want = np.sum(cw[y][keep] * ce[keep]) / keep.sum()
+    np.testing.assert_allclose(results["val"][f"loss/{t}"], want, rtol=2e-4)
+    total += w * want
+    total_all += ce.mean()
+  np.testing.assert_allclose(results["val"]["loss"], total, rtol=2e-4)
+  np.testing.assert_allclose(results["val"]["loss_all"], total_all, rtol=2e-4)
+
+
+@pytest.mark.parametrize("phase1", [False, True])
+def test_gradnorm_reforward_handles_nulls_as_the_train_loss(null_dataset, tmp_path, phase1):
+  """With the same inputs (metadata kept, no dropout, linear heads) GradNorm's task losses are
+  the train loss's: nulls excluded in phase 1, else kept with the scheduled probability (0)."""
+  c = tiny_config(null_dataset, steps=2, phase1_mask_null_loss=phase1)
+  c.model.drop_path_rate = 0.0
+  c.schedule.meta_masking.enabled = False
+  c.schedule.null_masking.update(enabled=True, start_prob=0.0, end_prob=0.0)
+  gw = c.loss.grad_weighting.task
+  gw.type, gw.update_interval, gw.zero_aux_info = "gradnorm", 1, False
+  train.run(c, str(tmp_path))
+  rec = _train_records(tmp_path)[1]
+  for t in c.data.task_keys_h5:
+    np.testing.assert_allclose(rec[f"gradnorm/loss/{t}"], rec[f"loss/{t}"], rtol=1e-5, err_msg=t)

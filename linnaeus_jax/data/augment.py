@@ -2,19 +2,20 @@
 device (float noise, so it is not quantised).
 
 Magnitudes are the standard ones (level m in 0..10 scales each op's range; geometric ops get a
-random sign), not the original's raw levels (reference/data.md §4). Policies (`aug.autoaug.policy`):
-`none`, `original` (the ImageNet AutoAugment policy), `rand-m<M>-n<N>` (RandAugment).
+random sign), not the original's raw levels (docs/design.md#augmentation-magnitudes). Policies
+(`aug.autoaug.policy`): `none`, `original` (the ImageNet AutoAugment policy), `rand-m<M>-n<N>`
+(RandAugment).
 Every draw comes from a generator seeded with (seed, epoch, position), so a resumed run repeats it.
 """
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from linnaeus_jax import config as config_lib
 
 _FILL = (128, 128, 128)
 
@@ -73,13 +74,6 @@ RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solari
             "TranslateX", "TranslateY")
 
 
-def check_policy(policy: str) -> str | None:
-  """None if `policy` is valid, else the problem."""
-  if policy in ("none", "original") or re.fullmatch(r"rand-m\d+(\.\d+)?-n\d+", policy):
-    return None
-  return f"aug.autoaug.policy {policy!r}: expected 'none', 'original' or 'rand-m<M>-n<N>'"
-
-
 def apply_policy(img_HxWx3: np.ndarray, policy: str, rng: np.random.Generator) -> np.ndarray:
   """Applies one draw of `policy` to a uint8 image."""
   if policy == "none":
@@ -90,7 +84,7 @@ def apply_policy(img_HxWx3: np.ndarray, policy: str, rng: np.random.Generator) -
       if rng.random() < prob:
         img = OPS[op](img, level, rng)
   else:
-    m, n = re.fullmatch(r"rand-m([\d.]+)-n(\d+)", policy).groups()
+    m, n = config_lib.RANDAUG.fullmatch(policy).groups()
     for op in rng.choice(RAND_OPS, int(n)):
       img = OPS[op](img, float(m), rng)
   return np.asarray(img, dtype=np.uint8)

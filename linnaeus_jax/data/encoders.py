@@ -1,6 +1,6 @@
 """Metadata encoders, shared by the synthetic generator, training and inference.
 
-Formulas of reference/data.md §1.3 (radians): SPATIAL = unit-sphere xyz of lat/lon; TEMPORAL =
+Formulas (radians; docs/data.md#the-files): SPATIAL = unit-sphere xyz of lat/lon; TEMPORAL =
 [sin, cos](2 pi month / 12) or day of year [sin, cos](2 pi doy / 365.25), optionally followed by
 [sin, cos](2 pi hour / 24); ELEVATION = per scale s, [sin, cos](2 pi e / s), interleaved.
 """

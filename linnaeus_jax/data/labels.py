@@ -1,4 +1,4 @@
-"""labels.h5 -> in-memory row tables (reference/data.md §2, §7, §8).
+"""labels.h5 -> in-memory row tables (docs/data.md, docs/design.md#vectorised-data-loading).
 
 Every label and metadata column is read into numpy once; class maps, validity flags, row filters,
 the single-file split and the taxonomy are vectorised. Only image decoding happens per sample
@@ -19,7 +19,8 @@ from linnaeus_jax import config as config_lib
 from linnaeus_jax import taxonomy as taxonomy_lib
 from linnaeus_jax.data import encoders, images as images_lib
 
-# Raw columns that, when present, give a component's validity explicitly (Decision 4).
+# Raw columns that, when present, give a component's validity explicitly
+# (docs/design.md#metadata-masking-by-validity-flags).
 RAW_VALIDITY = {"SPATIAL": ("raw_lat", "raw_lon"), "TEMPORAL": ("raw_date_observed",),
                 "ELEVATION": ("raw_elevation",)}
 FILTERS = ("missing_image", "out_of_region", "missing_meta", "all_null", "any_null",
@@ -61,10 +62,6 @@ class Dataset:
   missing_images: dict[str, list[str]]  # split -> identifiers excluded as missing
   train_images: str  # folder or images.h5 path
   val_images: str
-
-  @property
-  def hierarchy(self) -> dict[str, dict[int, int]]:
-    return self.taxonomy.hierarchy_map()
 
   def summary(self) -> str:
     drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items() if v)
@@ -202,7 +199,8 @@ def _class_maps(files: list[dict], task_keys, partial: bool):
 
 def _filter(cols: dict, missing_image: np.ndarray | None, config, components,
             dropped: dict) -> np.ndarray:
-  """Rows surviving the filters of data.md §2.3, in the original's order."""
+  """Rows surviving the filters (docs/data.md#classes-filters-and-the-taxonomy), in the
+  original's order."""
   d = config.data
   keep = np.ones(cols["n"], bool)
 
@@ -235,7 +233,8 @@ def _table(cols: dict, labels: np.ndarray, rows: np.ndarray, components) -> RowT
   for c, (name, comp) in enumerate(components):
     v = cols[f"valid/{name}"][rows]
     if comp.oor_mask and "in_region" in cols:
-      v = v & cols["in_region"][rows]  # Decision: OOR masking clears the validity flag
+      # oor_mask clears the validity flag (docs/design.md#metadata-masking-by-validity-flags)
+      v = v & cols["in_region"][rows]
     valid[:, c] = v
     m = cols[f"meta/{name}"][rows]
     meta[name] = np.where(v[:, None] & np.isfinite(m), m, 0.0).astype(np.float32)
@@ -243,7 +242,7 @@ def _table(cols: dict, labels: np.ndarray, rows: np.ndarray, components) -> RowT
 
 
 def _paths(d, problems: list[str]) -> tuple[list[str], list[str]]:
-  """(labels files, image locations) for the scenarios of data.md §2.1; others are problems.
+  """(labels files, image locations) for the modes of docs/data.md#modes; others are problems.
 
   Two files (train + val, or train only: empty validation), or one file split by seed.
   """

@@ -1,4 +1,4 @@
-"""Grain input pipelines over the row tables (reference/data.md §5.2, §8).
+"""Grain input pipelines over the row tables (docs/data.md#sampling-and-augmentation).
 
 Training: the epoch order of `sampler.epoch_order` (a pure function of (seed, epoch)), each
 process reading its slice of every global batch; per record, the image is read, decoded, resized

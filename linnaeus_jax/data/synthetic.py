@@ -3,11 +3,11 @@
 The task needs both the image and the metadata:
 - order, family and genus are visible: the order sets the background tint, the family the colour
   of the shape, the genus its form (disk, square, triangle, ...);
-- sibling species of one genus look nearly identical (a 4% size difference) but live in different
+- sibling species of one genus look nearly identical (sizes 4 percent apart) but live in different
   regions (lat/lon), peak in different months and occupy different elevation bands, so only the
   metadata tells them apart.
 
-Output (`reference/data.md` §1): `labels.h5` with `img_identifiers`, `taxa_L10/L20/L30/L40`
+Output (docs/data.md#the-files): `labels.h5` with `img_identifiers`, `taxa_L10/L20/L30/L40`
 (uint32 raw taxon ids, 0 = null), `temporal`, `spatial`, `elevation_<set>` (with `column_names`,
 `method` and `scales` attributes), `raw_lat`, `raw_lon`, `raw_elevation`, `raw_date_observed`,
 `in_region` and a `/metadata` group; images as JPEG files in `images/` or as `images.h5`.
@@ -27,8 +27,10 @@ import time
 
 import h5py
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
+from linnaeus_jax import cli
 from linnaeus_jax.data import encoders
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "diamond")
@@ -314,30 +316,46 @@ def ensure(opts: SyntheticOptions, cache_dir: str | None = None) -> dict:
   return paths
 
 
-def main(argv=None) -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="output folder")
+# One absl flag per SyntheticOptions field, by the type of its default (tuples: comma-separated).
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string, tuple: flags.DEFINE_list}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """--out and one flag per `SyntheticOptions` field, with its default."""
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
   for field in dataclasses.fields(SyntheticOptions):
     default = field.default
     if isinstance(default, tuple):
-      parser.add_argument(f"--{field.name}", type=lambda s: tuple(float(x) for x in s.split(",")),
-                          default=default, help=f"comma-separated (default {default})")
-    elif isinstance(default, bool):
-      parser.add_argument(f"--{field.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                          default=default, help=f"(default {default})")
-    else:
-      parser.add_argument(f"--{field.name}", type=type(default), default=default,
-                          help=f"(default {default})")
-  args = vars(parser.parse_args(argv))
-  out = args.pop("out")
-  try:
-    opts = SyntheticOptions(**args)
-    opts.validate()
-  except ValueError as e:
-    parser.error(str(e))
-  generate(out, opts)
+      default = [str(v) for v in default]
+    _DEFINE[type(field.default)](field.name, default, f"SyntheticOptions.{field.name}.",
+                                 flag_values=flag_values)
+  flags.mark_flag_as_required("out", flag_values=flag_values)
+
+
+def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> SyntheticOptions:
+  """The validated options the flags give; ValueError lists every problem."""
+  values = {}
+  for field in dataclasses.fields(SyntheticOptions):
+    value = flag_values[field.name].value
+    if isinstance(field.default, tuple):
+      try:
+        value = tuple(float(v) for v in value)
+      except ValueError:
+        raise ValueError(f"--{field.name}: expected comma-separated numbers, got "
+                         f"{','.join(value)!r}") from None
+    values[field.name] = value
+  opts = SyntheticOptions(**values)
+  opts.validate()
+  return opts
+
+
+def main(argv) -> None:
+  cli.start(argv)
+  opts = cli.call(options_from_flags)
+  cli.call(generate, flags.FLAGS.out, opts)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

@@ -1,8 +1,8 @@
-"""Classification heads (reference/model.md §8, decision 3). Output: dict task -> logits (B, C).
+"""Classification heads (docs/model.md#heads, docs/design.md#hierarchical-heads-that-refine).
 
-Every task has one Dense `head.<task>.fc` on the fused features, computed once. A task whose head
-is hierarchical (HierarchicalSoftmax, ConditionalClassifier) then has its logits refined top-down
-from the coarsest rank:
+Output: dict task -> logits (B, C). Every task has one Dense `head.<task>.fc` on the fused
+features, computed once. A task whose head is hierarchical (HierarchicalSoftmax,
+ConditionalClassifier) then has its logits refined top-down from the coarsest rank:
 
     z~_c = z_c + log(route_c(z~_p) @ H_pc + 1e-10),   p = the next coarser task,
 
@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linnaeus_jax.config import HEAD_TYPES
 from linnaeus_jax.models import layers
 
-HIERARCHICAL = ("HierarchicalSoftmax", "ConditionalClassifier")
-HEAD_TYPES = ("Linear",) + HIERARCHICAL
-ROUTINGS = ("soft", "hard", "gumbel")
+HIERARCHICAL = tuple(t for t in HEAD_TYPES if t != "Linear")
 
 
 class TaskHead(nnx.Module):

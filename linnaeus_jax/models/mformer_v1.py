@@ -1,5 +1,5 @@
 """mFormerV1: ConvNeXt stages 0-1, then two 2D-RoPE transformer stages with CLS and metadata
-tokens, fused by the 3-scalar aggregation (reference/model.md §3)."""
+tokens, fused by the 3-scalar aggregation (docs/model.md#architecture)."""
 
 from __future__ import annotations
 

@@ -1,301 +1,41 @@
 """Converts a state dict of the original PyTorch mFormerV1 (polli-labs/linnaeus) into our params.
 
-    python -m linnaeus_jax.tools.convert_torch --checkpoint=FILE --config=CONFIG --out=DIR \
-        [--flash_attn_trained] [--override=data.meta.components.TEMPORAL.dim=4 ...] [--overwrite]
+    python -m linnaeus_jax.tools.convert_torch --checkpoint=FILE --config=CONFIG.py --out=DIR \
+        [--config.data.meta.components.TEMPORAL.dim=4 ...] [--flash_attn_trained] [--overwrite]
+    python -m linnaeus_jax.tools.convert_torch --checkpoint=FILE --yaml_config=EXP.yaml --out=DIR
 
 FILE: a `torch.save` zip (a bare state dict such as `pytorch_model.bin`, or a training `.pth`
-whose `model` / `state_dict` entry is one; `module.` prefixes are stripped), read without torch,
-or an `.npz` whose keys are the torch names. CONFIG: one of our config files (`get_config()`,
-optionally `path.py:arg`), a `config.json` written by our training, or the original's experiment
-YAML (translated by `tools/import_config.py`).
+whose `model` / `state_dict` entry is one; `module.` prefixes are stripped), read without torch
+by `torch_pickle.py`, or an `.npz` whose keys are the torch names. CONFIG.py: one of our config
+files (`get_config()`, optionally `path.py:arg`), with `--config.x=` overrides as in the other
+commands. EXP.yaml: the original's experiment YAML, translated by `tools/import_config.py` (a
+separate flag without overrides: config_flags loads Python files only). In Python, `run` and
+`load_config` also take a `config.json` written by our training.
 
-Strict (reference/model.md §12): every torch tensor is used exactly once and every parameter of
-the config's model is filled, or one `ConversionError` lists every missing key, every left-over
-key and every shape mismatch. Heads' `num_classes` come from the checkpoint where the config has
-0. The converted config gets the original's numerics: `rope_mode='cos_only'`,
-`meta_missing='zeros'`, Linear heads (the original's hierarchical refinement never runs, §8) and,
-with --flash_attn_trained, `attn_scale='inv_head_dim'` (§7). DIR gets `params.npz`
-(`bundle.save_params`: {"params", "buffers"} as `nnx.to_pure_dict` has them), `config.json` and
-`conversion.json` (source, sha256, switches and why, counts, ignored keys); it appears only once
-complete.
+Strict (docs/inference.md): every torch tensor is used exactly once and every parameter of the
+config's model is filled, or one `ConversionError` lists every missing key, every left-over key
+and every shape mismatch. Heads' `num_classes` come from the checkpoint where the config has 0.
+The converted config gets the original's numerics: `rope_mode='cos_only'`,
+`meta_missing='zeros'`, Linear heads (the original's hierarchical refinement never runs) and,
+with --flash_attn_trained, `attn_scale='inv_head_dim'` (its flash-attention scale). DIR gets
+`params.npz` (`bundle.save_params`: {"params", "buffers"} as `nnx.to_pure_dict` has them),
+`config.json` and `conversion.json` (source, sha256, switches and why, counts, ignored keys);
+it appears only once complete.
 """
 
 from __future__ import annotations
 
 import ast
-import codecs
-import collections
-import dataclasses
 import hashlib
 import json
-import math
 import os
-import pickle
 import re
 import shutil
 import sys
-import zipfile
 
 import numpy as np
 
-# ============================================================================ Reading, no torch
-
-
-class CheckpointError(ValueError):
-  """A file this loader cannot read as a checkpoint."""
-
-
-_NP_DTYPES = {"float32": "f4", "float64": "f8", "float16": "f2", "bfloat16": "u2", "int64": "i8",
-              "int32": "i4", "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "?",
-              "uint16": "u2", "uint32": "u4", "uint64": "u8"}
-_STORAGE_DTYPES = {"FloatStorage": "float32", "DoubleStorage": "float64",
-                   "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-                   "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
-                   "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-                   "UntypedStorage": "uint8"}
-_SAFE_GLOBALS = {"collections.OrderedDict": collections.OrderedDict,
-                 "builtins.set": set, "builtins.frozenset": frozenset, "builtins.list": list,
-                 "builtins.dict": dict, "builtins.tuple": tuple, "builtins.int": int,
-                 "builtins.float": float, "builtins.complex": complex, "builtins.bool": bool,
-                 "builtins.str": str, "builtins.bytes": bytes, "builtins.bytearray": bytearray,
-                 "_codecs.encode": codecs.encode, "torch.Size": tuple}
-
-
-class Opaque:
-  """Stands in for any global the loader does not trust: records what pickle hands it, runs
-  nothing. `global_name` says what it replaced (e.g. `yacs.config.CfgNode`)."""
-  global_name = "?"
-
-  def __new__(cls, *args, **kwargs):
-    obj = object.__new__(cls)
-    obj.args, obj.kwargs, obj.state, obj.items, obj.list = args, kwargs, None, {}, []
-    return obj
-
-  def __init__(self, *args, **kwargs):
-    pass
-
-  def __setstate__(self, state):
-    self.state = state
-
-  def __setitem__(self, key, value):
-    self.items[key] = value
-
-  def append(self, value):
-    self.list.append(value)
-
-  def extend(self, values):
-    self.list.extend(values)
-
-  def __repr__(self):
-    return f"<opaque {self.global_name}>"
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  dtype: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _TorchDtype:
-  name: str
-
-
-class _Storage:
-  """One raw storage of the archive, read on first use (optimizer state is never read)."""
-
-  def __init__(self, archive, key: str, dtype: str, numel: int):
-    self.archive, self.key, self.dtype, self.numel = archive, key, dtype, numel
-    self._flat = None
-
-  def flat(self) -> np.ndarray:
-    if self._flat is None:
-      self._flat = self.archive.read_storage(self.key, self.dtype, self.numel)
-    return self._flat
-
-
-@dataclasses.dataclass
-class LazyTensor:
-  """A tensor of the archive: a strided view of a storage, materialised by `numpy()`."""
-  storage: _Storage
-  offset: int
-  size: tuple
-  stride: tuple
-  dtype: str  # torch dtype name; bfloat16 is returned as float32
-
-  def numpy(self) -> np.ndarray:
-    flat, dtype = self.storage.flat(), self.dtype
-    if dtype != self.storage.dtype:  # _rebuild_tensor_v3: an untyped (byte) storage
-      if dtype not in _NP_DTYPES:
-        raise CheckpointError(f"unsupported tensor dtype {dtype}")
-      flat = flat.view(np.dtype(_NP_DTYPES[dtype]))
-    size, stride, offset = tuple(self.size), tuple(self.stride), int(self.offset)
-    if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
-      raise CheckpointError(f"unsupported tensor layout: size {size}, stride {stride}, "
-                            f"offset {offset}")
-    if math.prod(size) == 0:
-      out = np.zeros(size, flat.dtype)
-    else:
-      last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-      if last >= flat.size:
-        raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads "
-                              f"past its storage of {flat.size} elements")
-      out = np.lib.stride_tricks.as_strided(flat[offset:], size,
-                                            [s * flat.itemsize for s in stride]).copy()
-    if dtype == "bfloat16":  # the upper half of a float32
-      out = (out.astype(np.uint32) << 16).view(np.float32)
-    return out
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, *unused):
-  return LazyTensor(storage, offset, tuple(size), tuple(stride), storage.dtype)
-
-
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
-  name = dtype.name if isinstance(dtype, _TorchDtype) else getattr(dtype, "global_name", dtype)
-  return LazyTensor(storage, offset, tuple(size), tuple(stride), name)
-
-
-def _rebuild_parameter(data, *unused):
-  return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-  return func(*args)
-
-
-_REBUILD = {"torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-            "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
-            "torch._utils._rebuild_parameter": _rebuild_parameter,
-            "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-            "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2}
-
-
-class _Unpickler(pickle.Unpickler):
-  """Resolves only the tensor-rebuild globals; every other global becomes an `Opaque` class."""
-
-  def __init__(self, file, archive):
-    super().__init__(file, encoding="utf-8")
-    self.archive = archive
-
-  def find_class(self, module, name):
-    module = "builtins" if module == "__builtin__" else module  # protocol 2 names
-    full = f"{module}.{name}"
-    if full in _REBUILD:
-      return _REBUILD[full]
-    if module in ("torch", "torch.storage", "torch.cuda") and name in _STORAGE_DTYPES:
-      return _StorageType(_STORAGE_DTYPES[name])
-    if module == "torch" and name in _NP_DTYPES:
-      return _TorchDtype(name)
-    if full in _SAFE_GLOBALS:
-      return _SAFE_GLOBALS[full]
-    return type(name, (Opaque,), {"global_name": full})
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
-      raise CheckpointError(f"unsupported persistent id in the pickle: {pid!r:.200}")
-    _, storage_type, key, _, numel = pid
-    return self.archive.storage(str(key), storage_type.dtype, int(numel))
-
-
-class _Archive:
-  """A `torch.save` zip: `<prefix>/data.pkl`, `<prefix>/data/<key>`, `<prefix>/byteorder`."""
-
-  def __init__(self, zf: zipfile.ZipFile, prefix: str):
-    self.zf, self.prefix, self.storages = zf, prefix, {}
-    names = set(zf.namelist())
-    order = f"{prefix}/byteorder"
-    self.byteorder = zf.read(order).decode().strip() if order in names else "little"
-    if self.byteorder not in ("little", "big"):
-      raise CheckpointError(f"unknown byteorder {self.byteorder!r}")
-
-  def storage(self, key: str, dtype: str, numel: int) -> _Storage:
-    if key not in self.storages:
-      self.storages[key] = _Storage(self, key, dtype, numel)
-    return self.storages[key]
-
-  def read_storage(self, key: str, dtype: str, numel: int) -> np.ndarray:
-    try:
-      raw = self.zf.read(f"{self.prefix}/data/{key}")
-    except KeyError:
-      raise CheckpointError(f"storage {key} is missing from the archive") from None
-    dt = np.dtype(_NP_DTYPES[dtype]).newbyteorder("<" if self.byteorder == "little" else ">")
-    if len(raw) != numel * dt.itemsize:
-      raise CheckpointError(f"storage {key}: {len(raw)} bytes for {numel} {dtype} elements")
-    return np.frombuffer(raw, dt).astype(dt.newbyteorder("="), copy=False)
-
-
-def _strip(key: str) -> str:
-  for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
-    while key.startswith(prefix):
-      key = key[len(prefix):]
-  return key
-
-
-def _unwrap(obj, source: str) -> dict:
-  """The state dict inside a loaded checkpoint: follows `model` / `state_dict` entries."""
-  while isinstance(obj, dict):
-    for key in ("model", "state_dict"):
-      if key in obj and not isinstance(obj[key], dict):
-        raise CheckpointError(f"{source}: its {key!r} entry is {obj[key]!r:.100}, not a state "
-                              "dict; save model.state_dict() instead")
-    inner = next((obj[k] for k in ("model", "state_dict") if k in obj), None)
-    if inner is None:
-      break
-    obj = inner
-  if not isinstance(obj, dict):
-    raise CheckpointError(f"{source}: no state dict (a dict of tensors) found, got {obj!r:.100}")
-  out, bad = {}, []
-  for key, value in obj.items():
-    if not isinstance(value, (LazyTensor, np.ndarray)):
-      bad.append(f"{key} ({type(value).__name__})")
-      continue
-    name = _strip(str(key))
-    if name in out:
-      raise CheckpointError(f"{source}: key {name!r} appears twice once prefixes are stripped")
-    out[name] = value.numpy() if isinstance(value, LazyTensor) else value
-  if bad:
-    raise CheckpointError(f"{source}: the state dict has non-tensor entries: {', '.join(bad)}")
-  return out
-
-
-def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """{torch name: array} from a `torch.save` zip (no torch needed, nothing executed) or an .npz.
-
-  bfloat16 becomes float32 (exact); other dtypes are kept.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such checkpoint file: {path}")
-  if not zipfile.is_zipfile(path):
-    with open(path, "rb") as f:
-      head = f.read(2)
-    if head[:1] == b"\x80":
-      raise CheckpointError(f"{path}: a legacy (torch < 1.6, non-zip) checkpoint; re-save it "
-                            "with torch.save under torch >= 1.6")
-    raise CheckpointError(f"{path}: neither a torch.save zip archive nor an .npz")
-  try:
-    with zipfile.ZipFile(path) as zf:
-      names = zf.namelist()
-      pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-      if len(pickles) == 1:
-        archive = _Archive(zf, pickles[0].split("/")[0])
-        with zf.open(pickles[0]) as f:
-          try:
-            obj = _Unpickler(f, archive).load()
-          except CheckpointError:
-            raise
-          except Exception as e:  # malformed pickles raise about anything
-            raise CheckpointError(f"{path}: cannot unpickle data.pkl: {e!r}") from e
-        return _unwrap(obj, path)
-      if any(n.endswith("constants.pkl") for n in names):
-        raise CheckpointError(f"{path}: a TorchScript archive; save model.state_dict() instead")
-  except zipfile.BadZipFile as e:
-    raise CheckpointError(f"{path}: a damaged zip archive: {e}") from e
-  if names and all(n.endswith(".npy") for n in names):
-    with np.load(path, allow_pickle=False) as f:
-      return _unwrap({k: f[k] for k in f.files}, path)
-  raise CheckpointError(f"{path}: a zip without <prefix>/data.pkl (torch.save) or .npy members")
-
+from linnaeus_jax.tools import torch_pickle
 
 # ============================================================================ Name mapping
 
@@ -579,7 +319,7 @@ def _head_extras(state_dict, tasks, types, num_classes, din, ignored, mismatched
 def convert_with_report(state_dict: dict, config, flash_attn_trained: bool = False):
   """(variables, converted config, report) from a torch state dict; raises ConversionError."""
   from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  sd = {_strip(k): np.asarray(v) for k, v in state_dict.items()}
+  sd = {torch_pickle.strip_prefixes(k): np.asarray(v) for k, v in state_dict.items()}
   if len(sd) != len(state_dict):
     raise ConversionError([], [], [], ["keys repeat once module. prefixes are stripped"])
   base = config_lib.load_overrides(config)
@@ -684,7 +424,7 @@ def _override(config, assignment: str) -> None:
   """`a.b.c=value` (value a Python literal, else a string) on an existing key."""
   key, sep, raw = assignment.partition("=")
   if not sep:
-    raise ValueError(f"--override {assignment!r} is not key=value")
+    raise ValueError(f"override {assignment!r} is not key=value")
   try:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
@@ -693,10 +433,10 @@ def _override(config, assignment: str) -> None:
   node = config
   for p in parents:
     if p not in node:
-      raise ValueError(f"--override: unknown key {key}")
+      raise ValueError(f"override: unknown key {key}")
     node = node[p]
   if leaf not in node:
-    raise ValueError(f"--override: unknown key {key}")
+    raise ValueError(f"override: unknown key {key}")
   node[leaf] = value
 
 
@@ -749,25 +489,30 @@ def sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def run(checkpoint: str, config_spec: str, out_dir: str, *, flash_attn_trained=False,
-        overrides=(), overwrite=False) -> dict:
+def run(checkpoint: str, config, out_dir: str, *, flash_attn_trained=False, overrides=(),
+        overwrite=False, config_source: str | None = None) -> dict:
   """Converts and writes out_dir/{params.npz, config.json, conversion.json}; returns the record.
 
-  Everything is written to a temporary sibling folder renamed at the end, so a failure leaves
-  no partial out_dir.
+  `config`: a file for `load_config`, with `overrides` ("key=value") applied to it; or a
+  ConfigDict (the command line's `--config`, overrides applied), whose `config_source` and
+  `overrides` are only recorded. Everything is written to a temporary sibling folder renamed at
+  the end, so a failure leaves no partial out_dir.
   """
-  from linnaeus_jax import bundle  # pylint: disable=g-import-not-at-top
   from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax.inference import bundle  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty (--overwrite replaces it)")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f"{out_dir} exists and is not a folder")
-  config = load_config(config_spec, overrides)
-  state_dict = load_torch_checkpoint(checkpoint)
+  if isinstance(config, str):
+    config_source, config = config, load_config(config, overrides)
+  else:
+    config = config_lib.load_overrides(config)
+  state_dict = torch_pickle.load_torch_checkpoint(checkpoint)
   variables, config, report = convert_with_report(state_dict, config, flash_attn_trained)
   record = {"source": os.path.abspath(checkpoint), "sha256": sha256(checkpoint),
-            "config_source": config_spec, "overrides": list(overrides),
+            "config_source": config_source, "overrides": list(overrides),
             "flash_attn_trained": bool(flash_attn_trained), **report}
   record["ignored_why"] = {
       "buffers": "hierarchical heads' hmatrix_* buffers: checked for shape only; ours come from "
@@ -808,11 +553,25 @@ FLASH_HELP = (
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
   cli.start(argv)
   f = flags.FLAGS
-  record = cli.call(run, f.checkpoint, f.config, f.out, flash_attn_trained=f.flash_attn_trained,
-                    overrides=f.override or (), overwrite=f.overwrite)
+  if bool(f.yaml_config) == (f.config is not None):
+    print("error: give exactly one of --config and --yaml_config", file=sys.stderr)
+    sys.exit(1)
+  if f.yaml_config:
+    if not f.yaml_config.endswith((".yaml", ".yml")):
+      print(f"error: --yaml_config={f.yaml_config} is not a .yaml file (a Python config goes to "
+            "--config)", file=sys.stderr)
+      sys.exit(1)
+    config, source, overrides = f.yaml_config, f.yaml_config, []
+  else:
+    config, source = f.config, config_flags.get_config_filename(f["config"])
+    overrides = [f"{k}={v}" for k, v in config_flags.get_override_values(f["config"]).items()]
+  record = cli.call(run, f.checkpoint, config, f.out, flash_attn_trained=f.flash_attn_trained,
+                    overrides=overrides, overwrite=f.overwrite, config_source=source)
   c = record["counts"]
   print(f"converted {c['torch_tensors_used']} tensors ({c['param_elements']:,} values) into "
         f"{c['params']} parameters; ignored {c['torch_tensors_ignored']}; wrote {f.out}")
@@ -823,15 +582,15 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("checkpoint", None, "torch.save file (state dict or training .pth), or "
                       ".npz keyed by torch names.")
-  flags.DEFINE_string("config", None, "Our config: a .py file (get_config(), optionally "
-                      "path.py:arg), a config.json written by training, or the original's "
-                      "experiment YAML.")
+  config_flags.DEFINE_config_file("config", None, "Our config file (get_config(), optionally "
+                                  "path.py:arg); --config.x=v overrides.", lock_config=False)
+  flags.DEFINE_string("yaml_config", None, "Instead of --config: the original's experiment "
+                      "YAML (tools/import_config; no overrides).")
   flags.DEFINE_string("out", None, "Output folder (created; must be absent or empty).")
   flags.DEFINE_bool("flash_attn_trained", False, FLASH_HELP)
-  flags.DEFINE_multi_string("override", None, "key=value on the config, e.g. "
-                            "data.meta.components.TEMPORAL.dim=4 (repeatable).")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out folder.")
-  flags.mark_flags_as_required(["checkpoint", "config", "out"])
+  flags.mark_flags_as_required(["checkpoint", "out"])
   app.run(main)

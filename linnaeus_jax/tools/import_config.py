@@ -20,11 +20,11 @@ data names keep their case (heads, metadata components). A few keys are renamed 
 x `TRAIN.ACCUMULATION_STEPS` -> the global `data.batch_size`, one GPU assumed). Declared
 `MODEL.CLASSIFICATION.HEADS` replace our four default heads (the original has none by default);
 metadata components are added to ours; both from their templates. `None` means
-"unset" in the original and keeps our default (our unset sentinels). Keys documented as dead in
-the original (reference model.md §15, and the few that training.md / data.md call unused) are
-reported as `ignored`, with one warning; every other key without a counterpart is `unmapped`,
-with its value. Keys absent from the YAML take OUR defaults, which differ from the original's in
-a few places (e.g. loss.grad_weighting.task.type static vs gradnorm, schedule.mix.prob.enabled).
+"unset" in the original and keeps our default (our unset sentinels). Keys the original accepts
+but never uses (`DEAD`, each with the reason) are reported as `ignored`, with one warning;
+every other key without a counterpart is `unmapped`, with its value. Keys absent from the YAML
+take OUR defaults, which differ from the original's in a few places (e.g.
+loss.grad_weighting.task.type static vs gradnorm, schedule.mix.prob.enabled; docs/design.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import textwrap
 
 import ml_collections
 import yaml
-from absl import app, flags, logging
+from absl import flags, logging
 
 from linnaeus_jax import cli
 from linnaeus_jax import config as config_lib
@@ -47,20 +47,25 @@ ConfigError = config_lib.ConfigError
 WIDTH = 100
 UNSET = "None: unset, our default"
 
-# Dead in the original: accepted and ignored (reference section in the value).
+# Dead in the original: accepted and ignored (why, in the value).
+_NOT_READ = "not read by the original's mFormerV0/V1"
 DEAD = {
-    "MODEL.AGGREGATION.*": "model.md §15", "MODEL.NORMALIZATION.*": "model.md §15",
-    "MODEL.FEATURE_RESOLVER.*": "model.md §15", "MODEL.ATTENTION_MECHANISM.*": "model.md §15",
-    "MODEL.EXTRA_TOKEN_NUM": "model.md §15", "MODEL.WINDOW_SIZE": "model.md §15",
-    "MODEL.CONVNEXT_STAGES.DEPTHS[2:]": "model.md §15",
-    "LOSS.GRAD_WEIGHTING.TASK.INIT_STRATEGY": "training.md §6",
-    "TRAIN.PRESERVE_CHECKPOINT_SCHEDULE": "training.md §13",
-    "LR_SCHEDULER.REFERENCE_LR": "training.md §8", "LR_SCHEDULER.DECAY_FRACTION": "training.md §2",
-    "SCHEDULE.METRICS.CONSOLE_FRACTION": "training.md §2",
-    "SCHEDULE.METRICS.WANDB_FRACTION": "training.md §2",
-    "SCHEDULE.MIX.LEVEL_SWITCH_*": "data.md §3.1", "DATA.USE_VECTORIZED_PROCESSOR": "data.md §6",
-    "DATA.PIN_MEMORY": "data.md §6", "DATA.NUM_WORKERS": "data.md §6",
-    "DATA.HYBRID.VERIFY_IMAGES.LOG_MISSING": "data.md §3.3",
+    "MODEL.AGGREGATION.*": _NOT_READ, "MODEL.NORMALIZATION.*": _NOT_READ,
+    "MODEL.FEATURE_RESOLVER.*": _NOT_READ, "MODEL.ATTENTION_MECHANISM.*": _NOT_READ,
+    "MODEL.EXTRA_TOKEN_NUM": "the original overrides it with 1 + the metadata components",
+    "MODEL.WINDOW_SIZE": "only in the original's docs; no model reads it",
+    "MODEL.CONVNEXT_STAGES.DEPTHS[2:]": "mFormerV1 builds only the first two ConvNeXt stages",
+    "LOSS.GRAD_WEIGHTING.TASK.INIT_STRATEGY": "dead code in the original's GradNorm",
+    "TRAIN.PRESERVE_CHECKPOINT_SCHEDULE": "never read by the original",
+    "LR_SCHEDULER.REFERENCE_LR": "only logged by the original",
+    "LR_SCHEDULER.DECAY_FRACTION": "resolved after the original's scheduler is built: no effect",
+    "SCHEDULE.METRICS.CONSOLE_FRACTION": "ignored by the original",
+    "SCHEDULE.METRICS.WANDB_FRACTION": "ignored by the original",
+    "SCHEDULE.MIX.LEVEL_SWITCH_*": "level switching is disabled in the original (group_levels[0])",
+    "DATA.USE_VECTORIZED_PROCESSOR": "legacy; never read by the original",
+    "DATA.PIN_MEMORY": "no effect with the original's own loader",
+    "DATA.NUM_WORKERS": "no effect with the original's own loader",
+    "DATA.HYBRID.VERIFY_IMAGES.LOG_MISSING": "not wired in the original",
 }
 
 # Why some keys have no counterpart (shown next to them; fnmatch patterns).
@@ -72,7 +77,8 @@ NOTES = {
     "MODEL.PRETRAINED*": "pretrained initialisation is not a config key here",
     "MODEL.USE_FLASH_ATTN": "kernel choice (model.attention_impl); flash-trained checkpoints need "
                             "model.attn_scale='inv_head_dim'",
-    "MODEL.META_DIMS": "legacy metadata path, unsupported (model.md §15)",
+    "MODEL.META_DIMS": "the original's legacy (and broken) metadata path, unsupported: use "
+                       "data.meta.components",
     "MODEL.FIND_UNUSED_PARAMETERS": "DDP option",
     "MODEL.CLASSIFICATION.HEADS.*.USE_BIAS": "heads always have a bias here",
     "TRAIN.AMP_OPT_LEVEL": "precision is model.dtype here",
@@ -80,7 +86,8 @@ NOTES = {
     "OPTIMIZER.PARAMETER_GROUPS.*": "torch parameter-name FILTER trees: define groups with filter "
                                     "strings (docs/optimization.md)",
     "LR_SCHEDULER.PARAMETER_GROUPS.*": "per-group LR is optimizer.parameter_groups.*.lr_multiplier",
-    "DATA.SAMPLER.GROUPED_MODE": "the pair sampler trains every sample (Decision 6)",
+    "DATA.SAMPLER.GROUPED_MODE": "the pair sampler trains every sample "
+                                 "(docs/design.md#pair-sampler-trains-every-sample)",
     "SCHEDULE.MIX.USE_GPU": "mixing runs on the device here",
     "SCHEDULE.METRICS.LR_INTERVAL": "the LR is logged every schedule.metrics.tensorboard_interval",
     "SCHEDULE.METRICS.PIPELINE_INTERVAL": "the original loader's queue metrics",
@@ -235,7 +242,7 @@ def _convnext_depths(v, *_):
 
 
 def _task_type(v, tree, _):
-  """The original runs GradNorm iff TYPE (default gradnorm, training.md §6) is gradnorm and
+  """The original runs GradNorm iff TYPE (default gradnorm there) is gradnorm and
   GRADNORM_ENABLED (default True) is not False."""
   t = _get(tree, "LOSS.GRAD_WEIGHTING.TASK.TYPE", "gradnorm")
   on = _get(tree, "LOSS.GRAD_WEIGHTING.TASK.GRADNORM_ENABLED", True)
@@ -294,8 +301,8 @@ RULES = {
     "SCHEDULE.METRICS.WANDB_INTERVAL": _rename("schedule.metrics.tensorboard_interval",
                                                "the W&B logging interval"),
     "TRAIN.EARLY_STOP.PATIENCE_STEPS": _rename(
-        "train.early_stop.patience", "the original counted epoch-end checks, ours counts "
-        "evaluations"),
+        "train.early_stop.patience_evals", "the original counted epoch-end checks, ours counts "
+        "validations"),
 }
 
 
@@ -330,7 +337,7 @@ def _coerce(value, default):
       raise TypeError("expected a list")
     if default and all(isinstance(x, float) for x in default):
       value = [_coerce(x, 0.0) for x in value]
-    return type(default)(value)
+    return config_lib.tuples(value)  # (nested) tuples, as every sequence of ours
   return value
 
 
@@ -544,4 +551,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("config_dir", None, "Root for relative includes (the original's "
                       "$CONFIG_DIR); default: the first ancestor folder where the path exists.")
   flags.mark_flags_as_required(["yaml"])
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 
@@ -35,11 +35,11 @@ def summary(data, partial: bool) -> dict:
 
 
 def main(argv):
-  from linnaeus_jax import cli, train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import cli, state as state_lib  # pylint: disable=g-import-not-at-top
   cli.start(argv)
-  config, data = cli.call(train.resolve, _CONFIG.value)
+  config, data = cli.call(state_lib.resolve, _CONFIG.value)
   if _WORKDIR.value:
-    train.write_assets(_WORKDIR.value, config, data)
+    state_lib.write_assets(_WORKDIR.value, config, data)
   print(json.dumps(summary(data, config.data.partial.levels), indent=1))
 
 
@@ -49,4 +49,5 @@ if __name__ == "__main__":
                                             lock_config=False)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the JSON assets (optional).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

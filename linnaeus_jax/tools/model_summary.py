@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 
@@ -80,4 +80,5 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                             lock_config=False)
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

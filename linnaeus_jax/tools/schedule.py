@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 PLACEHOLDER_CLASSES = 2
@@ -138,4 +138,5 @@ if __name__ == "__main__":
                               "Steps per epoch (required when train.steps is unset).")
   _POINTS = flags.DEFINE_integer("points", 2000, "At most this many steps (evenly spaced).")
   flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

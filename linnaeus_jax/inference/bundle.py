@@ -192,7 +192,7 @@ def original_preprocessing(path: str, config) -> dict:
   """The metadata layout of an original bundle, from its inference_config.yaml and the config.
 
   The image is prepared as the original trained it (area resize, [0, 1], no mean/std), not as
-  its inference code did (reference/inference.md §3, defect 5).
+  its inference code did (docs/design.md, one preprocessing path).
   """
   from linnaeus_jax import preprocessing  # pylint: disable=g-import-not-at-top
   mp = {}

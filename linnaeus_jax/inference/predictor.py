@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linnaeus_jax import bundle as bundle_lib
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import models, preprocessing
+from linnaeus_jax.inference import bundle as bundle_lib
 from linnaeus_jax.taxonomy import TaxonomyTree
 
 CONSISTENCY = ("ancestor", "original", "off")
@@ -84,7 +84,7 @@ class Predictor:
   def bucket(self, n: int) -> int:
     return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
-  def logits_batch(self, images_u8, meta: dict, valid):
+  def probs_batch(self, images_u8, meta: dict, valid):
     """Probabilities {task: (B, C)} of an already preprocessed batch, chunked and padded."""
     n, out = len(images_u8), []
     for a in range(0, n, self.buckets[-1]):
@@ -136,7 +136,7 @@ class Predictor:
     k = top_k or self.top_k
     images_u8, meta, valid, warnings, errors = self.preprocess(images, metadata)
     ok = [i for i, e in enumerate(errors) if e is None]
-    probs = self.logits_batch(images_u8[ok], {n: v[ok] for n, v in meta.items()}, valid[ok])
+    probs = self.probs_batch(images_u8[ok], {n: v[ok] for n, v in meta.items()}, valid[ok])
     row = {i: j for j, i in enumerate(ok)}
     results = []
     for i, image in enumerate(images):
@@ -179,7 +179,7 @@ def consistency_pass(tasks: list[str], tops: list[int], taxonomy: TaxonomyTree |
   (across skipped levels); a rank missing from the taxonomy is kept without judging it or
   its children. On failure, with a null class the rank and every finer one are nulled, without
   one they are omitted. A null top-1 nulls every finer rank. The coarsest rank is never changed.
-  original: the original's rule (reference/inference.md §5): the previous rank in the list is
+  original: the original's rule (docs/design.md, consistency): the previous rank in the list is
   the parent; only a direct parent link counts; an unknown rank nulls the next; nulling cascades.
   off: keep all.
   """
@@ -243,7 +243,7 @@ def load_workdir(workdir: str, step: int | None = None) -> dict:
 
 def load_checkpoint(workdir: str, step: int | None = None):
   """(config, {"params", "buffers"} as numpy trees, step) from DIR's checkpoint."""
-  from linnaeus_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import sharding, state as state_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
@@ -251,7 +251,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
     config = config_lib.from_json(f.read())
   with open(os.path.join(workdir, "assets", "taxonomy_tree.json"), encoding="utf-8") as f:
     taxonomy = TaxonomyTree.from_json(f.read())
-  step, state, _, _ = train.restore_state(config, workdir, taxonomy.parents,
-                                          sharding.make_mesh(config), step)
-  variables = jax.device_get({"params": state["params"], "buffers": state["buffers"]})
+  step, state, _, _ = state_lib.restore_state(config, workdir, taxonomy.parents,
+                                              sharding.make_mesh(config), step)
+  variables = jax.device_get({"params": state.params, "buffers": state.buffers})
   return config, variables, step

@@ -1,0 +1,194 @@
+"""The train state and what it is built from: the config resolved against the data, the run's
+assets, the step constants, and the state itself (create, shard, restore).
+
+`train.py`, `evaluate.py` and the predictor import this module; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx, struct
+from jax.experimental import multihost_utils
+
+from linnaeus_jax import checkpoint as ckpt_lib
+from linnaeus_jax import config as config_lib
+from linnaeus_jax import gradnorm, losses, metrics, models, optim, preprocessing, sharding
+from linnaeus_jax import taxonomy as taxonomy_lib
+from linnaeus_jax.data import labels as labels_lib
+from linnaeus_jax.data import synthetic
+
+# ----------------------------------------------------------------------------- Setup
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
+  """Validates `config`, loads the data and returns (resolved config, dataset).
+
+  The resolved config has the synthetic dataset's paths and each head's `num_classes` as found
+  in the data; it is what `config.json` records.
+  """
+  config = config_lib.load_overrides(config)
+  config_lib.validate(config, num_devices)
+  if config.data.synthetic.enabled and not config.data.h5.labels_path:
+    s = config.data.synthetic
+    make = lambda: synthetic.ensure(synthetic.SyntheticOptions(**s.options.to_dict()),
+                                    s.cache_dir or None)
+    if jax.process_count() > 1:  # process 0 generates, the others wait and read
+      if jax.process_index() == 0:
+        make()
+      multihost_utils.sync_global_devices("synthetic dataset")
+    paths = make()
+    config.data.h5.labels_path = paths["labels_path"]
+    if "images_dir" in paths:
+      config.data.hybrid.use_hybrid = True
+      config.data.hybrid.images_dir = paths["images_dir"]
+    else:
+      config.data.h5.images_path = paths["images_path"]
+  data = labels_lib.load(config)
+  problems = []
+  for task in data.task_keys:
+    head = config.model.classification.heads[task]
+    if head.num_classes and head.num_classes != data.num_classes[task]:
+      problems.append(f"model.classification.heads.{task}.num_classes is {head.num_classes} but "
+                      f"the data has {data.num_classes[task]} classes")
+    head.num_classes = data.num_classes[task]
+  if problems:
+    raise config_lib.ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+  return config, data
+
+
+def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
+  """config.json and the dataset's assets (class maps, taxonomy, counts, split, missing images,
+  and the image/metadata layout that inference reproduces)."""
+  if jax.process_index() != 0:
+    return
+  data.write_assets(os.path.join(workdir, "assets"))
+  with open(os.path.join(workdir, "assets", "preprocessing.json"), "w", encoding="utf-8") as f:
+    json.dump(preprocessing.record(config), f, indent=1)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(config))
+  if data.missing_images:
+    path = config.data.hybrid.verify_images.report_path or os.path.join(
+        workdir, "assets", "missing_images.json")
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(data.missing_images, f, indent=1)
+
+
+def loss_constants(config, data: labels_lib.Dataset) -> dict:
+  """Per-task constant arrays of the loss and metrics, passed to the steps as an argument (not
+  baked into the executable).
+
+  `tax`: taxonomy smoothing matrices (C, C) of the tasks that use TaxonomyAwareLabelSmoothing;
+  `class_w`: class weights (C,) from the train counts when a method is set; `lca`: heights of
+  the lowest common ancestors of the finest rank's classes (C, C), for mistake severity;
+  `rarity_bin`, `subset_task`, `subset_cls`: per-subset accuracy (`metrics.subset_membership`).
+  """
+  tasks = list(config.data.task_keys_h5)
+  uses = [f == "TaxonomyAwareLabelSmoothing" for f in config.loss.task_specific.train.funcs]
+  uses = [a or f == "TaxonomyAwareLabelSmoothing"
+          for a, f in zip(uses, config.loss.task_specific.val.funcs)]
+  ts = config.loss.taxonomy_smoothing
+  enabled = [bool(e) or u for e, u in zip(list(ts.enabled) + [False] * len(tasks), uses)]
+  null_class = config.data.partial.levels
+  out = {"lca": jnp.asarray(metrics.lca_heights(data.taxonomy, tasks[0], null_class)),
+         "rarity_bin": jnp.asarray(metrics.rarity_bins(
+             np.bincount(data.train.labels[:, 0], minlength=data.num_classes[tasks[0]]),
+             list(config.metrics.rarity_percentiles), null_class))}
+  subsets, problems = config.metrics.taxa_subsets, []
+  for name, task, taxon in subsets:
+    if task not in tasks or taxon not in data.class_to_idx[task]:
+      problems.append(f"metrics.taxa_subsets: {name!r}: no taxon {taxon} in {task}")
+  if problems:
+    raise config_lib.ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+  if subsets:
+    out["subset_task"] = jnp.asarray([tasks.index(t) for _, t, _ in subsets], jnp.int32)
+    out["subset_cls"] = jnp.asarray([data.class_to_idx[t][x] for _, t, x in subsets], jnp.int32)
+  if any(enabled):
+    out["tax"] = {t: jnp.asarray(m) for t, m in taxonomy_lib.smoothing_matrices(
+        data.taxonomy, enabled, ts.alpha, ts.beta, ts.uniform_roots, ts.fallback_to_uniform,
+        null_class=null_class).items()}
+  cw = config.loss.grad_weighting["class"]
+  if cw.method != "none" and (cw.train or cw.val):
+    out["class_w"] = {t: jnp.asarray(losses.class_weights(
+        np.bincount(data.train.labels[:, j], minlength=data.num_classes[t]), cw.method,
+        smoothing_factor=cw.smoothing_factor, cap=cw.cap, base=cw.base, log_base=cw.log_base))
+        for j, t in enumerate(tasks)}
+  return out
+
+
+# ----------------------------------------------------------------------------- State
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed whole.
+
+  `buffers` are the model's untrained constants (taxonomy matrices of hierarchical heads); the
+  optimizer sees `params` only. `gradnorm` holds the task weights (`gradnorm.init_state`), which
+  static weighting never changes. `nonfinite_streak` counts consecutive skipped (non-finite)
+  updates, `nonfinite_skips` all of them.
+  """
+  params: Any
+  buffers: Any
+  opt_state: Any
+  gradnorm: dict
+  step: jax.Array
+  rng: jax.Array
+  nonfinite_streak: jax.Array
+  nonfinite_skips: jax.Array
+
+
+def create_state(config, parents=None):
+  """(graphdef, init): `init(tx)` builds a fresh `TrainState` (jit it with out_shardings to
+  create it sharded); `parents` (TaxonomyTree.parents) feeds hierarchical heads."""
+  graphdef, _, _ = models.abstract(config, parents)
+
+  def init(tx):
+    _, params, buffers = nnx.split(models.build(config, nnx.Rngs(config.misc.seed), parents),
+                                   nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        params=params, buffers=nnx.to_pure_dict(buffers), opt_state=tx.init(params),
+        gradnorm=gradnorm.init_state(len(config.data.task_keys_h5),
+                                     list(config.loss.grad_weighting.task.init_weights) or None),
+        step=zero, rng=jax.random.PRNGKey(config.misc.seed), nonfinite_streak=zero,
+        nonfinite_skips=zero)
+  return graphdef, init
+
+
+def abstract_state(init, tx, mesh, config):
+  """(abstract state with shardings, sharding tree) of `init(tx)` on `mesh` (`sharding.py`)."""
+  shapes = jax.eval_shape(lambda: init(tx))
+  shardings = sharding.state_sharding(mesh, shapes, config.mesh.fsdp_min_size)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings), shardings
+
+
+def restore_state(config, workdir: str, parents, mesh, step: int | None = None):
+  """(step, state, graphdef, state sharding) of DIR's checkpoint at `step` (default: the
+  latest), for evaluation and inference (no data iterator)."""
+  tx, _ = optim.build(config, 1, 1)
+  graphdef, init = create_state(config, parents)
+  abstract, state_sharding = abstract_state(init, tx, mesh, config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    steps = list(ckpt.manager.all_steps())
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
+                              f"{ckpt.directory}; steps: {steps}")
+    state, _ = ckpt.restore(step, abstract, None)
+  finally:
+    ckpt.close()
+  return step, state, graphdef, state_sharding
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

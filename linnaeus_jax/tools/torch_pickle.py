@@ -1,0 +1,278 @@
+"""Reads a `torch.save` checkpoint without torch and without running its pickle.
+
+`load_torch_checkpoint` gives {torch name: numpy array} from a `torch.save` zip (a bare state dict
+such as `pytorch_model.bin`, or a training `.pth` whose `model` / `state_dict` entry is one) or an
+`.npz` keyed by torch names. The pickle is read by a restricted unpickler: only the tensor-rebuild
+globals and a few builtins resolve; any other global (a config class, optimizer state, user
+code) becomes an inert `Opaque` stand-in, so nothing in the file is imported or executed. Tensor
+data is read from the archive's storages only when a tensor is materialised.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import dataclasses
+import math
+import os
+import pickle
+import zipfile
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+  """A file this loader cannot read as a checkpoint."""
+
+
+_NP_DTYPES = {"float32": "f4", "float64": "f8", "float16": "f2", "bfloat16": "u2", "int64": "i8",
+              "int32": "i4", "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "?",
+              "uint16": "u2", "uint32": "u4", "uint64": "u8"}
+_STORAGE_DTYPES = {"FloatStorage": "float32", "DoubleStorage": "float64",
+                   "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+                   "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+                   "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+                   "UntypedStorage": "uint8"}
+_SAFE_GLOBALS = {"collections.OrderedDict": collections.OrderedDict,
+                 "builtins.set": set, "builtins.frozenset": frozenset, "builtins.list": list,
+                 "builtins.dict": dict, "builtins.tuple": tuple, "builtins.int": int,
+                 "builtins.float": float, "builtins.complex": complex, "builtins.bool": bool,
+                 "builtins.str": str, "builtins.bytes": bytes, "builtins.bytearray": bytearray,
+                 "_codecs.encode": codecs.encode, "torch.Size": tuple}
+
+
+class Opaque:
+  """Stands in for any global the loader does not trust: records what pickle hands it, runs
+  nothing. `global_name` says what it replaced (e.g. `yacs.config.CfgNode`)."""
+  global_name = "?"
+
+  def __new__(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    obj.args, obj.kwargs, obj.state, obj.items, obj.list = args, kwargs, None, {}, []
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def __setitem__(self, key, value):
+    self.items[key] = value
+
+  def append(self, value):
+    self.list.append(value)
+
+  def extend(self, values):
+    self.list.extend(values)
+
+  def __repr__(self):
+    return f"<opaque {self.global_name}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _TorchDtype:
+  name: str
+
+
+class _Storage:
+  """One raw storage of the archive, read on first use (optimizer state is never read)."""
+
+  def __init__(self, archive, key: str, dtype: str, numel: int):
+    self.archive, self.key, self.dtype, self.numel = archive, key, dtype, numel
+    self._flat = None
+
+  def flat(self) -> np.ndarray:
+    if self._flat is None:
+      self._flat = self.archive.read_storage(self.key, self.dtype, self.numel)
+    return self._flat
+
+
+@dataclasses.dataclass
+class LazyTensor:
+  """A tensor of the archive: a strided view of a storage, materialised by `numpy()`."""
+  storage: _Storage
+  offset: int
+  size: tuple
+  stride: tuple
+  dtype: str  # torch dtype name; bfloat16 is returned as float32
+
+  def numpy(self) -> np.ndarray:
+    flat, dtype = self.storage.flat(), self.dtype
+    if dtype != self.storage.dtype:  # _rebuild_tensor_v3: an untyped (byte) storage
+      if dtype not in _NP_DTYPES:
+        raise CheckpointError(f"unsupported tensor dtype {dtype}")
+      flat = flat.view(np.dtype(_NP_DTYPES[dtype]))
+    size, stride, offset = tuple(self.size), tuple(self.stride), int(self.offset)
+    if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
+      raise CheckpointError(f"unsupported tensor layout: size {size}, stride {stride}, "
+                            f"offset {offset}")
+    if math.prod(size) == 0:
+      out = np.zeros(size, flat.dtype)
+    else:
+      last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+      if last >= flat.size:
+        raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads "
+                              f"past its storage of {flat.size} elements")
+      out = np.lib.stride_tricks.as_strided(flat[offset:], size,
+                                            [s * flat.itemsize for s in stride]).copy()
+    if dtype == "bfloat16":  # the upper half of a float32
+      out = (out.astype(np.uint32) << 16).view(np.float32)
+    return out
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, *unused):
+  return LazyTensor(storage, offset, tuple(size), tuple(stride), storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
+  name = dtype.name if isinstance(dtype, _TorchDtype) else getattr(dtype, "global_name", dtype)
+  return LazyTensor(storage, offset, tuple(size), tuple(stride), name)
+
+
+def _rebuild_parameter(data, *unused):
+  return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+  return func(*args)
+
+
+_REBUILD = {"torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+            "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+            "torch._utils._rebuild_parameter": _rebuild_parameter,
+            "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+            "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2}
+
+
+class _Unpickler(pickle.Unpickler):
+  """Resolves only the tensor-rebuild globals; every other global becomes an `Opaque` class."""
+
+  def __init__(self, file, archive):
+    super().__init__(file, encoding="utf-8")
+    self.archive = archive
+
+  def find_class(self, module, name):
+    module = "builtins" if module == "__builtin__" else module  # protocol 2 names
+    full = f"{module}.{name}"
+    if full in _REBUILD:
+      return _REBUILD[full]
+    if module in ("torch", "torch.storage", "torch.cuda") and name in _STORAGE_DTYPES:
+      return _StorageType(_STORAGE_DTYPES[name])
+    if module == "torch" and name in _NP_DTYPES:
+      return _TorchDtype(name)
+    if full in _SAFE_GLOBALS:
+      return _SAFE_GLOBALS[full]
+    return type(name, (Opaque,), {"global_name": full})
+
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)):
+      raise CheckpointError(f"unsupported persistent id in the pickle: {pid!r:.200}")
+    _, storage_type, key, _, numel = pid
+    return self.archive.storage(str(key), storage_type.dtype, int(numel))
+
+
+class _Archive:
+  """A `torch.save` zip: `<prefix>/data.pkl`, `<prefix>/data/<key>`, `<prefix>/byteorder`."""
+
+  def __init__(self, zf: zipfile.ZipFile, prefix: str):
+    self.zf, self.prefix, self.storages = zf, prefix, {}
+    names = set(zf.namelist())
+    order = f"{prefix}/byteorder"
+    self.byteorder = zf.read(order).decode().strip() if order in names else "little"
+    if self.byteorder not in ("little", "big"):
+      raise CheckpointError(f"unknown byteorder {self.byteorder!r}")
+
+  def storage(self, key: str, dtype: str, numel: int) -> _Storage:
+    if key not in self.storages:
+      self.storages[key] = _Storage(self, key, dtype, numel)
+    return self.storages[key]
+
+  def read_storage(self, key: str, dtype: str, numel: int) -> np.ndarray:
+    try:
+      raw = self.zf.read(f"{self.prefix}/data/{key}")
+    except KeyError:
+      raise CheckpointError(f"storage {key} is missing from the archive") from None
+    dt = np.dtype(_NP_DTYPES[dtype]).newbyteorder("<" if self.byteorder == "little" else ">")
+    if len(raw) != numel * dt.itemsize:
+      raise CheckpointError(f"storage {key}: {len(raw)} bytes for {numel} {dtype} elements")
+    return np.frombuffer(raw, dt).astype(dt.newbyteorder("="), copy=False)
+
+
+def strip_prefixes(key: str) -> str:
+  """`key` without the prefixes that wrappers add to every parameter name."""
+  for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
+    while key.startswith(prefix):
+      key = key[len(prefix):]
+  return key
+
+
+def _unwrap(obj, source: str) -> dict:
+  """The state dict inside a loaded checkpoint: follows `model` / `state_dict` entries."""
+  while isinstance(obj, dict):
+    for key in ("model", "state_dict"):
+      if key in obj and not isinstance(obj[key], dict):
+        raise CheckpointError(f"{source}: its {key!r} entry is {obj[key]!r:.100}, not a state "
+                              "dict; save model.state_dict() instead")
+    inner = next((obj[k] for k in ("model", "state_dict") if k in obj), None)
+    if inner is None:
+      break
+    obj = inner
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{source}: no state dict (a dict of tensors) found, got {obj!r:.100}")
+  out, bad = {}, []
+  for key, value in obj.items():
+    if not isinstance(value, (LazyTensor, np.ndarray)):
+      bad.append(f"{key} ({type(value).__name__})")
+      continue
+    name = strip_prefixes(str(key))
+    if name in out:
+      raise CheckpointError(f"{source}: key {name!r} appears twice once prefixes are stripped")
+    out[name] = value.numpy() if isinstance(value, LazyTensor) else value
+  if bad:
+    raise CheckpointError(f"{source}: the state dict has non-tensor entries: {', '.join(bad)}")
+  return out
+
+
+def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """{torch name: array} from a `torch.save` zip (no torch needed, nothing executed) or an .npz.
+
+  bfloat16 becomes float32 (exact); other dtypes are kept.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such checkpoint file: {path}")
+  if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      head = f.read(2)
+    if head[:1] == b"\x80":
+      raise CheckpointError(f"{path}: a legacy (torch < 1.6, non-zip) checkpoint; re-save it "
+                            "with torch.save under torch >= 1.6")
+    raise CheckpointError(f"{path}: neither a torch.save zip archive nor an .npz")
+  try:
+    with zipfile.ZipFile(path) as zf:
+      names = zf.namelist()
+      pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+      if len(pickles) == 1:
+        archive = _Archive(zf, pickles[0].split("/")[0])
+        with zf.open(pickles[0]) as f:
+          try:
+            obj = _Unpickler(f, archive).load()
+          except CheckpointError:
+            raise
+          except Exception as e:  # malformed pickles raise about anything
+            raise CheckpointError(f"{path}: cannot unpickle data.pkl: {e!r}") from e
+        return _unwrap(obj, path)
+      if any(n.endswith("constants.pkl") for n in names):
+        raise CheckpointError(f"{path}: a TorchScript archive; save model.state_dict() instead")
+  except zipfile.BadZipFile as e:
+    raise CheckpointError(f"{path}: a damaged zip archive: {e}") from e
+  if names and all(n.endswith(".npy") for n in names):
+    with np.load(path, allow_pickle=False) as f:
+      return _unwrap({k: f[k] for k in f.files}, path)
+  raise CheckpointError(f"{path}: a zip without <prefix>/data.pkl (torch.save) or .npy members")
