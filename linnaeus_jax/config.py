@@ -85,7 +85,7 @@ def param_group_values(node) -> dict:
   return {**param_group_template().to_dict(), **node.to_dict()}
 
 
-# mFormerV1 sizes (reference/model.md §2); only the first two ConvNeXt depths are used.
+# mFormerV1 sizes (docs/model.md); only the first two ConvNeXt depths are used.
 MFORMER_V1_SIZES = {
     "sm": dict(dims=(96, 192, 384, 768), rope_depths=(5, 2), heads=(6, 12), drop_path=0.2),
     "md": dict(dims=(96, 192, 384, 768), rope_depths=(10, 2), heads=(6, 12), drop_path=0.3),
@@ -151,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
       drop_path_rate=0.2,
       only_last_cls=False,
       label_smoothing=0.1,
-      # Ours (reference/README.md decisions 1, 2, 4): compatibility switches and precision.
+      # Ours (docs/design.md#model): compatibility switches and precision.
       rope_mode="rotate",  # 'rotate' | 'cos_only' (original defect, converted checkpoints only)
       attn_scale="rsqrt_head_dim",  # 'rsqrt_head_dim' | 'inv_head_dim' (original flash path)
       meta_missing="learned_token",  # 'learned_token' | 'zeros' (the original)
@@ -210,10 +210,11 @@ def base_config() -> ml_collections.ConfigDict:
                               fallback_to_uniform=True),
       grad_weighting=dict(
           # type 'static': init_weights (or ones); 'gradnorm': the original's closed-form rule
-          # (reference/training.md §6). The original defaults to gradnorm; we default to static.
+          # (docs/training.md#losses). The original defaults to gradnorm; we default to static.
           task=dict(type="static", init_weights=(), alpha=1.5, update_interval=100,
                     warmup_steps=0, exclude=("head", "meta_"), zero_aux_info=True),
-          # class weights from the train counts, applied once per sample (Decision 6).
+          # class weights from the train counts, applied once per sample
+          # (docs/design.md#class-weights-applied-once).
           **{"class": dict(train=True, val=False, method="none", smoothing_factor=0.1,
                            cap=20.0, base=2.0, log_base=10.0)}),
       argmax_targets=False,  # True: argmax mixed targets as the original's criteria did
@@ -256,7 +257,7 @@ def base_config() -> ml_collections.ConfigDict:
                switch_prob=0.5,  # CutMix instead of Mixup when both are enabled
                mixup=dict(enabled=True, alpha=1.0),
                cutmix=dict(enabled=False, alpha=1.0, minmax=()),
-               meta_mix="pick"),  # 'pick' | 'prefer_valid' (training.md §10)
+               meta_mix="pick"),  # 'pick' | 'prefer_valid' (docs/training.md)
   )
   c.aug = dict(autoaug=dict(policy="original"),  # 'none' | 'original' | 'rand-m<M>-n<N>'
                random_erase=dict(prob=0.25, mode="pixel", area_range=(0.02, 0.4),
@@ -625,7 +626,7 @@ def _optimizer_problems(config) -> list[str]:
 
 
 def _training_dynamics_problems(config, tasks) -> list[str]:
-  """Masking, null, mixing and loss-weighting options (reference/training.md §3-6, §10)."""
+  """Masking, null, mixing and loss-weighting options (docs/training.md)."""
   problems, s = [], config.schedule
   names = [n for n, _ in enabled_components(config)]
   pm = s.meta_masking.partial
@@ -694,7 +695,8 @@ def _training_dynamics_problems(config, tasks) -> list[str]:
 
 def resolve_steps(steps: int, fraction: float, epochs: float, total_steps: int,
                   steps_per_epoch: int) -> int:
-  """The one precedence rule (reference Decision 8): steps > fraction > epochs; 0 = unset."""
+  """The one precedence rule: steps > fraction > epochs; 0 = unset
+  (docs/design.md#one-step-resolution-rule-for-schedules)."""
   if steps > 0:
     return int(steps)
   if fraction >= 0:

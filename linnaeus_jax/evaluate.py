@@ -1,10 +1,10 @@
 """Validation: deterministic metadata-masked passes, computed together in one pass over the data.
 
-    python -m linnaeus_jax.evaluate --config=CONFIG --workdir=DIR [--step=N]
+    python -m linnaeus_jax.evaluate --workdir=DIR [--step=N] [--config=CONFIG [--config.x=v]]
 
-restores DIR's checkpoint (the latest, or step N), runs every pass (val, val_mask_meta, the
-whitelisted and the exhaustive combinations) on the validation split and writes
-DIR/eval/step_<N>.json: {phase: {metric: value}}.
+restores DIR's checkpoint (the latest, or step N) with the run's config (DIR/config.json unless
+--config is given), runs every pass (val, val_mask_meta, the whitelisted and the exhaustive
+combinations) on the validation split and writes DIR/eval/step_<N>.json: {phase: {metric: value}}.
 
 A phase is (name, components masked). `val` masks nothing, `val_mask_meta` everything, a
 `val_mask_<A>_<B>` phase the listed components: their validity flags, never value slices

@@ -89,3 +89,21 @@ def trained_workdir(small_dataset, tmp_path_factory):
   c.schedule.checkpoint.interval_steps = 0
   train.run(c, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache per test session, so that tests which build the same
+  executable (the tiny config's steps) compile it once. Results are unchanged: a cache hit is the
+  same executable."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests on the trained model (`trained_workdir`, 20 training steps) are slow."""
+  for item in items:
+    if "trained_workdir" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.slow)

@@ -37,8 +37,7 @@ def _tiny(scan=True, num_classes=CLASSES):
 def _random_model(config, seed=0):
   """(converted-style config, graphdef, random params as numpy, buffers) of a tiny model."""
   config, _ = ct.compat_config(config)
-  graphdef, params, buffers = nnx.split(
-      nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))), nnx.Param, ...)
+  graphdef, params, buffers = models.abstract(config)
   assert not jax.tree.leaves(nnx.to_pure_dict(buffers))  # Linear heads: no buffers
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
@@ -100,8 +99,7 @@ def test_round_trip_gives_the_same_params_and_logits(scan, torch_heads):
 
   image, meta, valid = _inputs()
   want = _forward(graphdef, params, buffers, image, meta, valid)
-  out_graphdef, _, _ = nnx.split(
-      nnx.eval_shape(lambda: models.build(out_cfg, nnx.Rngs(0))), nnx.Param, ...)
+  out_graphdef, _, _ = models.abstract(out_cfg)
   got = _forward(out_graphdef, variables["params"], variables["buffers"], image, meta, valid)
   for t in want:
     np.testing.assert_array_equal(np.asarray(got[t]), np.asarray(want[t]))
@@ -175,6 +173,7 @@ def test_run_writes_the_folder_only_when_complete(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["config.json", "converted", "sd.npz"]
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_and_exits_1(tmp_path):
   cfg, _, params, _ = _random_model(_tiny())
   npz = str(tmp_path / "sd.npz")
@@ -204,6 +203,7 @@ DATA:
 """
 
 
+@pytest.mark.slow
 def test_cli_takes_a_config_file_with_overrides_or_the_originals_yaml(tmp_path):
   cfg, _, params, _ = _random_model(_tiny())
   npz = str(tmp_path / "sd.npz")
@@ -248,8 +248,7 @@ def test_parity_with_the_original():
   variables, config = ct.convert(sd, config)
   assert [config.model.classification.heads[t].num_classes
           for t in config.data.task_keys_h5] == [17, 9, 5, 3]
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))),
-                             nnx.Param, ...)
+  graphdef, _, _ = models.abstract(config)
 
   @jax.jit
   def forward(variables, image, meta, valid):

@@ -31,6 +31,7 @@ def test_phase_names_and_the_exhaustive_count(small_dataset):
     config_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   c = tiny_config(small_dataset[0])
   c.data.batch_size_val = 24  # the last batch is padded
@@ -67,6 +68,7 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   assert got["val"]["loss"] != got["val_mask_meta"]["loss"]
 
 
+@pytest.mark.slow
 def test_evaluate_a_checkpoint_reproduces_the_final_validation(small_dataset, tmp_path):
   import json
   c = tiny_config(small_dataset[0], steps=10)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.tools import inspect_dataset
@@ -26,6 +27,7 @@ def test_summary_matches_the_tables(small_dataset):
   assert s["meta_valid_fraction"]["SPATIAL"] == float(valid[:, 1].mean())
 
 
+@pytest.mark.slow
 def test_cli_prints_json_and_writes_assets(tmp_path):
   r = subprocess.run([sys.executable, "-m", "linnaeus_jax.tools.inspect_dataset",
                       "--config=configs/demo.py", f"--workdir={tmp_path / 'wd'}",

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in subprocesses
+
 STEPS = 20
 
 CONFIG = """

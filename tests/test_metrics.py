@@ -273,6 +273,7 @@ def test_accumulate_rejects_different_keys():
     metrics.accumulate(metrics.accumulate(None, c), {"n": 1.0})
 
 
+@pytest.mark.slow
 def test_counts_on_8_host_devices_equal_single_device():
   """The batch sharded over 8 CPU devices gives the same counts (XLA sums across devices)."""
   script = textwrap.dedent("""

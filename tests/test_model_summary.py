@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from flax import nnx
 
 from linnaeus_jax import config as config_lib, models
@@ -17,6 +18,7 @@ def _config(dataset_dir):
   return c
 
 
+@pytest.mark.slow
 def test_counts_and_flops(small_dataset):
   c = _config(small_dataset[0])
   s = model_summary.summary(c)
@@ -32,6 +34,7 @@ def test_counts_and_flops(small_dataset):
   assert model_summary.summary(c)["gflops_forward"] > s["gflops_forward"]
 
 
+@pytest.mark.slow
 def test_cli_prints_json_and_names_missing_classes():
   base = [sys.executable, "-m", "linnaeus_jax.tools.model_summary", "--config=configs/demo.py"]
   r = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)

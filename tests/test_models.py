@@ -51,6 +51,7 @@ def test_parameter_counts_match_the_original(size, meta_missing):
   assert _count(params["head"]) == heads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", list(PARITY))
 def test_every_size_runs_forward(size):
   """Each size at 64x64 (params initialised inside jit): the logits' shapes, finite."""
@@ -156,6 +157,7 @@ def test_zeros_mode_embeds_invalid_components_from_zeros(small_dataset):
   np.testing.assert_allclose(a["taxa_L20"], b["taxa_L20"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_drop_path_only_in_training(small_dataset):
   _, model = _tiny(small_dataset)
   image, meta = _inputs(b=8)
@@ -167,6 +169,7 @@ def test_drop_path_only_in_training(small_dataset):
   assert not np.allclose(t1["taxa_L10"], t2["taxa_L10"])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits(small_dataset):
   _, model = _tiny(small_dataset, dtype="bfloat16")
   _, ref = _tiny(small_dataset)  # same seed: the same float32 weights

@@ -26,7 +26,7 @@ def _sm_config():
 @pytest.fixture(scope="module")
 def sm_params():
   c = _sm_config()
-  _, params, _ = nnx.split(nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0))), nnx.Param, ...)
+  _, params, _ = models.abstract(c)
   return nnx.to_pure_dict(params)
 
 
@@ -221,6 +221,7 @@ def test_batch_scaling_applies_at_every_step():
   assert float(scaled["default"](T - 1)) > 0.125 * LOW * 0.999  # the whole curve, min included
 
 
+@pytest.mark.slow
 def test_group_multipliers_scale_schedule_and_update():
   c = _small_config(name="cosine", base_lr=PEAK, warmup_lr=START, min_lr=LOW, warmup_steps=W)
   c.optimizer.weight_decay = 0.0

@@ -4,12 +4,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from linnaeus_jax.tools import model_summary, schedule  # noqa: F401  (side by side)
 
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_cli_writes_json_png_and_prints_groups(tmp_path):
   out = str(tmp_path / "sched")
   r = subprocess.run([sys.executable, "-m", "linnaeus_jax.tools.schedule",

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from linnaeus_jax import models
@@ -21,6 +22,7 @@ def _unstack(scanned: dict, unrolled: dict) -> dict:
   return out
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_stages_compute_the_same_function(small_dataset):
   """Same weights: same logits (eval), and with remat the same drop-path draws and gradients."""
   c = tiny_config(small_dataset[0])

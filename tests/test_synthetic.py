@@ -146,6 +146,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_takes_absl_flags(tmp_path):
   r = _cli(f"--out={tmp_path / 'a'}", "--num_orders=1", "--families_per_order=1",
            "--genera_per_family=2", "--species_per_genus=2", "--max_samples_per_species=3",

@@ -26,6 +26,7 @@ def _losses(workdir):
   return {s: r["loss"] for s, r in _train_records(workdir).items()}
 
 
+@pytest.mark.slow
 def test_end_to_end_learns(small_dataset, tmp_path):
   c = tiny_config(small_dataset[0], steps=80)
   c.schedule.validation.interval_steps = 40
@@ -68,6 +69,7 @@ def _main(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_config_clearly(tmp_path):
   r = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.data.img_size=50",
             "--config.model.rope_mode=spin")
@@ -77,6 +79,7 @@ def test_cli_reports_bad_config_clearly(tmp_path):
   assert r.returncode != 0 and "stepz" in r.stderr
 
 
+@pytest.mark.slow
 def test_training_stops_after_repeated_non_finite_steps(small_dataset, tmp_path):
   c = tiny_config(small_dataset[0], steps=30, nonfinite_patience=3)
   c.lr_scheduler.base_lr = c.lr_scheduler.warmup_lr = 1e30  # the first update overflows
@@ -87,6 +90,7 @@ def test_training_stops_after_repeated_non_finite_steps(small_dataset, tmp_path)
   assert max(recs) < 10 and recs[max(recs)]["nonfinite_skips"] == 3
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(small_dataset, tmp_path):
   c = tiny_config(small_dataset[0], steps=30)
   c.schedule.validation.interval_steps = 5
@@ -128,8 +132,8 @@ def _val_logits(workdir):
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
     s = m.restore(m.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0), data.taxonomy.parents)),
-                             nnx.Param, ...)
+  graphdef, _, _ = nnx.split(nnx.eval_shape(
+      lambda: models.build(c, nnx.Rngs(0), data.taxonomy.parents)), nnx.Param, ...)
   reader = images.ImageReader(data.val_images, c.data.img_size)
   pixels = np.stack([reader(int(r), i) for r, i in zip(data.val.raw_row, data.val.image_id)])
   logits = nnx.merge(graphdef, s["params"], s["buffers"])(
@@ -137,15 +141,15 @@ def _val_logits(workdir):
   return c, data, jax.tree.map(np.asarray, logits)
 
 
+@pytest.mark.slow
 def test_val_loss_is_the_train_criterion_nulls_masked_and_weighted(null_dataset, tmp_path):
   """Phase 1 masks nulls in the validation loss too, and `loss` has the training's class and
   task weights (loss.grad_weighting.class.val): val/loss is what training minimises."""
-  from linnaeus_jax import evaluate, losses
+  from linnaeus_jax import losses
   c = tiny_config(null_dataset, steps=6, phase1_mask_null_loss=True)
   c.loss.grad_weighting["class"].update(method="capping", cap=3.0, train=True, val=True)
   c.loss.grad_weighting.task.init_weights = [2.0, 1.0, 0.5, 1.0]
-  train.run(c, str(tmp_path))
-  _, results = evaluate.evaluate_checkpoint(c, str(tmp_path))
+  results = {"val": train.run(c, str(tmp_path))}  # the final validation
   c, data, logits = _val_logits(tmp_path)
   total, total_all = 0.0, 0.0
   for j, (t, w) in enumerate(zip(data.task_keys, [2.0, 1.0, 0.5, 1.0])):
@@ -164,11 +168,11 @@ def test_val_loss_is_the_train_criterion_nulls_masked_and_weighted(null_dataset,
   np.testing.assert_allclose(results["val"]["loss_all"], total_all, rtol=2e-4)
 
 
-@pytest.mark.parametrize("phase1", [False, True])
-def test_gradnorm_reforward_handles_nulls_as_the_train_loss(null_dataset, tmp_path, phase1):
+@pytest.mark.slow
+def test_gradnorm_reforward_handles_nulls_as_the_train_loss(null_dataset, tmp_path):
   """With the same inputs (metadata kept, no dropout, linear heads) GradNorm's task losses are
-  the train loss's: nulls excluded in phase 1, else kept with the scheduled probability (0)."""
-  c = tiny_config(null_dataset, steps=2, phase1_mask_null_loss=phase1)
+  the train loss's: nulls kept with the scheduled probability (0 here), not all of them."""
+  c = tiny_config(null_dataset, steps=2)
   c.model.drop_path_rate = 0.0
   c.schedule.meta_masking.enabled = False
   c.schedule.null_masking.update(enabled=True, start_prob=0.0, end_prob=0.0)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from linnaeus_jax import losses, optim, schedules
+from linnaeus_jax import optim, schedules
 from linnaeus_jax import state as state_lib
 from linnaeus_jax import train_step
 from linnaeus_jax.data import pipeline
@@ -29,6 +29,7 @@ def _step_setup(small_dataset, **train_kw):
   return c, state, step, batch, state_lib.loss_constants(c, data)
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_large_batch(small_dataset):
   _, state, step1, batch, consts = _step_setup(small_dataset)
   _, _, step2, _, _ = _step_setup(small_dataset, accumulation_steps=2)
@@ -43,6 +44,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(small_dataset):
   for x, y in zip(jax.tree.leaves(b_state.params), jax.tree.leaves(a_state.params)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
+@pytest.mark.slow
 def test_a_nan_batch_skips_the_update_and_is_counted(small_dataset):
   _, state, step, batch, consts = _step_setup(small_dataset)
   bad = dict(batch, meta={k: np.full_like(np.asarray(v), np.nan) for k, v in batch["meta"].items()})
@@ -136,6 +138,7 @@ def test_apply_update_is_optax_or_a_counted_skip():
   assert int(bad.nonfinite_streak) == 3 and int(bad.nonfinite_skips) == 6
 
 
+@pytest.mark.slow
 def test_gradnorm_update_sees_the_train_losses_of_its_micro_batch(small_dataset):
   """GradNorm's re-forward with metadata kept equals the train step's per-task losses, nulls
   (made here by hand) excluded by the null schedule at probability 0 as in the train loss."""

@@ -17,8 +17,6 @@ import numpy as np
 
 from linnaeus_jax import preprocessing
 
-POLICIES = ("error", "skip", "placeholder")
-
 
 def is_h5(location: str) -> bool:
   return location.endswith((".h5", ".hdf5"))

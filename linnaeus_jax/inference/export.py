@@ -33,8 +33,7 @@ def export_forward(config, variables: dict, record: dict,
   uint8 RGB as `preprocessing.to_rgb_uint8` makes them; meta: {component: (b, dim) float32};
   meta_valid: (b, components) bool, components in preprocessing.json's order.
   """
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))),
-                             nnx.Param, ...)
+  graphdef, _, _ = models.abstract(config)
 
   def forward(flat, image_u8, meta, valid):
     v = bundle_lib.unflatten(flat)
@@ -76,10 +75,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, assets/, checkpoints/).")
   flags.DEFINE_string("out", None, "New bundle folder.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms model.jax_exported runs on.")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)

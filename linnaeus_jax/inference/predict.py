@@ -127,7 +127,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("bundle", None, "Bundle folder (python -m linnaeus_jax.export), or an "
                       "original bundle folder with --params.")
   flags.DEFINE_string("params", None, "For an original bundle: the convert_torch output folder.")
@@ -142,4 +144,4 @@ if __name__ == "__main__":
                     "Hierarchical consistency rule (docs/inference.md).")
   flags.DEFINE_list("buckets", ["1", "8", "32"], "Compiled batch sizes; requests are padded.")
   flags.mark_flags_as_required(["images", "out"])
-  app.run(main)
+  cli.run(main)

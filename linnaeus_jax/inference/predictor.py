@@ -51,8 +51,7 @@ class Predictor:
     self.size = int(record["image"]["size"])
     self.layout = record["metadata"]
     self.compiles = 0  # traces of the forward pass: one per bucket size used
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))),
-                               nnx.Param, ...)
+    graphdef, _, _ = models.abstract(config)
     self.variables = jax.device_put(variables)
 
     def forward(variables, image_u8, meta, valid):

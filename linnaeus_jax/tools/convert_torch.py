@@ -154,13 +154,14 @@ class ConversionError(ValueError):
 
 SWITCH_REASONS = {
     "model.rope_mode": "the original multiplies q and k by cos(angle) instead of rotating them "
-                       "(reference/model.md §6)",
+                       "(docs/design.md#true-2d-rotary-position-embeddings)",
     "model.meta_missing": "the original embeds a missing component from zeros; it has no learned "
-                          "missing-metadata tokens (§5)",
+                          "missing-metadata tokens (docs/design.md#metadata-masking-by-validity-flags)",
     "model.attn_scale": "--flash_attn_trained: the original's flash-attention path scaled the "
-                        "attention logits by 1/head_dim (§7)",
+                        "attention logits by 1/head_dim (docs/design.md#attention-scale)",
     "head_type": "the original's hierarchical refinement never runs (its hmatrix buffers are "
-                 "looked up under names that do not exist, §8): the head outputs its level's "
+                 "looked up under names that do not exist; "
+                 "docs/design.md#hierarchical-heads-that-refine): the head outputs its level's "
                  "Dense exactly, which is our Linear head",
 }
 
@@ -179,7 +180,7 @@ def compat_config(config, flash_attn_trained: bool = False):
   switch("model.attn_scale", m, "attn_scale",
          "inv_head_dim" if flash_attn_trained else "rsqrt_head_dim",
          SWITCH_REASONS["model.attn_scale"] if flash_attn_trained else
-         "the original's eager attention path scales by 1/sqrt(head_dim) (§7); pass "
+         "the original's eager attention path scales by 1/sqrt(head_dim) (docs/design.md#attention-scale); pass "
          "--flash_attn_trained for checkpoints trained with flash_attn")
   for t in config.data.task_keys_h5:
     if m.classification.heads[t].type != "Linear":
@@ -193,8 +194,7 @@ def _abstract_params(config) -> tuple[dict, dict]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from linnaeus_jax import models  # pylint: disable=g-import-not-at-top
-  _, params, rest = nnx.split(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))),
-                              nnx.Param, ...)
+  _, params, rest = models.abstract(config)
   return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
@@ -546,7 +546,7 @@ FLASH_HELP = (
     "The checkpoint was trained through the original's flash-attention path, which it takes only "
     "when MODEL.USE_FLASH_ATTN is true (every shipped mFormerV1 YAML), flash_attn is installed "
     "and the GPU has SM >= 8 (Ampere/Hopper). That path scaled attention logits by 1/head_dim "
-    "instead of 1/sqrt(head_dim) (reference/model.md §7), so such checkpoints need true "
+    "instead of 1/sqrt(head_dim) (docs/design.md#attention-scale), so such checkpoints need true "
     "(model.attn_scale='inv_head_dim'). The state dict cannot tell; default false: the eager "
     "path (CPU, older GPUs, no flash_attn).")
 
@@ -581,7 +581,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("checkpoint", None, "torch.save file (state dict or training .pth), or "
                       ".npz keyed by torch names.")
@@ -593,4 +595,4 @@ if __name__ == "__main__":
   flags.DEFINE_bool("flash_attn_trained", False, FLASH_HELP)
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out folder.")
   flags.mark_flags_as_required(["checkpoint", "out"])
-  app.run(main)
+  cli.run(main)
