@@ -125,20 +125,32 @@ def losses_and_counts(cfg: StepConfig, logits: dict, batch: dict, consts: dict, 
   return per_task, counts
 
 
-def micro_step(graphdef, cfg: StepConfig, scheds, state, consts, sched, batch, key):
-  """(loss, grads, per-task losses (T,), sums to accumulate) of one micro-batch."""
+def forward_losses(graphdef, cfg: StepConfig, scheds, state, consts, sched, batch, key, params,
+                   *, no_meta: bool = False, refine: bool = True):
+  """(Prepared, {task: TaskLoss}, counts) of a micro-batch's training forward pass. The train
+  loss and GradNorm's re-forward both come from here, so that with the same key they see the same
+  masks, mixing, dropout and null coins."""
   k_prep, k_model = jax.random.split(key)
   k_drop, k_null = jax.random.split(k_model)
   prep = prepare_batch(cfg, scheds, batch, k_prep, sched)
+  meta_valid = jnp.zeros_like(prep.meta_valid) if no_meta else prep.meta_valid
+  logits = nnx.merge(graphdef, params, state.buffers)(
+      prep.image, prep.meta, meta_valid, train=True, key=k_drop, refine=refine)
+  per_task, counts = losses_and_counts(cfg, logits, batch, consts, train=True, mix=prep.mix,
+                                       null_keep=sched["schedule/null_incl_prob"], key=k_null)
+  return prep, per_task, counts
+
+
+def micro_step(graphdef, cfg: StepConfig, scheds, state, consts, sched, batch, key):
+  """(loss, grads, per-task losses (T,), sums to accumulate) of one micro-batch."""
 
   def loss_fn(params):
-    logits = nnx.merge(graphdef, params, state.buffers)(
-        prep.image, prep.meta, prep.meta_valid, train=True, key=k_drop)
-    per_task, counts = losses_and_counts(cfg, logits, batch, consts, train=True, mix=prep.mix,
-                                         null_keep=sched["schedule/null_incl_prob"], key=k_null)
+    prep, per_task, counts = forward_losses(graphdef, cfg, scheds, state, consts, sched, batch,
+                                            key, params)
     loss = losses.total_loss(per_task, cfg.tasks, state.gradnorm["weights"])
-    return loss, (jnp.stack([per_task[t].mean for t in cfg.tasks]), counts)
-  (loss, (task_T, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, (jnp.stack([per_task[t].mean for t in cfg.tasks]), counts, prep)
+  (loss, (task_T, counts, prep)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   real_B = batch["example_mask"]
   sums = {"counts": counts, "real": jnp.sum(real_B), "mixed": prep.mixed.astype(jnp.int32),
           "masked": {c: jnp.sum(prep.masked_BxC[:, i] & real_B)
@@ -183,16 +195,9 @@ def gradnorm_update(graphdef, cfg: StepConfig, scheds, state, consts, sched, bat
   micro-batch, with its key: the train loss's masks, mixing, dropout and null coins), re-forwarded
   without metadata (`zero_aux_info`) and without hierarchical refinement. Only on update steps:
   the re-forward runs under `lax.cond` (`gradnorm.maybe_update`)."""
-  k_prep, k_model = jax.random.split(key)
-  k_drop, k_null = jax.random.split(k_model)
-
   def task_means(params):
-    prep = prepare_batch(cfg, scheds, batch, k_prep, sched)
-    meta_valid = jnp.zeros_like(prep.meta_valid) if cfg.gn_zero_aux else prep.meta_valid
-    logits = nnx.merge(graphdef, params, state.buffers)(
-        prep.image, prep.meta, meta_valid, train=True, key=k_drop, refine=False)
-    per_task, _ = losses_and_counts(cfg, logits, batch, consts, train=True, mix=prep.mix,
-                                    null_keep=sched["schedule/null_incl_prob"], key=k_null)
+    _, per_task, _ = forward_losses(graphdef, cfg, scheds, state, consts, sched, batch, key,
+                                    params, no_meta=cfg.gn_zero_aux, refine=False)
     return jnp.stack([per_task[t].mean for t in cfg.tasks])
   gn_state, info = gradnorm.maybe_update(
       state.gradnorm, state.step, task_means, state.params,
