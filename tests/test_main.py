@@ -67,7 +67,7 @@ def _launch(config_file, workdir, *flags, devices=1):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _finish(proc, timeout=600):
+def _finish(proc, timeout=1200):
   out, _ = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, out[-3000:]
   return out
@@ -88,7 +88,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in recs}
 
 
-def _wait_for_step(proc, workdir, step, timeout=300):
+def _wait_for_step(proc, workdir, step, timeout=900):
   t0 = time.time()
   while time.time() - t0 < timeout:
     recs = _train_records(workdir)

@@ -136,27 +136,3 @@ def test_apply_update_is_optax_or_a_counted_skip():
   np.testing.assert_array_equal(bad.params["w"], params["w"])
   assert float(bad.gradnorm["weights"][0]) == 1.0 and int(bad.step) == 4
   assert int(bad.nonfinite_streak) == 3 and int(bad.nonfinite_skips) == 6
-
-
-@pytest.mark.slow
-def test_gradnorm_update_sees_the_train_losses_of_its_micro_batch(small_dataset):
-  """GradNorm's re-forward with metadata kept equals the train step's per-task losses, nulls
-  (made here by hand) excluded by the null schedule at probability 0 as in the train loss."""
-  c, state, step, batch, consts = _step_setup(
-      small_dataset, phase1_mask_null_loss=False)
-  del step
-  c.schedule.null_masking.update(enabled=True, start_prob=0.0, end_prob=0.0)
-  gw = c.loss.grad_weighting.task
-  gw.type, gw.update_interval, gw.zero_aux_info = "gradnorm", 1, False
-  cfg = train_step.StepConfig.from_config(c)
-  scheds = schedules.Schedules.from_config(c, 100, 10)
-  tx, lrs = optim.build(c, 100, 10)
-  labels = dict(batch["labels"])
-  labels["taxa_L10"] = np.where(np.arange(16) % 3 == 0, 0, labels["taxa_L10"])
-  batch = dict(batch, labels=labels)
-  graphdef, _ = state_lib.create_state(c)
-  _, out = jax.jit(train_step.make_train_step(graphdef, tx, cfg, lrs, scheds))(
-      state, batch, consts)
-  assert bool(out["gradnorm/updated"])
-  for t in cfg.tasks:
-    np.testing.assert_allclose(out[f"gradnorm/loss/{t}"], out[f"loss/{t}"], rtol=1e-5, err_msg=t)
