@@ -432,9 +432,9 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
       problems.append(f"data.meta.components {idxs[comp.idx]} and {name} share idx {comp.idx}")
     idxs[comp.idx] = name
 
-  if d.img_size % 32:
-    problems.append(f"data.img_size must be a multiple of 32 (four stride-2 stages after the "
-                    f"stride-4 stem), got {d.img_size}")
+  if d.img_size < 32 or d.img_size % 32:
+    problems.append(f"data.img_size must be a positive multiple of 32 (four stride-2 stages "
+                    f"after the stride-4 stem), got {d.img_size}")
   if d.batch_size < 1 or d.batch_size % num_devices:
     problems.append(f"data.batch_size {d.batch_size} must be a positive multiple of the "
                     f"{num_devices} devices")
@@ -506,8 +506,11 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
       problems.append(f"model.{key} {m[key]!r} not in {allowed}")
   if not m.rope_stages.rope_mixed:
     problems.append("model.rope_stages.rope_mixed=False (axial RoPE) is not supported yet")
-  if not 0.0 <= m.drop_path_rate < 1.0:
-    problems.append(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+  for key in ("drop_path_rate", "drop_rate", "label_smoothing"):
+    if not 0.0 <= m[key] < 1.0:
+      problems.append(f"model.{key} must be in [0, 1), got {m[key]}")
+  if m.in_chans < 1:
+    problems.append(f"model.in_chans must be >= 1, got {m.in_chans}")
 
   if t.nonfinite_patience < 1:
     problems.append("train.nonfinite_patience must be >= 1")
@@ -528,6 +531,9 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
     problems.append(f"data.batch_size {d.batch_size} must split into train.accumulation_steps "
                     f"({k}) micro-batches of whole pairs, each a multiple of the {num_devices} "
                     f"devices")
+  for key, unset in (("steps", "train.epochs counts"), ("epochs", "unused; train.steps counts")):
+    if t[key] < 0:
+      problems.append(f"train.{key} must be >= 0 (0: {unset}), got {t[key]}")
   if t.steps <= 0 and t.epochs <= 0:
     problems.append("set train.steps or train.epochs to a positive number")
   problems += _optimizer_problems(config)  # optimizer.*, lr_scheduler.*, parameter groups

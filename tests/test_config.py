@@ -92,6 +92,24 @@ def test_total_steps_prefers_steps_over_epochs(small_dataset):
   assert config_lib.total_steps(c, steps_per_epoch=10) == 7
 
 
+def test_impossible_numbers_are_all_reported():
+  c = tiny_config("/unused")
+  config_lib.validate(c)
+  c.train.steps = -5  # train.epochs stays 300: once silently trained for 300 epochs
+  c.data.img_size, c.data.batch_size = 0, 0
+  c.model.in_chans, c.model.drop_rate, c.model.label_smoothing = 0, 1.0, -0.1
+  msg = _problems(c)
+  for needle in ("train.steps must be >= 0 (0: train.epochs counts), got -5",
+                 "data.img_size must be a positive multiple of 32", "got 0",
+                 "data.batch_size 0 must be a positive multiple",
+                 "model.in_chans must be >= 1, got 0", "model.drop_rate must be in [0, 1), got 1.0",
+                 "model.label_smoothing must be in [0, 1), got -0.1"):
+    assert needle in msg, needle
+  c = tiny_config("/unused")
+  c.train.epochs = -2.0  # train.steps = 30 counts, but a negative epoch count is a typo
+  assert "train.epochs must be >= 0 (0: unused; train.steps counts), got -2.0" in _problems(c)
+
+
 def test_mix_null_task_keys_validate(small_dataset):
   c = tiny_config(small_dataset[0])
   c.schedule.mix.null_task_keys = ["taxa_L10"]

@@ -5,7 +5,9 @@ such as `pytorch_model.bin`, or a training `.pth` whose `model` / `state_dict` e
 `.npz` keyed by torch names. The pickle is read by a restricted unpickler: only the tensor-rebuild
 globals and a few builtins resolve; any other global (a config class, optimizer state, user
 code) becomes an inert `Opaque` stand-in, so nothing in the file is imported or executed. Tensor
-data is read from the archive's storages only when a tensor is materialised.
+data is read from the archive's storages only when a tensor is materialised, and only after its
+layout is checked against its storage and the storage's size against what the file can hold
+(`_check_member`): a hostile file gets a `CheckpointError`, never a huge allocation.
 """
 
 from __future__ import annotations
@@ -39,6 +41,26 @@ _SAFE_GLOBALS = {"collections.OrderedDict": collections.OrderedDict,
                  "builtins.float": float, "builtins.complex": complex, "builtins.bool": bool,
                  "builtins.str": str, "builtins.bytes": bytes, "builtins.bytearray": bytearray,
                  "_codecs.encode": codecs.encode, "torch.Size": tuple}
+
+
+_DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032x
+
+
+def _check_member(info: zipfile.ZipInfo, file_bytes: int, what: str) -> None:
+  """Refuses a zip member whose declared size the file cannot hold (before anything is read)."""
+  if info.compress_size > file_bytes:
+    raise CheckpointError(f"{what}: {info.compress_size} compressed bytes in a file of "
+                          f"{file_bytes} bytes")
+  if info.compress_type == zipfile.ZIP_STORED:
+    limit = info.compress_size
+  elif info.compress_type == zipfile.ZIP_DEFLATED:
+    limit = _DEFLATE_MAX_RATIO * info.compress_size
+  else:
+    raise CheckpointError(f"{what}: zip compression method {info.compress_type} (only stored "
+                          "and deflated members are read)")
+  if info.file_size > limit:
+    raise CheckpointError(f"{what}: declares {info.file_size} bytes, more than its "
+                          f"{info.compress_size} bytes in the file can hold")
 
 
 class Opaque:
@@ -103,22 +125,36 @@ class LazyTensor:
   dtype: str  # torch dtype name; bfloat16 is returned as float32
 
   def numpy(self) -> np.ndarray:
-    flat, dtype = self.storage.flat(), self.dtype
-    if dtype != self.storage.dtype:  # _rebuild_tensor_v3: an untyped (byte) storage
-      if dtype not in _NP_DTYPES:
-        raise CheckpointError(f"unsupported tensor dtype {dtype}")
+    """The values; CheckpointError when the layout reads outside the storage."""
+    storage, dtype = self.storage, self.dtype
+    if not isinstance(dtype, str) or dtype not in _NP_DTYPES:
+      raise CheckpointError(f"unsupported tensor dtype {dtype!r:.100}")
+    size, stride, offset = tuple(self.size), tuple(self.stride), self.offset
+    layout = f"size {size}, stride {stride}, offset {offset}"
+    if not all(isinstance(v, int) for v in (*size, *stride, offset)) or len(size) != len(stride):
+      raise CheckpointError(f"storage {storage.key}: unsupported tensor layout: {layout}")
+    if min((*size, *stride, offset)) < 0:
+      raise CheckpointError(f"storage {storage.key}: negative tensor layout: {layout}")
+    item = np.dtype(_NP_DTYPES[dtype]).itemsize
+    nbytes = storage.numel * np.dtype(_NP_DTYPES[storage.dtype]).itemsize
+    if nbytes % item:  # _rebuild_tensor_v3: a byte storage viewed as `dtype`
+      raise CheckpointError(f"storage {storage.key}: {nbytes} bytes are not whole {dtype} "
+                            "elements")
+    numel, count = nbytes // item, math.prod(size)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if count else offset - 1
+    if offset > numel or last >= numel:
+      raise CheckpointError(f"storage {storage.key}: a tensor of {layout} reads past the "
+                            f"storage's {numel} {dtype} elements")
+    if count > numel and count * item > storage.archive.file_bytes:  # zero strides: expanded
+      raise CheckpointError(f"storage {storage.key}: a tensor of {layout} expands "
+                            f"{numel} elements into {count} ({count * item} bytes), more than "
+                            f"the file's {storage.archive.file_bytes} bytes")
+    flat = storage.flat()
+    if dtype != storage.dtype:
       flat = flat.view(np.dtype(_NP_DTYPES[dtype]))
-    size, stride, offset = tuple(self.size), tuple(self.stride), int(self.offset)
-    if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
-      raise CheckpointError(f"unsupported tensor layout: size {size}, stride {stride}, "
-                            f"offset {offset}")
-    if math.prod(size) == 0:
+    if count == 0:
       out = np.zeros(size, flat.dtype)
     else:
-      last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-      if last >= flat.size:
-        raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads "
-                              f"past its storage of {flat.size} elements")
       out = np.lib.stride_tricks.as_strided(flat[offset:], size,
                                             [s * flat.itemsize for s in stride]).copy()
     if dtype == "bfloat16":  # the upper half of a float32
@@ -127,11 +163,16 @@ class LazyTensor:
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, *unused):
-  return LazyTensor(storage, offset, tuple(size), tuple(stride), storage.dtype)
+  return _rebuild_tensor_v3(storage, offset, size, stride, None, None, None)
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
-  name = dtype.name if isinstance(dtype, _TorchDtype) else getattr(dtype, "global_name", dtype)
+  if not isinstance(storage, _Storage):
+    raise CheckpointError(f"a tensor rebuilt from {storage!r:.100}, not a storage")
+  if dtype is None:  # v2: the storage's dtype
+    name = storage.dtype
+  else:
+    name = dtype.name if isinstance(dtype, _TorchDtype) else getattr(dtype, "global_name", dtype)
   return LazyTensor(storage, offset, tuple(size), tuple(stride), name)
 
 
@@ -175,16 +216,20 @@ class _Unpickler(pickle.Unpickler):
             and isinstance(pid[1], _StorageType)):
       raise CheckpointError(f"unsupported persistent id in the pickle: {pid!r:.200}")
     _, storage_type, key, _, numel = pid
-    return self.archive.storage(str(key), storage_type.dtype, int(numel))
+    if not isinstance(numel, int) or numel < 0:
+      raise CheckpointError(f"storage {key}: {numel!r:.100} elements")
+    return self.archive.storage(str(key), storage_type.dtype, numel)
 
 
 class _Archive:
   """A `torch.save` zip: `<prefix>/data.pkl`, `<prefix>/data/<key>`, `<prefix>/byteorder`."""
 
-  def __init__(self, zf: zipfile.ZipFile, prefix: str):
-    self.zf, self.prefix, self.storages = zf, prefix, {}
+  def __init__(self, zf: zipfile.ZipFile, prefix: str, file_bytes: int):
+    self.zf, self.prefix, self.storages, self.file_bytes = zf, prefix, {}, file_bytes
     names = set(zf.namelist())
     order = f"{prefix}/byteorder"
+    if order in names and zf.getinfo(order).file_size > 16:
+      raise CheckpointError(f"{order}: {zf.getinfo(order).file_size} bytes, not a byte order")
     self.byteorder = zf.read(order).decode().strip() if order in names else "little"
     if self.byteorder not in ("little", "big"):
       raise CheckpointError(f"unknown byteorder {self.byteorder!r}")
@@ -192,14 +237,25 @@ class _Archive:
   def storage(self, key: str, dtype: str, numel: int) -> _Storage:
     if key not in self.storages:
       self.storages[key] = _Storage(self, key, dtype, numel)
-    return self.storages[key]
+    old = self.storages[key]
+    if (old.dtype, old.numel) != (dtype, numel):  # torch.save refuses to write this
+      raise CheckpointError(f"storage {key} is declared as {old.numel} {old.dtype} and as "
+                            f"{numel} {dtype} elements")
+    return old
 
   def read_storage(self, key: str, dtype: str, numel: int) -> np.ndarray:
+    """The storage's elements, read once its declared size is checked against the file."""
+    name = f"{self.prefix}/data/{key}"
     try:
-      raw = self.zf.read(f"{self.prefix}/data/{key}")
+      info = self.zf.getinfo(name)
     except KeyError:
       raise CheckpointError(f"storage {key} is missing from the archive") from None
     dt = np.dtype(_NP_DTYPES[dtype]).newbyteorder("<" if self.byteorder == "little" else ">")
+    if info.file_size != numel * dt.itemsize:
+      raise CheckpointError(f"storage {key}: {numel} {dtype} elements ({numel * dt.itemsize} "
+                            f"bytes) declared, {info.file_size} bytes in the archive")
+    _check_member(info, self.file_bytes, f"storage {key}")
+    raw = self.zf.read(name)
     if len(raw) != numel * dt.itemsize:
       raise CheckpointError(f"storage {key}: {len(raw)} bytes for {numel} {dtype} elements")
     return np.frombuffer(raw, dt).astype(dt.newbyteorder("="), copy=False)
@@ -234,10 +290,30 @@ def _unwrap(obj, source: str) -> dict:
     name = strip_prefixes(str(key))
     if name in out:
       raise CheckpointError(f"{source}: key {name!r} appears twice once prefixes are stripped")
-    out[name] = value.numpy() if isinstance(value, LazyTensor) else value
+    try:
+      out[name] = value.numpy() if isinstance(value, LazyTensor) else value
+    except CheckpointError as e:
+      raise CheckpointError(f"{source}: tensor {key}: {e}") from None
   if bad:
     raise CheckpointError(f"{source}: the state dict has non-tensor entries: {', '.join(bad)}")
   return out
+
+
+def _check_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, file_bytes: int, what: str) -> None:
+  """Refuses an .npz member whose header declares more data than the member holds."""
+  _check_member(info, file_bytes, what)
+  fmt = np.lib.format
+  with zf.open(info) as f:
+    try:
+      version = fmt.read_magic(f)
+      read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+    except ValueError as e:
+      raise CheckpointError(f"{what}: not a .npy array: {e}") from None
+    data = math.prod(shape) * dtype.itemsize
+    if data > info.file_size - f.tell():
+      raise CheckpointError(f"{what}: shape {shape} of {dtype} needs {data} bytes, the member "
+                            f"holds {info.file_size - f.tell()}")
 
 
 def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -254,25 +330,28 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{path}: a legacy (torch < 1.6, non-zip) checkpoint; re-save it "
                             "with torch.save under torch >= 1.6")
     raise CheckpointError(f"{path}: neither a torch.save zip archive nor an .npz")
+  file_bytes = os.path.getsize(path)
   try:
     with zipfile.ZipFile(path) as zf:
       names = zf.namelist()
       pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
       if len(pickles) == 1:
-        archive = _Archive(zf, pickles[0].split("/")[0])
+        _check_member(zf.getinfo(pickles[0]), file_bytes, f"{path}: {pickles[0]}")
         with zf.open(pickles[0]) as f:
           try:
-            obj = _Unpickler(f, archive).load()
-          except CheckpointError:
-            raise
+            obj = _Unpickler(f, _Archive(zf, pickles[0].split("/")[0], file_bytes)).load()
+          except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
           except Exception as e:  # malformed pickles raise about anything
             raise CheckpointError(f"{path}: cannot unpickle data.pkl: {e!r}") from e
         return _unwrap(obj, path)
       if any(n.endswith("constants.pkl") for n in names):
         raise CheckpointError(f"{path}: a TorchScript archive; save model.state_dict() instead")
-  except zipfile.BadZipFile as e:
+      if names and all(n.endswith(".npy") for n in names):
+        for info in zf.infolist():
+          _check_npy(zf, info, file_bytes, f"{path}: {info.filename}")
+        with np.load(path, allow_pickle=False) as f:
+          return _unwrap({k: f[k] for k in f.files}, path)
+  except (zipfile.BadZipFile, EOFError) as e:  # EOFError: a member cut short
     raise CheckpointError(f"{path}: a damaged zip archive: {e}") from e
-  if names and all(n.endswith(".npy") for n in names):
-    with np.load(path, allow_pickle=False) as f:
-      return _unwrap({k: f[k] for k in f.files}, path)
   raise CheckpointError(f"{path}: a zip without <prefix>/data.pkl (torch.save) or .npy members")
