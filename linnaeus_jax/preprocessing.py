@@ -4,6 +4,15 @@
 Host side: decode any image to RGB uint8 and squash it to S x S with area interpolation (PIL BOX,
 the equivalent of the original's cv2 INTER_AREA when shrinking); no crop, no aspect preservation.
 Device side: uint8 -> float32 in [0, 1], optionally standardised with a recorded mean/std.
+
+Pixel values to 8 bits (`to_rgb_uint8`, the same for files, PIL images and arrays):
+- 16-bit data (PIL modes I;16*, and I as Pillow opens 16-bit PNGs; uint16 and other integer
+  arrays wider than 8 bits): round(v / 257) of v clipped to [0, 65535], so 65535 -> 255 and
+  32768 -> 128. (16-bit RGB PNGs are reduced by Pillow's decoder to their high byte.)
+- float data (mode F, float arrays): already on the 0-255 scale; rounded, clipped, NaN -> 0.
+- grey (1, L, I, F, LA) is replicated to the 3 channels; palettes (P, PA) are expanded.
+- alpha (RGBA, LA, PA, P with a transparent colour) is dropped, not composited: the stored
+  colour is kept, as PIL's convert('RGB') and OpenCV's default imread do.
 """
 
 from __future__ import annotations
@@ -18,8 +27,54 @@ from PIL import Image
 from linnaeus_jax.data import encoders
 
 
+# PIL modes whose values are not 8-bit: converted through numpy (`_uint8`), not PIL's convert,
+# which clips them to 0-255 instead of scaling.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _uint8(a: np.ndarray) -> np.ndarray:
+  """Pixel values -> uint8 (module docstring): 16-bit integers by round(v / 257), floats on the
+  0-255 scale rounded and clipped."""
+  if a.dtype == np.uint8:
+    return a
+  if a.dtype.kind == "b":
+    return a.astype(np.uint8) * 255
+  if a.dtype.kind in "iu":
+    if a.dtype.itemsize == 1:  # int8
+      return np.clip(a, 0, 255).astype(np.uint8)
+    return np.rint(np.clip(a, 0, 65535) / 257.0).astype(np.uint8)
+  if a.dtype.kind == "f":
+    return np.rint(np.clip(np.nan_to_num(a, nan=0.0), 0, 255)).astype(np.uint8)
+  raise ValueError(f"image array of dtype {a.dtype}: expected integers, floats or bools")
+
+
+def _rgb_array(a: np.ndarray) -> np.ndarray:
+  """HxW, HxWx1 (grey), HxWx2 (grey + alpha), HxWx3 (RGB) or HxWx4 (RGBA) array of any numeric
+  dtype -> HxWx3 uint8 RGB; alpha dropped."""
+  a = np.asarray(a)
+  if a.ndim == 3 and a.shape[-1] in (1, 2):
+    a = a[..., 0]
+  elif a.ndim == 3 and a.shape[-1] == 4:
+    a = a[..., :3]
+  if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+    raise ValueError(f"image array of shape {a.shape}: expected HxW or HxWxC with C in 1-4")
+  a = _uint8(a)
+  return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a
+
+
+def _rgb_image(img: Image.Image) -> Image.Image:
+  """Any PIL mode -> mode RGB, by the rules of the module docstring."""
+  if img.mode == "RGB":
+    return img
+  if img.mode in _WIDE_MODES:
+    return Image.fromarray(_rgb_array(np.asarray(img)))
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")  # straight to RGB, PIL warns for per-entry (bytes) transparency
+  return img.convert("RGB")
+
+
 def to_rgb_uint8(img, size: int) -> np.ndarray:
-  """PIL image, HWC uint8 array, encoded bytes or a path -> (size, size, 3) uint8 RGB."""
+  """PIL image (any mode), HWC array, encoded bytes or a path -> (size, size, 3) uint8 RGB."""
   if isinstance(img, (bytes, bytearray)):
     img = Image.open(io.BytesIO(img))
   elif isinstance(img, str):
@@ -27,15 +82,11 @@ def to_rgb_uint8(img, size: int) -> np.ndarray:
       f.load()
       img = f
   elif isinstance(img, np.ndarray):
-    if img.ndim == 2:
-      img = np.repeat(img[..., None], 3, axis=-1)
-    if img.shape[-1] == 4:
-      img = img[..., :3]
-    if img.shape[:2] == (size, size) and img.dtype == np.uint8:
+    img = _rgb_array(img)
+    if img.shape[:2] == (size, size):
       return np.ascontiguousarray(img)
-    img = Image.fromarray(img.astype(np.uint8))
-  if img.mode != "RGB":
-    img = img.convert("RGB")
+    img = Image.fromarray(img)
+  img = _rgb_image(img)
   if img.size != (size, size):
     img = img.resize((size, size), Image.Resampling.BOX)
   return np.asarray(img, dtype=np.uint8)

@@ -25,6 +25,7 @@ def test_summary_matches_the_tables(small_dataset):
   assert s["tasks"]["taxa_L40"] == {"num_classes": 3, "null_count": 0}
   valid = np.concatenate([data.train.meta_valid, data.val.meta_valid])
   assert s["meta_valid_fraction"]["SPATIAL"] == float(valid[:, 1].mean())
+  assert s["meta_nonfinite_rows"] == {"TEMPORAL": 0, "SPATIAL": 0, "ELEVATION": 0}
 
 
 @pytest.mark.slow

@@ -3,7 +3,12 @@
 Missing-image policy (`data.hybrid.missing_image_policy`): `error` fails naming the files (at
 start-up when verification runs, else when the image is read); `skip` verifies every file up
 front and excludes the missing rows, within `verify_images.max_missing_count/ratio`, listing them
-in `assets/missing_images.json`; `placeholder` trains on a zero image and counts it.
+in `assets/missing_images.json`, and an image found unreadable later (corrupt, when
+`verify_images.decode` is off) is skipped when read: the reader returns None and the pipeline
+masks that slot; `placeholder` trains on a zero image and counts it.
+
+Identifiers name files inside the folder: absolute ones and ones climbing out with `..` are
+refused (`outside_folder`, checked by labels.load at start-up; `file_path` raises).
 """
 
 from __future__ import annotations
@@ -26,9 +31,35 @@ def to_str(image_id) -> str:
   return image_id.decode("utf-8") if isinstance(image_id, bytes) else str(image_id)
 
 
+def _escapes(name: str) -> bool:
+  """Whether `folder/name` lies outside `folder`: `name` is absolute or climbs out with `..`."""
+  return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == ".."
+
+
+def outside_folder(image_ids) -> np.ndarray:
+  """(N,) bool: the identifiers that name a file outside their folder (absolute, or `..`).
+
+  Vectorised pre-selection (a leading separator or a `..` anywhere), exact check on those only.
+  """
+  ids = np.asarray(image_ids)
+  if ids.dtype.kind not in "SU":
+    ids = np.array([to_str(x) for x in ids], dtype=str)
+  sep, dots = ((os.sep.encode(), b"..") if ids.dtype.kind == "S" else (os.sep, ".."))
+  maybe = np.char.startswith(ids, sep) | (np.char.find(ids, dots) >= 0)
+  out = np.zeros(len(ids), bool)
+  for i in np.flatnonzero(maybe):
+    out[i] = _escapes(to_str(ids[i]))
+  return out
+
+
 def file_path(folder: str, image_id, extension: str) -> str:
-  """`folder/image_id`, with `extension` appended only when the id lacks it (case-insensitive)."""
+  """`folder/image_id`, with `extension` appended only when the id lacks it (case-insensitive).
+
+  Raises ValueError for an identifier that resolves outside `folder`.
+  """
   name = to_str(image_id)
+  if _escapes(name):
+    raise ValueError(f"image identifier {name!r} resolves outside the images folder {folder}")
   if extension and not name.lower().endswith(extension.lower()):
     name += extension
   return os.path.join(folder, name)
@@ -96,6 +127,8 @@ def verify(folder: str, image_ids, extension: str, opts, policy: str, split: str
 class ImageReader:
   """Reads one image by (raw row, identifier) from a folder or an `images.h5` file.
 
+  An unreadable file: policy `placeholder` gives a zero image, `skip` None (the pipeline masks
+  the slot), `error` raises MissingImagesError; each with a warning naming the file.
   Picklable for Grain's worker processes: the HDF5 handle is opened lazily per process.
   """
 
@@ -111,7 +144,7 @@ class ImageReader:
     state["_handle"], state["_pid"] = None, None  # h5py handles cannot be pickled or forked
     return state
 
-  def __call__(self, raw_row: int, image_id) -> np.ndarray:
+  def __call__(self, raw_row: int, image_id) -> np.ndarray | None:
     if self.h5:
       if self._handle is None or self._pid != os.getpid():
         self._handle = h5py.File(self.location, "r", locking=False)["images"]
@@ -124,7 +157,11 @@ class ImageReader:
       if self.policy == "placeholder":
         logging.warning("image %s unreadable (%s); using a zero image", path, e)
         return np.zeros((self.img_size, self.img_size, 3), np.uint8)
+      if self.policy == "skip":
+        logging.warning("image %s (row %d) unreadable (%s); skipped (missing_image_policy skip)",
+                        path, raw_row, e)
+        return None
       raise MissingImagesError(
           f"image {path!r} (row {raw_row}) cannot be read: {e}. Set "
-          "data.hybrid.missing_image_policy to 'skip' (verify and exclude up front) or "
-          "'placeholder' (train on a zero image).") from e
+          "data.hybrid.missing_image_policy to 'skip' (verify and exclude up front, skip what "
+          "fails later) or 'placeholder' (train on a zero image).") from e

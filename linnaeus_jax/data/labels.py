@@ -2,7 +2,11 @@
 
 Every label and metadata column is read into numpy once; class maps, validity flags, row filters,
 the single-file split and the taxonomy are vectorised. Only image decoding happens per sample
-(pipeline.py). Problems with the files are collected and raised together as a DataError.
+(pipeline.py). Problems with the files are collected and raised together as a DataError:
+among them negative taxon ids and image identifiers that resolve outside the images folder, each
+naming the rows. NaN or inf in an encoded metadata column makes that component invalid (and
+zeroed) on that row whatever its validity source says; such rows are counted per component
+(`Dataset.nonfinite_meta`) and logged.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class Dataset:
   missing_images: dict[str, list[str]]  # split -> identifiers excluded as missing
   train_images: str  # folder or images.h5 path
   val_images: str
+  # component -> rows (of the labels files, before filtering) whose validity source says valid
+  # but whose encoded values hold NaN or inf; made invalid and zeroed
+  nonfinite_meta: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
     drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items() if v)
@@ -118,6 +125,10 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
         problems.append(f"{path}: {t} has dtype {h5[t].dtype}, expected integer taxon ids")
       else:
         cols[t] = h5[t][:]
+        negative = np.flatnonzero(cols[t] < 0) if h5[t].dtype.kind == "i" else []
+        if len(negative):
+          problems.append(f"{path}: {t} has {len(negative)} negative taxon ids (ids are >= 0, "
+                          f"0 = unknown): {_rows_listing(negative, cols[t][negative].tolist())}")
     for name, comp in components:
       src = comp.source
       if src not in h5:
@@ -147,17 +158,28 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
                         f"dim {comp.dim}")
         continue
       cols[f"meta/{name}"] = data
-      cols[f"valid/{name}"] = _validity(h5, name, src, data)
+      valid, finite = _validity(h5, name, src, data), np.all(np.isfinite(data), axis=1)
+      cols[f"valid/{name}"] = valid & finite  # NaN/inf never reaches the model
+      cols[f"nonfinite/{name}"] = int(np.sum(valid & ~finite))
     if "in_region" in h5:
       cols["in_region"] = h5["in_region"][:].astype(bool)
   return cols
+
+
+def _rows_listing(rows: np.ndarray, values, limit: int = 10) -> str:
+  """`rows 3 (-5), 7 (-1), ... (12 in all)`: the first `limit` rows with their values."""
+  shown = ", ".join(f"{r} ({v})" for r, v in zip(rows[:limit], values[:limit]))
+  return "rows " + shown + (f", ... ({len(rows)} in all)" if len(rows) > limit else "")
 
 
 _warned: set[str] = set()
 
 
 def _validity(h5, name: str, source: str, data: np.ndarray) -> np.ndarray:
-  """Explicit validity: `<source>_valid`, else raw columns, else the original's value rules."""
+  """Explicit validity: `<source>_valid`, else raw columns, else the original's value rules.
+
+  Finiteness is not checked here: the caller clears rows with NaN/inf values and counts them.
+  """
   if f"{source}_valid" in h5:
     return h5[f"{source}_valid"][:].astype(bool)
   raw = RAW_VALIDITY.get(name.upper())
@@ -177,7 +199,7 @@ def _validity(h5, name: str, source: str, data: np.ndarray) -> np.ndarray:
     logging.warning("component %s: no %s_valid or raw columns; validity inferred from values "
                     "(a real 0 m elevation or lat/lon 0 then counts as missing)", name, source)
   null = encoders.original_null_form(name, data.shape[1])
-  return ~np.all(data == null, axis=1) & np.all(np.isfinite(data), axis=1)
+  return ~np.all(data == null, axis=1)
 
 
 def _class_maps(files: list[dict], task_keys, partial: bool):
@@ -278,6 +300,14 @@ def load(config) -> Dataset:
     elif not images_lib.is_h5(p) and not os.path.isdir(p):
       problems.append(f"images folder {p} does not exist")
   files = [_read(p, tasks, components, problems) for p in label_paths if p]
+  for f, loc in zip(files, image_paths):
+    if f is not None and loc and not images_lib.is_h5(loc):
+      outside = np.flatnonzero(images_lib.outside_folder(f["image_id"]))
+      if len(outside):
+        ids = [repr(images_lib.to_str(x)) for x in f["image_id"][outside[:10]]]
+        problems.append(f"{f['path']}: {len(outside)} image identifiers resolve outside the "
+                        f"images folder {loc} (absolute, or climbing out with '..'): "
+                        f"{_rows_listing(outside, ids)}")
   if not problems:
     for f, loc in zip(files, image_paths):
       if images_lib.is_h5(loc):
@@ -287,6 +317,11 @@ def load(config) -> Dataset:
 
   partial = d.partial.levels
   rows_total = sum(f["n"] for f in files)
+  nonfinite = {name: sum(f[f"nonfinite/{name}"] for f in files) for name, _ in components}
+  if any(nonfinite.values()):
+    logging.warning("NaN or inf in encoded metadata: the component is marked invalid and zeroed "
+                    "on those rows (rows per component: %s)",
+                    ", ".join(f"{k}: {v}" for k, v in nonfinite.items() if v))
   maps, num, index = _class_maps(files, tasks, partial)
   labels = [np.stack([index[t][i] for t in tasks], axis=1) for i in range(len(files))]
   dropped = dict.fromkeys(FILTERS, 0)
@@ -335,4 +370,4 @@ def load(config) -> Dataset:
                  components=[(n, c.dim) for n, c in components], class_to_idx=maps,
                  num_classes=num, taxonomy=tree, rows_total=rows_total,
                  dropped=dropped, missing_images=missing, train_images=image_paths[0],
-                 val_images=image_paths[-1])
+                 val_images=image_paths[-1], nonfinite_meta=nonfinite)

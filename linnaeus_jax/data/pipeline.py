@@ -6,9 +6,17 @@ and (train only) augmented with a generator seeded by (seed, epoch, position). V
 rows in order, the last batch padded with `example_mask=False`. Records are decoded in Grain's
 reader threads, and in worker processes when `data.num_workers > 0` (`mp_prefetch`). Iterators
 support get_state/set_state, which the checkpoint saves.
+
+An image found unreadable while reading under `missing_image_policy=skip` (a corrupt file, when
+`verify_images.decode` is off) drops its sample: the slot becomes a masked padding slot
+(`example_mask` False, labels and metadata zero) and its mixing partner is unpaired, so batch
+shapes, the order of every other sample and the iterator state stay as they were; each skip is
+logged and counted (`SkipMask`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import grain
 import numpy as np
@@ -19,21 +27,43 @@ from linnaeus_jax.data import augment, images, labels as labels_lib, sampler
 
 def _record(table: labels_lib.RowTable, reader, tasks, i: int, group: int = -1,
             pair_ok: bool = False):
-  """One example; i < 0 gives a padding record (example_mask False)."""
-  if i < 0:
+  """One example; i < 0 gives a padding record (example_mask False), and so does a row whose
+  image the reader skips (None), marked `skipped` (removed again by `SkipMask`)."""
+  image = reader(int(table.raw_row[i]), table.image_id[i]) if i >= 0 else None
+  if image is None:
     s = reader.img_size
     return {"image": np.zeros((s, s, 3), np.uint8),
             "labels": {t: np.int32(0) for t in tasks},
             "meta": {k: np.zeros(v.shape[1], np.float32) for k, v in table.meta.items()},
             "meta_valid": np.zeros(table.meta_valid.shape[1], bool),
             "group_id": np.int32(-1), "pair_ok": np.bool_(False),
-            "example_mask": np.bool_(False)}
-  return {"image": reader(int(table.raw_row[i]), table.image_id[i]),
+            "example_mask": np.bool_(False), "skipped": np.bool_(i >= 0)}
+  return {"image": image,
           "labels": {t: table.labels[i, j] for j, t in enumerate(tasks)},
           "meta": {k: v[i] for k, v in table.meta.items()},
           "meta_valid": table.meta_valid[i],
           "group_id": np.int32(group), "pair_ok": np.bool_(pair_ok),
-          "example_mask": np.bool_(True)}
+          "example_mask": np.bool_(True), "skipped": np.bool_(False)}
+
+
+class SkipMask:
+  """Per local batch, in the main process: drops the `skipped` marker, unpairs the mixing partner
+  (slot ^ 1) of a skipped slot, and counts and logs the skipped images of this run."""
+
+  def __init__(self, split: str):
+    self.split, self.count = split, 0
+
+  def __call__(self, batch: dict) -> dict:
+    skipped_B = batch.pop("skipped")
+    if skipped_B.any():
+      b = len(skipped_B)
+      partner_B = np.minimum(np.arange(b) ^ 1, b - 1)
+      batch["pair_ok"] = batch["pair_ok"] & ~skipped_B[partner_B]
+      self.count += int(skipped_B.sum())
+      logging.warning("%s: %d unreadable image(s) skipped in this batch, %d so far "
+                      "(data.hybrid.missing_image_policy=skip)", self.split,
+                      int(skipped_B.sum()), self.count)
+    return batch
 
 
 class TrainRecords:
@@ -63,7 +93,7 @@ class TrainRecords:
   def __call__(self, k: int):
     i, ok = self.row(k)
     rec = _record(self.table, self.reader, self.tasks, i, self.group[i] if i >= 0 else -1, ok)
-    if i >= 0 and self.policy != "none":
+    if rec["example_mask"] and self.policy != "none":
       rng = np.random.default_rng([self.seed, *self.position(k)])
       rec["image"] = augment.apply_policy(rec["image"], self.policy, rng)
     return rec
@@ -100,7 +130,7 @@ def _reader(config, location: str) -> images.ImageReader:
                             h.missing_image_policy)
 
 
-def _finish(ds: grain.MapDataset, config, local_batch: int) -> grain.IterDataset:
+def _finish(ds: grain.MapDataset, config, local_batch: int, split: str) -> grain.IterDataset:
   ds = ds.batch(local_batch, drop_remainder=True)  # whole batches, so workers keep the order
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(0, config.data.prefetch_threads),
                                             prefetch_buffer_size=2 * local_batch))
@@ -108,7 +138,7 @@ def _finish(ds: grain.MapDataset, config, local_batch: int) -> grain.IterDataset
     if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; library use has not parsed them
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return it
+  return it.map(SkipMask(split))  # one-to-one, after the workers: the state is the same
 
 
 def train_dataset(data: labels_lib.Dataset, config, num_steps: int, process_index: int = 0,
@@ -119,7 +149,7 @@ def train_dataset(data: labels_lib.Dataset, config, num_steps: int, process_inde
   fn = TrainRecords(data.train, _reader(config, data.train_images), data.task_keys,
                     train_groups(data, config), gb, lb, process_index, config.misc.seed,
                     config.aug.autoaug.policy)
-  return _finish(grain.MapDataset.range(num_steps * lb).map(fn), config, lb)
+  return _finish(grain.MapDataset.range(num_steps * lb).map(fn), config, lb, "train")
 
 
 def eval_dataset(data: labels_lib.Dataset, config, process_index: int = 0,
@@ -132,4 +162,4 @@ def eval_dataset(data: labels_lib.Dataset, config, process_index: int = 0,
   n_batches = -(-len(data.val) // gb)
   fn = EvalRecords(data.val, _reader(config, data.val_images), data.task_keys, gb, lb,
                    process_index)
-  return _finish(grain.MapDataset.range(n_batches * lb).map(fn), config, lb)
+  return _finish(grain.MapDataset.range(n_batches * lb).map(fn), config, lb, "val")

@@ -3,7 +3,8 @@
     python -m linnaeus_jax.tools.inspect_dataset --config=configs/demo.py [--workdir=DIR]
 
 Prints one JSON object (rows, drops per filter, classes and nulls per task, metadata validity per
-component) and, with --workdir, writes the class maps, taxonomy and per-class counts into
+component, and per component the rows whose encoded metadata held NaN or inf and were therefore
+made invalid) and, with --workdir, writes the class maps, taxonomy and per-class counts into
 DIR/assets as training does.
 """
 
@@ -31,6 +32,8 @@ def summary(data, partial: bool) -> dict:
                 for j, t in enumerate(data.task_keys)},
       "meta_valid_fraction": {name: float(valid[:, c].mean()) if len(valid) else 0.0
                               for c, (name, _) in enumerate(data.components)},
+      "meta_nonfinite_rows": {name: int(data.nonfinite_meta.get(name, 0))
+                              for name, _ in data.components},
   }
 
 
