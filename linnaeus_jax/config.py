@@ -167,6 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
       steps=0,  # optimizer updates; when > 0 it overrides epochs
       clip_grad=5.0,
       auto_resume=True,
+      # ours: resume from this checkpoint step instead of the latest, when the later ones are
+      # damaged (they are moved to DIR/checkpoints_set_aside); -1: the latest
+      resume_step=-1,
       phase1_mask_null_loss=False,
       nonfinite_patience=5,  # ours: stop after this many non-finite (skipped) steps in a row
       accumulation_steps=1,  # micro-batches of data.batch_size / k per optimizer update
@@ -512,6 +515,9 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
   if m.in_chans < 1:
     problems.append(f"model.in_chans must be >= 1, got {m.in_chans}")
 
+  if t.resume_step < -1:
+    problems.append(f"train.resume_step must be a checkpoint step or -1 (latest), got "
+                    f"{t.resume_step}")
   if t.nonfinite_patience < 1:
     problems.append("train.nonfinite_patience must be >= 1")
   es = t.early_stop

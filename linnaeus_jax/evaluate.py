@@ -135,14 +135,34 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[
                    task_weights=state.gradnorm["weights"])
 
 
+def read_run_config(path: str):
+  """A run's DIR/config.json; ValueError naming the file if it is not a config (not JSON, not an
+  object, a value of the wrong type), OSError if it cannot be read."""
+  try:
+    with open(path, encoding="utf-8") as fh:
+      text = fh.read()
+    if not isinstance(json.loads(text), dict):
+      raise ValueError("not a JSON object")
+    return config_lib.from_json(text)
+  except OSError:
+    raise
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ValueError(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from e
+
+
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
   cli.start(argv)
   f = flags.FLAGS
+  # Checked before anything loads: Orbax would create DIR/checkpoints/ for a missing DIR.
+  if not os.path.isdir(f.workdir):
+    cli.fail(f"workdir {f.workdir} not found")
+  if not os.path.isdir(os.path.join(f.workdir, "checkpoints")):
+    cli.fail(f"{f.workdir} has no checkpoints/ folder: is it a training workdir?")
   config = f.config  # without --config: the run's own (DIR/config.json)
   if config is None:
-    config = cli.call(config_lib.read_json, os.path.join(f.workdir, "config.json"))
+    config = cli.call(read_run_config, os.path.join(f.workdir, "config.json"))
   step, results = cli.call(evaluate_checkpoint, config, f.workdir, f.step)
   path = os.path.join(f.workdir, "eval", f"step_{step}.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)

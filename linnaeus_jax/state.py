@@ -190,5 +190,14 @@ def restore_state(config, workdir: str, parents, mesh, step: int | None = None):
   return step, state, graphdef, state_sharding
 
 
+def is_finite(state: TrainState) -> jax.Array:
+  """Whether a state is fit to checkpoint: its last step was finite (not skipped) and every
+  parameter, buffer and optimizer moment is finite."""
+  leaves = [x for x in jax.tree.leaves((state.params, state.buffers, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jnp.stack([jnp.isfinite(x).all() for x in leaves])
+  return (state.nonfinite_streak == 0) & finite.all()
+
+
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -6,18 +6,21 @@ the state donated; the state and its setup live in `state.py`, validation in `ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import early_stopping, evaluate, metric_writers, metrics, optim, plots
-from linnaeus_jax import preemption, sharding, train_step
+from linnaeus_jax import preemption, sharding, train_step, workdir_lock
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
@@ -39,6 +42,15 @@ def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, wri
 # ----------------------------------------------------------------------------- Loop
 
 
+def _last_good(ckpt) -> str:
+  """Names the newest confirmed checkpoint, the one a rerun resumes from."""
+  ckpt.wait()
+  good = [s for s in ckpt.steps() if s not in ckpt.provisional]
+  if not good:
+    return f"No checkpoint was saved before this (none in {ckpt.directory}): a rerun starts over."
+  return f"The last good checkpoint (step {good[-1]}) is kept in {ckpt.directory}."
+
+
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -52,13 +64,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last validation metrics.
 
   SIGTERM ends the run after the current step with a checkpoint (`preemption.py`); rerunning
-  resumes from the latest checkpoint.
+  resumes from the latest checkpoint. One run at a time per workdir (`workdir_lock.py`).
   """
   mesh = sharding.make_mesh(config)
   config, data = state_lib.resolve(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
   sharding.check_process_rows(mesh, config.data.batch_size)
-  state_lib.write_assets(workdir, config, data)
+  created = not os.path.isdir(workdir)
+  os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
+  try:
+    with workdir_lock.acquire(workdir), contextlib.ExitStack() as cleanup:
+      return _train(config, data, mesh, workdir, cleanup)  # cleanup: checkpoints, logs, signals
+  except Exception:
+    if created and jax.process_index() == 0 and os.listdir(workdir) == [workdir_lock.NAME]:
+      shutil.rmtree(workdir)  # failed before writing anything (e.g. a batch too big)
+    raise
+
+
+def _resume(ckpt, config, abstract, train_iter, pcount: int):
+  """(state, step, progress) restored from the latest checkpoint (or `train.resume_step`, the
+  damaged later ones set aside); (None, 0, {}) without one."""
+  start = ckpt.latest_step()
+  if start is None:
+    return None, 0, {}
+  if not config.train.auto_resume:
+    raise FileExistsError(f"{os.path.dirname(ckpt.directory)} already holds checkpoints (latest "
+                          f"step {start}) and resuming is off (--resume=false / "
+                          "train.auto_resume=False); refusing to overwrite them: use a new "
+                          "--workdir")
+  if config.train.resume_step >= 0 and config.train.resume_step != start:
+    moved = ckpt.set_aside_after(config.train.resume_step, abstract)
+    _log(f"train.resume_step={config.train.resume_step}: damaged checkpoint(s) {moved} moved to "
+         f"{ckpt.directory}_set_aside")
+    start = config.train.resume_step
+  ckpt.check(start, abstract)
+  saved_by = ckpt.progress(start).get("process_count", pcount)
+  if saved_by != pcount:
+    raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} was written by "
+                     f"{saved_by} processes, this run has {pcount}: each process's data "
+                     "position is saved for its own slice, so resume with the same number")
+  state, progress = ckpt.restore(start, abstract, train_iter)
+  return state, start, progress
+
+
+def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack) -> dict:
+  """`run` once the config and the data are known good."""
   pidx, pcount = jax.process_index(), jax.process_count()
   tasks = list(config.data.task_keys_h5)
   _log(f"data: {data.summary()}")
@@ -88,43 +137,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract, state_sharding = state_lib.abstract_state(init, tx, mesh, config)
   train_ds = pipeline.train_dataset(data, config, total, pidx, pcount)
   train_iter = iter(train_ds)
+  # Compiled before any state or checkpoint exists, so that a batch too big for the device
+  # stops here, with the numbers.
+  batch_sharding = sharding.batch_sharding(mesh)
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (config.data.batch_size,) + np.shape(x), np.asarray(x).dtype, sharding=batch_sharding),
+                      pipeline.padding_record(data, config))
+  step_fn = jax.jit(train_step.make_train_step(graphdef, tx, step_cfg, lrs, scheds),
+                    in_shardings=(state_sharding, batch_sharding, repl),
+                    out_shardings=(state_sharding, repl),
+                    donate_argnums=(0,)).lower(abstract, spec, consts).compile()
+  sharding.check_memory(step_fn)
+
   es = config.train.early_stop
   es_mode = early_stopping.direction(es.metric, es.mode)
   track_best = es.active or sched.checkpoint.keep_top_n > 0
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                sched.checkpoint.keep_last_n,
                                keep_top_n=sched.checkpoint.keep_top_n, best_mode=es_mode)
+  cleanup.callback(ckpt.close)  # waits for the asynchronous saves
   prog = {"early_stop": early_stopping.init_state(), "stopped_at": None}
-  start = ckpt.latest_step()
-  if start is not None and not config.train.auto_resume:
-    ckpt.close()
-    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {start}) and "
-                          "resuming is off (--resume=false / train.auto_resume=False); refusing "
-                          "to overwrite them: use a new --workdir")
-  if start is not None:
-    saved_by = ckpt.progress(start).get("process_count", pcount)
-    if saved_by != pcount:
-      ckpt.close()
-      raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} was written by "
-                       f"{saved_by} processes, this run has {pcount}: each process's data "
-                       "position is saved for its own slice, so resume with the same number")
-    state, progress = ckpt.restore(start, abstract, train_iter)
+  state, start, progress = _resume(ckpt, config, abstract, train_iter, pcount)
+  state_lib.write_assets(workdir, config, data)
+  if state is not None:
     prog.update({k: progress[k] for k in prog if k in progress})
     # Re-materialise restored arrays so that the donating step may consume them.
     state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)
     _log(f"resumed from step {start} (epoch {progress.get('epoch', 0):.2f}) in {ckpt.directory}")
   else:
     state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
-    start = 0
+  finite_fn = jax.jit(state_lib.is_finite)
   n_params = state_lib.count_params(state.params)
-
-  step_fn = jax.jit(train_step.make_train_step(graphdef, tx, step_cfg, lrs, scheds),
-                       in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   end = total if prog["stopped_at"] is None else prog["stopped_at"]
   # Records past the checkpoint (a run killed after it) are dropped: they are about to be redone.
   writer = metric_writers.MetricWriter(workdir, resume_step=start,
                                        redo_eval_at_resume=start == end)
+  cleanup.callback(writer.close)
   if pidx == 0:
     print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
           f"rows; {total} steps ({spe} per epoch), batch {config.data.batch_size} on "
@@ -166,88 +214,95 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   config_record = json.loads(config_lib.to_json(config))
 
-  def save(step, metric=None):
+  def save(step, metric=None, provisional=True):
+    """Checkpoints a finite state (else warns and keeps the last good one); a provisional one
+    is confirmed by a finite next step, or deleted."""
+    if not bool(finite_fn(state)):
+      _log(f"\nstep {step}: no checkpoint: the train state or its last step is not finite; "
+           f"{_last_good(ckpt)}")
+      return
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
                                         "process_count": pcount, **prog, "last_val": last_val,
-                                        "config": config_record}, metric)
+                                        "config": config_record}, metric, provisional)
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   last_val, acc_sum = {}, None
   t_last, s_last = time.time(), start
   log_every = sched.metrics.tensorboard_interval
   preempt = preemption.Watch()
-  try:
-    for step in range(start, end):
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, out = step_fn(state, batch, consts)
-      acc = out.pop("acc")
-      acc_sum = acc if acc_sum is None else jax.tree.map(jnp.add, acc_sum, acc)  # no host sync
-      done = step + 1
-      if _every(log_every, done) or _every(sched.metrics.console_interval, done) or done == total:
-        out, acc_sum = jax.device_get(out), jax.device_get(acc_sum)
-        train_m = {k: float(v) for k, v in out.items()}
-        # Accuracies etc. over every sample since the last log (the losses are the step's own).
-        train_m.update({k: v for k, v in metrics.finalize(
-            {k: float(v) for k, v in acc_sum["counts"].items()}, tasks).items()
-                        if not k.startswith("loss") and k != "num_examples"})
-        # Measured since the last log: the fraction of samples whose component the schedule
-        # masked, and of batches that were mixed.
-        train_m.update({f"meta_masking/masked_frac/{c}": float(v) / max(int(acc_sum["real"]), 1)
-                        for c, v in acc_sum["masked"].items()})
-        train_m["mix/mixed_batch_frac"] = float(acc_sum["mixed"]) / max(int(acc_sum["steps"]), 1)
-        acc_sum = None
-        now = time.time()
-        train_m["img_per_sec"] = (done - s_last) * config.data.batch_size / max(now - t_last, 1e-9)
-        t_last, s_last = now, done
-        train_m["epoch"] = done / spe
-        if _every(log_every, done):
-          writer.write(done, "train", train_m)
-        # Checked where the step's outputs are fetched anyway (log steps): no per-step sync.
-        if int(state.nonfinite_streak) >= config.train.nonfinite_patience:
-          raise FloatingPointError(
-              f"loss or gradients non-finite for {int(state.nonfinite_streak)} steps in a row "
-              f"at step {done}; updates were skipped. The last good checkpoint "
-              f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}.")
-        if _every(sched.metrics.console_interval, done) or done == total:
-          progress_bar.update(done, train_m["loss"])
-      saved = False
-      if done != total and (_every(val_every, done) or _every(mask_every, done)
-                            or _every(partial_every, done)):
-        results = validate(done)
-        last_val = results["val"]
-        if track_best:
-          value = early_stopping.lookup(results, es.metric)
-          prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, done,
-                                                               es_mode, es.min_delta)
-          if improved and sched.checkpoint.keep_top_n > 0:
-            save(done, value)  # a candidate for the best checkpoints
-            saved = True
-          if es.active and early_stopping.should_stop(prog["early_stop"], es.patience_evals):
-            prog["stopped_at"] = done
-            best = prog["early_stop"]
-            _log(f"early stopping at step {done}: {es.metric} has not improved by "
-                 f"{es.min_delta} for {es.patience_evals} evaluations (best {best['best']:.4f} at "
-                 f"step {best['best_step']})")
-            save(done)
-            break
-      if _every(ckpt_every, done) and done != total and not saved:
-        save(done)
-        saved = True
-      if preempt.reached(done) and done != total:
-        if not saved:
-          save(done)
-        ckpt.wait()
-        _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
-             "Rerun the same command to resume.")
-        raise preemption.Preempted(done)
-    end = total if prog["stopped_at"] is None else prog["stopped_at"]
-    if ckpt.latest_step() != end:
-      save(end)
-    elif pidx == 0 and start == end:
-      print(f"Training already finished at step {end}; running the final validation.")
-    last_val = validate(end, final=True)["val"]
-  finally:
-    preempt.close()
-    ckpt.close()  # waits for the asynchronous saves
-    writer.close()
+  cleanup.callback(preempt.close)
+  for step in range(start, end):
+    batch = sharding.global_batch(next(train_iter), mesh)
+    state, out = step_fn(state, batch, consts)
+    if ckpt.provisional:  # the step after a save: did its state give a finite step?
+      if int(state.nonfinite_streak) == 0:
+        ckpt.confirm()
+      else:
+        _log(f"\ncheckpoint(s) {ckpt.discard()} deleted: step {step + 1} after them was "
+             f"non-finite; {_last_good(ckpt)}")
+    acc = out.pop("acc")
+    acc_sum = acc if acc_sum is None else jax.tree.map(jnp.add, acc_sum, acc)  # no host sync
+    done = step + 1
+    if _every(log_every, done) or _every(sched.metrics.console_interval, done) or done == total:
+      out, acc_sum = jax.device_get(out), jax.device_get(acc_sum)
+      train_m = {k: float(v) for k, v in out.items()}
+      # Accuracies etc. over every sample since the last log (the losses are the step's own).
+      train_m.update({k: v for k, v in metrics.finalize(
+          {k: float(v) for k, v in acc_sum["counts"].items()}, tasks).items()
+                      if not k.startswith("loss") and k != "num_examples"})
+      # Measured since the last log: the fraction of samples whose component the schedule
+      # masked, and of batches that were mixed.
+      train_m.update({f"meta_masking/masked_frac/{c}": float(v) / max(int(acc_sum["real"]), 1)
+                      for c, v in acc_sum["masked"].items()})
+      train_m["mix/mixed_batch_frac"] = float(acc_sum["mixed"]) / max(int(acc_sum["steps"]), 1)
+      acc_sum = None
+      now = time.time()
+      train_m["img_per_sec"] = (done - s_last) * config.data.batch_size / max(now - t_last, 1e-9)
+      t_last, s_last = now, done
+      train_m["epoch"] = done / spe
+      if _every(log_every, done):
+        writer.write(done, "train", train_m)
+      # Checked where the step's outputs are fetched anyway (log steps): no per-step sync.
+      if int(state.nonfinite_streak) >= config.train.nonfinite_patience:
+        raise FloatingPointError(
+            f"loss or gradients non-finite for {int(state.nonfinite_streak)} steps in a row "
+            f"at step {done}; updates were skipped. {_last_good(ckpt)}")
+      if _every(sched.metrics.console_interval, done) or done == total:
+        progress_bar.update(done, train_m["loss"])
+    saved = False
+    if done != total and (_every(val_every, done) or _every(mask_every, done)
+                          or _every(partial_every, done)):
+      results = validate(done)
+      last_val = results["val"]
+      if track_best:
+        value = early_stopping.lookup(results, es.metric)
+        prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, done,
+                                                             es_mode, es.min_delta)
+        if improved and sched.checkpoint.keep_top_n > 0:
+          save(done, value)  # a candidate for the best checkpoints
+          saved = True
+        if es.active and early_stopping.should_stop(prog["early_stop"], es.patience_evals):
+          prog["stopped_at"] = done
+          best = prog["early_stop"]
+          _log(f"early stopping at step {done}: {es.metric} has not improved by "
+               f"{es.min_delta} for {es.patience_evals} evaluations (best {best['best']:.4f} at "
+               f"step {best['best_step']})")
+          save(done, provisional=False)
+          break
+    if _every(ckpt_every, done) and done != total and not saved:
+      save(done)
+      saved = True
+    if preempt.reached(done) and done != total:
+      if not saved:
+        save(done, provisional=False)
+      ckpt.wait()
+      _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
+           "Rerun the same command to resume.")
+      raise preemption.Preempted(done)
+  end = total if prog["stopped_at"] is None else prog["stopped_at"]
+  if ckpt.latest_step() != end:
+    save(end, provisional=False)
+  elif pidx == 0 and start == end:
+    print(f"Training already finished at step {end}; running the final validation.")
+  last_val = validate(end, final=True)["val"]
   return last_val

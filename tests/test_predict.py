@@ -36,7 +36,7 @@ def test_cli_writes_one_line_per_image_in_order(trained_workdir, tmp_path):
            f"--metadata={tmp_path / 'meta.jsonl'}", "--top_k=2", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "4/4 [" in r.stderr and "'not_there.jpg' matches no image" in r.stderr
-  assert "4 images, 1 could not be read" in r.stdout
+  assert "4 images, 1 with errors" in r.stdout
   lines = [json.loads(l) for l in open(out)]
   assert [l["image"] for l in lines] == [str(folder / n) for n in names]
   assert [l["error"] is None for l in lines] == [True, True, True, False]
@@ -71,10 +71,10 @@ def test_cli_bad_input_exits_1_with_the_reason(tmp_path):
 def test_metadata_matching_by_path_then_name(tmp_path):
   (tmp_path / "m.jsonl").write_text('{"image": "a.jpg", "lat": 1}\n{"image": "/x/b.jpg"}\n'
                                     'oops\n')
-  md, problems = predict.read_metadata(str(tmp_path / "m.jsonl"),
-                                       ["/d1/a.jpg", "/x/b.jpg", "/d2/c.jpg"])
+  md, problems, _ = predict.read_metadata(str(tmp_path / "m.jsonl"),
+                                          ["/d1/a.jpg", "/x/b.jpg", "/d2/c.jpg"])
   assert md[0] == {"image": "a.jpg", "lat": 1} and md[1] == {"image": "/x/b.jpg"}
   assert md[2] is None
   assert any(":3: not JSON" in p for p in problems)
-  md, problems = predict.read_metadata(str(tmp_path / "m.jsonl"), ["/d1/a.jpg", "/d2/a.jpg"])
+  md, problems, _ = predict.read_metadata(str(tmp_path / "m.jsonl"), ["/d1/a.jpg", "/d2/a.jpg"])
   assert md == [None, None] and any("names 2 images" in p for p in problems)

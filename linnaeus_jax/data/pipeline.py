@@ -130,6 +130,13 @@ def _reader(config, location: str) -> images.ImageReader:
                             h.missing_image_policy)
 
 
+def padding_record(data: labels_lib.Dataset, config) -> dict:
+  """One training record of padding: the shapes and dtypes of a batch's rows, reading no image."""
+  rec = _record(data.train, _reader(config, data.train_images), data.task_keys, -1)
+  del rec["skipped"]  # removed by SkipMask
+  return rec
+
+
 def _finish(ds: grain.MapDataset, config, local_batch: int, split: str) -> grain.IterDataset:
   ds = ds.batch(local_batch, drop_remainder=True)  # whole batches, so workers keep the order
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(0, config.data.prefetch_threads),

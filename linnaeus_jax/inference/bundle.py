@@ -69,10 +69,35 @@ def save_params(path: str, variables: dict) -> None:
 
 
 def load_params(path: str) -> dict:
-  """{"params": tree, "buffers": tree} (an empty tree is absent from the file)."""
-  with np.load(path) as f:
-    out = unflatten({k: f[k] for k in f.files})
+  """{"params": tree, "buffers": tree} (an empty tree is absent from the file); BundleError
+  naming the file when it is missing, truncated or not an .npz of arrays."""
+  if not os.path.isfile(path):
+    raise BundleError(f"{path} is missing")
+  try:
+    f = np.load(path)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      raise ValueError("one array (.npy), not an .npz of named arrays")
+    with f:
+      out = unflatten({k: f[k] for k in f.files})
+  except Exception as e:  # pylint: disable=broad-except  (BadZipFile, EOFError, pickle refusal..)
+    raise BundleError(f"{path} cannot be read as parameters (.npz): {_why(e)}") from e
   return {"params": out.get("params", {}), "buffers": out.get("buffers", {})}
+
+
+def check_params(variables: dict, abstract: dict) -> list[str]:
+  """Problems of `variables` against the model's `abstract` {"params", "buffers"} pure dicts
+  (leaves with .shape): missing and unexpected keys, shape mismatches."""
+  got = {k: np.shape(v) for k, v in flatten(variables).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
+  problems = []
+  if (missing := sorted(set(want) - set(got))):
+    problems.append(f"{len(missing)} missing, e.g. {missing[:3]}")
+  if (extra := sorted(set(got) - set(want))):
+    problems.append(f"{len(extra)} not in the model, e.g. {extra[:3]}")
+  if (shapes := [f"{k} {got[k]} (model {want[k]})" for k in sorted(set(got) & set(want))
+                 if got[k] != want[k]]):
+    problems.append(f"{len(shapes)} of the wrong shape, e.g. {shapes[:3]}")
+  return problems
 
 
 # ----------------------------------------------------------------------------- writing
@@ -119,14 +144,81 @@ def write(out: str, config, variables: dict, record: dict, class_maps: dict, tax
 # ----------------------------------------------------------------------------- reading
 
 
-def read_json(path: str):
+def _why(e: Exception) -> str:
+  return f"{type(e).__name__}: {' '.join(str(e).split()) or 'no detail'}"
+
+
+def read_json(path: str, kind: type | None = None):
+  """The JSON value of the file at `path` (of type `kind` when given); BundleError naming the
+  file when it is missing, unreadable, not JSON or of another type."""
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      value = json.load(f)
   except FileNotFoundError as e:
     raise BundleError(f"{path} is missing") from e
   except json.JSONDecodeError as e:
     raise BundleError(f"{path} is not valid JSON: {e}") from e
+  except (OSError, ValueError) as e:  # a folder, no permission, not UTF-8
+    raise BundleError(f"{path} cannot be read: {_why(e)}") from e
+  if kind is not None and not isinstance(value, kind):
+    raise BundleError(f"{path}: expected a JSON {_JSON_NAMES.get(kind, kind.__name__)}, got "
+                      f"{_JSON_NAMES.get(type(value), type(value).__name__)}")
+  return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def read_config(path: str):
+  """The config of a `config.json` (a bundle's or a training run's), validated; BundleError
+  naming the file for anything wrong: not JSON, not an object, a value of the wrong type (a
+  string where a number belongs, a list where a dict does) or an inconsistent config."""
+  raw = read_json(path, dict)
+  try:
+    config = config_lib.from_json(json.dumps(raw))
+    config_lib.validate(config, need_data=False)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise BundleError(f"{path}: {_why(e)}") from e
+  return config
+
+
+def read_taxonomy(path: str):
+  """TaxonomyTree of a taxonomy.json; BundleError naming the file."""
+  from linnaeus_jax.taxonomy import TaxonomyTree  # pylint: disable=g-import-not-at-top
+  read_json(path, dict)  # missing, unreadable, not JSON
+  try:
+    with open(path, encoding="utf-8") as f:
+      return TaxonomyTree.from_json(f.read())
+  except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+    raise BundleError(f"{path} is not a taxonomy: {_why(e)}") from e
+
+
+def check_record(record: dict, config, path: str) -> None:
+  """BundleError naming `path` (preprocessing.json) unless `record` has an image size and one
+  well-formed entry per enabled metadata component of `config`, in order."""
+  problems = []
+  image, comps = record.get("image"), record.get("metadata")
+  size = image.get("size") if isinstance(image, dict) else None
+  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    problems.append(f"image.size must be a positive integer, got {size!r}")
+  if not isinstance(comps, list) or not all(isinstance(c, dict) for c in comps):
+    problems.append("metadata must be a list of objects")
+  else:
+    want = dict(config_lib.enabled_components(config))
+    if [c.get("name") for c in comps] != list(want):
+      problems.append(f"metadata components {[c.get('name') for c in comps]} are not the "
+                      f"config's {list(want)}")
+    for c in comps:
+      dim, cols = c.get("dim"), c.get("columns")
+      if (not isinstance(c.get("encoder"), str) or not isinstance(cols, list)
+          or not isinstance(c.get("scales", []), list)):
+        problems.append(f"{c.get('name')}: needs encoder (string), columns and scales (lists)")
+      elif c.get("name") in want and not dim == len(cols) == want[c["name"]].dim:
+        problems.append(f"{c['name']}: dim {dim!r} and {len(cols)} columns, but the model takes "
+                        f"{want[c['name']].dim} values")
+  if problems:
+    raise BundleError(f"{path}: " + "; ".join(problems))
 
 
 def read(path: str, params: str | None = None) -> dict:
@@ -134,12 +226,11 @@ def read(path: str, params: str | None = None) -> dict:
 
   `params`: for an original bundle, the folder written by `tools/convert_torch.py`.
   """
-  from linnaeus_jax.taxonomy import TaxonomyTree  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
     raise BundleError(f"bundle folder {path} not found")
   ours = os.path.exists(os.path.join(path, "bundle.json"))
   if ours:
-    info = read_json(os.path.join(path, "bundle.json"))
+    info = read_json(os.path.join(path, "bundle.json"), dict)
     if info.get("format") != FORMAT or info.get("version", 0) > VERSION:
       raise BundleError(f"{path}/bundle.json: format {info.get('format')} version "
                         f"{info.get('version')} is not one this linnaeus_jax reads")
@@ -149,29 +240,28 @@ def read(path: str, params: str | None = None) -> dict:
       raise BundleError(f"{path} has no bundle.json: an original bundle needs params= (the "
                         "output folder of python -m linnaeus_jax.tools.convert_torch)")
     info, src = {"source": "original bundle", "params": params}, params
-  config_path = os.path.join(src, "config.json")
-  if not os.path.exists(config_path):
-    raise BundleError(f"{config_path} is missing")
-  with open(config_path, encoding="utf-8") as f:
-    config = config_lib.from_json(f.read())
-  params_path = os.path.join(src, "params.npz")
-  if not os.path.exists(params_path):
-    raise BundleError(f"{params_path} is missing")
-  variables = load_params(params_path)
-  try:
-    taxonomy = TaxonomyTree.from_json(open(os.path.join(path, "taxonomy.json")).read())
-  except FileNotFoundError as e:
-    raise BundleError(f"{path}/taxonomy.json is missing") from e
-  flat = read_json(os.path.join(path, "class_index_map.json"))
-  record = (read_json(os.path.join(path, "preprocessing.json")) if ours
-            else original_preprocessing(path, config))
+  config = read_config(os.path.join(src, "config.json"))
+  variables = load_params(os.path.join(src, "params.npz"))
+  taxonomy = read_taxonomy(os.path.join(path, "taxonomy.json"))
+  flat = read_json(os.path.join(path, "class_index_map.json"), dict)
+  if ours:
+    record = read_json(os.path.join(path, "preprocessing.json"), dict)
+    check_record(record, config, os.path.join(path, "preprocessing.json"))
+  else:
+    record = original_preprocessing(path, config)
   problems = []
   class_maps = {}
   for task in config.data.task_keys_h5:
     n = config.model.classification.heads[task].num_classes
     m = flat.get(task)
+    if taxonomy.num_classes.get(task, n) < n:  # its consistency pass would index past them
+      problems.append(f"taxonomy.json: {task} has {taxonomy.num_classes[task]} classes but the "
+                      f"model has {n}")
     if m is None:
       problems.append(f"class_index_map.json has no task {task}")
+      continue
+    if not isinstance(m, dict):
+      problems.append(f"class_index_map.json: {task} must be an object {{class index: taxon id}}")
       continue
     try:
       class_maps[task] = {int(i): int(x) for i, x in m.items()}

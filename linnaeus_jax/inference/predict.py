@@ -6,6 +6,11 @@ meta.jsonl: one object per line, `image` (the file name or path as given) and an
 `ranks` (coarse to fine, `{"task", "top_k": [[taxon_id, probability], ...]}`), `warnings`,
 `error` (null, or why the image could not be used). `--workdir=DIR` predicts from a training run
 instead of a bundle. `python -m linnaeus_jax.inference.predict` is the same command.
+
+Every image gets its record, whatever fails: an unreadable or missing image, or a whole chunk of
+them, is its own `error` (ranks empty) and the run goes on, exits 0 and counts the errors. Bad
+flags, a damaged bundle or workdir, an `--out` that cannot be written: one `error:` line, exit 1,
+before anything is created. The folder of `--out` is created.
 """
 
 from __future__ import annotations
@@ -31,12 +36,20 @@ def list_images(spec: list[str]) -> list[str]:
   return out
 
 
-def read_metadata(path: str, images: list[str]) -> tuple[list[dict | None], list[str]]:
-  """Per image, its meta.jsonl object (matched by the path as given, else by file name), and
-  problems (bad lines, entries that match no image, ambiguous names)."""
-  by_key, problems = {}, []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+def read_metadata(path: str, images: list[str]
+                  ) -> tuple[list[dict | None], list[str], list[list[str]]]:
+  """Per image, its meta.jsonl object (matched by the path as given, else by file name);
+  problems for stderr (bad lines, entries that match no image, ambiguous names); per image,
+  warnings for its record: several lines for it (the last line, or the one naming its path,
+  wins)."""
+  by_key, lines, problems = {}, {}, []
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        problems.append(f"{path}:{n}: not UTF-8 text")
+        continue
       if not line.strip():
         continue
       try:
@@ -48,21 +61,32 @@ def read_metadata(path: str, images: list[str]) -> tuple[list[dict | None], list
         problems.append(f"{path}:{n}: needs an object with an \"image\" string")
         continue
       by_key[rec["image"]] = rec
+      lines.setdefault(rec["image"], []).append(n)
   names = {}
   for img in images:
     names.setdefault(os.path.basename(img), []).append(img)
-  out, used = [], set()
+  out, notes, used = [], [], set()
   for img in images:
-    key = img if img in by_key else os.path.basename(img)
+    name, note = os.path.basename(img), []
+    key = img if img in by_key else name
     rec = by_key.get(key)
-    if rec is not None and key == os.path.basename(img) and len(names[key]) > 1:
-      problems.append(f"{path}: {key!r} names {len(names[key])} images; give their paths")
+    if rec is not None and key == name and len(names[name]) > 1:
+      problem = f"{path}: {name!r} names {len(names[name])} images; give their paths"
+      problems += [problem] if problem not in problems else []
       rec = None
     if rec is not None:
       used.add(key)
+      if len(lines[key]) > 1:
+        note.append(f"metadata: {len(lines[key])} lines for {key!r} in {path} (lines "
+                    f"{', '.join(map(str, lines[key]))}); the last, line {lines[key][-1]}, is used")
+      if key == img and name != img and name in by_key and len(names[name]) == 1:
+        used.add(name)
+        note.append(f"metadata: line {lines[key][-1]} names this image by its path and line "
+                    f"{lines[name][-1]} by its file name; line {lines[key][-1]} (the path) is used")
     out.append(rec)
+    notes.append(note)
   problems += [f"{path}: {k!r} matches no image" for k in by_key if k not in used]
-  return out, problems
+  return out, problems, notes
 
 
 def _progress(done: int, total: int, t0: float) -> None:
@@ -73,56 +97,101 @@ def _progress(done: int, total: int, t0: float) -> None:
   sys.stderr.flush()
 
 
+def check_out(out: str) -> None:
+  """ValueError unless `out` can become a file: not a folder, below a folder (or folders still to
+  be created, `run` creates them) where we may write."""
+  if os.path.isdir(out):
+    raise ValueError(f"--out={out} is a folder; give a file, e.g. "
+                     f"{os.path.join(out, 'preds.jsonl')}")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"--out={out}: {parent} is a file, not a folder")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"--out={out}: no permission to write in {parent}")
+
+
+def parse_buckets(spec: list[str]) -> tuple[int, ...]:
+  """--buckets as sorted positive integers; ValueError otherwise."""
+  try:
+    buckets = tuple(sorted({int(b) for b in spec}))
+  except ValueError:
+    buckets = ()
+  if not buckets or buckets[0] < 1:
+    raise ValueError(f"--buckets must be positive integers, got {','.join(spec)!r}")
+  return buckets
+
+
+def predict_chunk(predictor, images: list, metadata: list, top_k: int) -> list[dict]:
+  """`predictor.predict`, or, should the chunk fail as a whole, image by image: an input that
+  breaks its batch costs only its own record (with `error` set)."""
+  try:
+    return predictor.predict(images, metadata, top_k=top_k)
+  except Exception as e:  # pylint: disable=broad-except
+    if len(images) > 1:
+      return [r for i in range(len(images))
+              for r in predict_chunk(predictor, images[i:i + 1], metadata[i:i + 1], top_k)]
+    return [{"image": os.fspath(images[0]), "ranks": [], "warnings": [],
+             "error": f"prediction failed: {type(e).__name__}: {e}"}]
+
+
 def run(predictor, images: list[str], metadata: list[dict | None], out: str, top_k: int,
-        chunk: int) -> dict:
-  """Writes preds.jsonl (to a temporary name, renamed at the end); returns counts."""
+        chunk: int, notes: list[list[str]] | None = None) -> dict:
+  """Writes preds.jsonl, one record per image in input order, whichever images fail; `notes`:
+  per image, warnings to put first in its record. Creates the folder of `out`; writes to a
+  temporary name, renamed at the end (removed if the run stops). Returns counts."""
   t0, counts = time.time(), {"images": len(images), "errors": 0, "warnings": 0}
+  notes = notes or [[] for _ in images]
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = out + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for a in range(0, len(images), chunk):
-      for res in predictor.predict(images[a:a + chunk], metadata[a:a + chunk], top_k=top_k):
-        counts["errors"] += res["error"] is not None
-        counts["warnings"] += bool(res["warnings"])
-        f.write(json.dumps(res) + "\n")
-      _progress(min(a + chunk, len(images)), len(images), t0)
-  os.replace(tmp, out)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for a in range(0, len(images), chunk):
+        results = predict_chunk(predictor, images[a:a + chunk], metadata[a:a + chunk], top_k)
+        for res, note in zip(results, notes[a:a + chunk]):
+          res["warnings"] = list(note) + res["warnings"]
+          counts["errors"] += res["error"] is not None
+          counts["warnings"] += bool(res["warnings"])
+          f.write(json.dumps(res) + "\n")
+        _progress(min(a + chunk, len(images)), len(images), t0)
+    os.replace(tmp, out)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   return counts
 
 
 def main(argv):
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from linnaeus_jax.inference import bundle as bundle_lib, predictor as predictor_lib
-  # pylint: enable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
   f = flags.FLAGS
+  # Everything about the request is checked before the model loads (and before jax imports).
   if bool(f.bundle) == bool(f.workdir):
-    print("error: give exactly one of --bundle and --workdir", file=sys.stderr)
-    sys.exit(1)
-  images = list_images(f.images)
+    cli.fail("give exactly one of --bundle and --workdir")
+  if f.top_k < 1:
+    cli.fail(f"--top_k must be at least 1, got {f.top_k}")
+  buckets = cli.call(parse_buckets, f.buckets)
+  cli.call(check_out, f.out)
+  images = cli.call(list_images, f.images)
   if not images:
-    print(f"error: no images in {f.images}", file=sys.stderr)
-    sys.exit(1)
-  metadata, problems = [None] * len(images), []
+    cli.fail(f"no images in {f.images}")
+  metadata, problems, notes = [None] * len(images), [], None
   if f.metadata:
     if not os.path.exists(f.metadata):
-      print(f"error: {f.metadata} not found", file=sys.stderr)
-      sys.exit(1)
-    metadata, problems = read_metadata(f.metadata, images)
+      cli.fail(f"{f.metadata} not found")
+    metadata, problems, notes = cli.call(read_metadata, f.metadata, images)
   for p in problems:
     print(f"warning: {p}", file=sys.stderr)
-  buckets = tuple(sorted(int(b) for b in f.buckets))
+  # pylint: disable-next=g-import-not-at-top
+  from linnaeus_jax.inference import predictor as predictor_lib
   kw = dict(consistency=f.consistency, buckets=buckets)
-  try:
-    pred = (predictor_lib.Predictor.from_bundle(f.bundle, params=f.params, **kw) if f.bundle
-            else predictor_lib.Predictor.from_workdir(f.workdir, f.step, **kw))
-  except (bundle_lib.BundleError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  counts = run(pred, images, metadata, f.out, f.top_k, buckets[-1])
-  print(f"wrote {f.out}: {counts['images']} images, {counts['errors']} could not be read, "
+  pred = (cli.call(predictor_lib.Predictor.from_bundle, f.bundle, params=f.params, **kw)
+          if f.bundle else cli.call(predictor_lib.Predictor.from_workdir, f.workdir, f.step, **kw))
+  counts = cli.call(run, pred, images, metadata, f.out, f.top_k, buckets[-1], notes)
+  print(f"wrote {f.out}: {counts['images']} images, {counts['errors']} with errors, "
         f"{counts['warnings']} with warnings")
 
 

@@ -3,12 +3,14 @@
 Images and metadata go through the training code (`preprocessing.py`): the same decode and
 resize, the same encoders driven by the layout recorded at training. A batch is cut into chunks
 padded to a few fixed sizes (`buckets`), so that a new request size never compiles anew. A bad
-image is that sample's error; missing or invalid metadata make their component invalid (fed to
-the model as missing) with a warning.
+image is that sample's error, even when no image of a batch can be read; missing, invalid or
+physically impossible metadata (`implausible`) make their component invalid (fed to the model as
+missing) with a warning naming the field and value.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from typing import Any, Sequence
 
@@ -23,6 +25,9 @@ from linnaeus_jax.inference import bundle as bundle_lib
 from linnaeus_jax.taxonomy import TaxonomyTree
 
 CONSISTENCY = ("ancestor", "original", "off")
+ELEVATION_M = (-500.0, 9000.0)  # below the Dead Sea shore, above Everest: a unit or typing error
+EARLIEST_YEAR = 1800  # older dates are typos (e.g. 0021 for 2021) or not photographs
+FIELDS = {"unit_sphere": "lat/lon", "cyclic_date": "datetime_utc", "elevation": "elevation_m"}
 
 
 def _name(image, i: int) -> str:
@@ -51,7 +56,12 @@ class Predictor:
     self.size = int(record["image"]["size"])
     self.layout = record["metadata"]
     self.compiles = 0  # traces of the forward pass: one per bucket size used
-    graphdef, _, _ = models.abstract(config)
+    graphdef, abstract_params, abstract_buffers = models.abstract(config)
+    problems = bundle_lib.check_params(variables, {"params": nnx.to_pure_dict(abstract_params),
+                                                   "buffers": nnx.to_pure_dict(abstract_buffers)})
+    if problems:
+      raise bundle_lib.BundleError("the parameters do not fit the config's model: "
+                                   + "; ".join(problems))
     self.variables = jax.device_put(variables)
 
     def forward(variables, image_u8, meta, valid):
@@ -67,16 +77,24 @@ class Predictor:
   def from_workdir(cls, workdir: str, step: int | None = None, **kw) -> "Predictor":
     """A training run's checkpoint (default: the latest) with its config and assets."""
     w = load_workdir(workdir, step)
-    return cls(w["config"], w["variables"], w["preprocessing"], w["class_maps"], w["taxonomy"],
-               **kw)
+    try:
+      return cls(w["config"], w["variables"], w["preprocessing"], w["class_maps"], w["taxonomy"],
+                 **kw)
+    except bundle_lib.BundleError as e:
+      raise bundle_lib.BundleError(f"{workdir}: checkpoint {w['step']}: {e}") from e
 
   @classmethod
   def from_bundle(cls, path: str, params: str | None = None, **kw) -> "Predictor":
     """Our bundle (`python -m linnaeus_jax.export`), or an original bundle folder (its
     `taxonomy.json` and `class_index_map.json`) with `params` = a `convert_torch` output."""
     b = bundle_lib.read(path, params)
-    return cls(b["config"], b["variables"], b["preprocessing"], b["class_maps"], b["taxonomy"],
-               **kw)
+    try:
+      return cls(b["config"], b["variables"], b["preprocessing"], b["class_maps"], b["taxonomy"],
+                 **kw)
+    except bundle_lib.BundleError as e:
+      src = params or path
+      raise bundle_lib.BundleError(f"{os.path.join(src, 'params.npz')} does not match "
+                                   f"{os.path.join(src, 'config.json')}: {e}") from e
 
   # --------------------------------------------------------------------------- predicting
 
@@ -84,8 +102,12 @@ class Predictor:
     return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
   def probs_batch(self, images_u8, meta: dict, valid):
-    """Probabilities {task: (B, C)} of an already preprocessed batch, chunked and padded."""
+    """Probabilities {task: (B, C)} of an already preprocessed batch, chunked and padded; B may
+    be 0 (a batch of unreadable images)."""
     n, out = len(images_u8), []
+    if n == 0:
+      heads = self.config.model.classification.heads
+      return {t: np.zeros((0, heads[t].num_classes), np.float32) for t in self.tasks}
     for a in range(0, n, self.buckets[-1]):
       chunk = slice(a, min(a + self.buckets[-1], n))
       m = chunk.stop - chunk.start
@@ -113,7 +135,7 @@ class Predictor:
         m, v, w = preprocessing.encode_metadata(self.layout, None)
         w = [f"metadata is not an object: {md!r}; all components invalid"]
       else:
-        m, v, w = preprocessing.encode_metadata(self.layout, md)
+        m, v, w = encode_metadata(self.layout, md)
       metas.append(m)
       valids.append(v)
       warnings.append(w)
@@ -218,6 +240,65 @@ def consistency_pass(tasks: list[str], tops: list[int], taxonomy: TaxonomyTree |
   return out
 
 
+def implausible(encoder: str, request: dict, now: dt.datetime | None = None) -> str | None:
+  """Why the request's value for a component with `encoder` is physically impossible, naming the
+  field and value; None when it is plausible, absent or malformed (`preprocessing` reports
+  those). lat/lon ranges are checked there; here: elevation outside `ELEVATION_M` and dates
+  before `EARLIEST_YEAR` or more than a day after `now` (default: the current time; naive
+  dates are UTC; the day spares local times written as UTC)."""
+  if encoder == "elevation":
+    value = request.get("elevation_m")
+    try:
+      x = float(value)
+    except (TypeError, ValueError, OverflowError):
+      return None
+    lo, hi = ELEVATION_M
+    if np.isfinite(x) and not lo <= x <= hi:
+      return f"elevation_m {value!r} is outside {lo:g}..{hi:g} m"
+  if encoder == "cyclic_date":
+    value = request.get("datetime_utc")
+    when = value
+    if isinstance(value, str):
+      try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+      except ValueError:
+        return None
+    if not isinstance(when, dt.datetime):
+      return None
+    if when.tzinfo is None:
+      when = when.replace(tzinfo=dt.timezone.utc)
+    if when.year < EARLIEST_YEAR:
+      return f"datetime_utc {_show(value)} is before {EARLIEST_YEAR}"
+    if when > (now or dt.datetime.now(dt.timezone.utc)) + dt.timedelta(days=1):
+      return f"datetime_utc {_show(value)} is in the future"
+  return None
+
+
+def _show(value) -> str:
+  return repr(value.isoformat() if isinstance(value, dt.datetime) else value)
+
+
+def encode_metadata(layout: list[dict], request: dict | None):
+  """`preprocessing.encode_metadata` with physically impossible values (`implausible`), and any
+  value its encoder fails on (e.g. an integer too large for a float), also making their
+  component invalid: ({name: (dim,) float32}, valid (C,) bool, warnings)."""
+  meta, valid, warnings = {}, [], []
+  for comp in layout:
+    why = implausible(comp["encoder"], request or {})
+    if why is None:
+      try:
+        m, v, w = preprocessing.encode_metadata([comp], request)
+      except Exception as e:  # pylint: disable=broad-except  (a value no encoder expects)
+        why = f"{FIELDS.get(comp['encoder'], 'value')} not usable: {type(e).__name__}: {e}"
+    if why is not None:
+      m, v, w = ({comp["name"]: np.zeros(comp["dim"], np.float32)}, np.zeros(1, bool),
+                 [f"{comp['name']} invalid: {why}"])
+    meta.update(m)
+    valid.append(v)
+    warnings += w
+  return meta, (np.concatenate(valid) if valid else np.zeros(0, bool)), warnings
+
+
 def class_maps_from_class_to_idx(class_to_idx: dict) -> dict:
   """Our assets' {task: {taxon id | "null": idx}} -> {task: {idx: taxon id}} (null -> 0)."""
   return {t: {int(i): (0 if k == "null" else int(k)) for k, i in m.items()}
@@ -230,26 +311,37 @@ def load_workdir(workdir: str, step: int | None = None) -> dict:
   config, variables, step = load_checkpoint(workdir, step)
   assets = os.path.join(workdir, "assets")
   record_path = os.path.join(assets, "preprocessing.json")
-  record = (bundle_lib.read_json(record_path) if os.path.exists(record_path)
-            else preprocessing.record(config))  # runs from before the record existed
-  with open(os.path.join(assets, "taxonomy_tree.json"), encoding="utf-8") as f:
+  if os.path.exists(record_path):
+    record = bundle_lib.read_json(record_path, dict)
+    bundle_lib.check_record(record, config, record_path)
+  else:
+    record = preprocessing.record(config)  # runs from before the record existed
+  taxonomy_path = os.path.join(assets, "taxonomy_tree.json")
+  taxonomy = bundle_lib.read_taxonomy(taxonomy_path)
+  with open(taxonomy_path, encoding="utf-8") as f:
     taxonomy_json = f.read()
+  c2i_path = os.path.join(assets, "class_to_idx.json")
+  try:
+    class_maps = class_maps_from_class_to_idx(bundle_lib.read_json(c2i_path, dict))
+  except (AttributeError, TypeError, ValueError) as e:
+    raise bundle_lib.BundleError(f"{c2i_path}: expected {{task: {{taxon id: class index}}}}: "
+                                 f"{type(e).__name__}: {e}") from e
   return {"config": config, "variables": variables, "preprocessing": record, "step": step,
-          "class_maps": class_maps_from_class_to_idx(
-              bundle_lib.read_json(os.path.join(assets, "class_to_idx.json"))),
-          "taxonomy": TaxonomyTree.from_json(taxonomy_json), "taxonomy_json": taxonomy_json}
+          "class_maps": class_maps, "taxonomy": taxonomy, "taxonomy_json": taxonomy_json}
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
   """(config, {"params", "buffers"} as numpy trees, step) from DIR's checkpoint."""
   from linnaeus_jax import sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} not found")
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-  with open(path, encoding="utf-8") as f:
-    config = config_lib.from_json(f.read())
-  with open(os.path.join(workdir, "assets", "taxonomy_tree.json"), encoding="utf-8") as f:
-    taxonomy = TaxonomyTree.from_json(f.read())
+  config = bundle_lib.read_config(path)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Orbax would create it
+    raise FileNotFoundError(f"{workdir} has no checkpoints/ folder")
+  taxonomy = bundle_lib.read_taxonomy(os.path.join(workdir, "assets", "taxonomy_tree.json"))
   step, state, _, _ = state_lib.restore_state(config, workdir, taxonomy.parents,
                                               sharding.make_mesh(config), step)
   variables = jax.device_get({"params": state.params, "buffers": state.buffers})
