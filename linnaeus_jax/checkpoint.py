@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 
 import grain
 import jax
@@ -140,6 +141,7 @@ class Checkpointer:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_abandoned_reads()
       raise self._damaged(step, f"its data is unreadable, a file truncated or corrupt? "
                           f"({_first_line(e)})", abstract_state) from None
     return out["state"], out["progress"]
@@ -162,6 +164,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
       return True
     except Exception:  # pylint: disable=broad-except
+      _quiet_abandoned_reads()
       return False
 
   def set_aside_after(self, step: int, abstract_state) -> list[int]:
@@ -192,6 +195,32 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _abandoned_read(exc) -> bool:
+  """The errors that the reads still in flight when a restore fails raise later, in threads and
+  coroutines nobody awaits (asyncio's closed loop, TensorStore's read errors)."""
+  text = str(exc)
+  return text == "Event loop is closed" or text.startswith("Encountered error while reading")
+
+
+def _quiet_abandoned_reads() -> None:
+  """Once a restore has failed (and is reported as one CheckpointError), its abandoned reads
+  print nothing: thousands of traceback lines otherwise follow the one error line."""
+  if getattr(sys.excepthook, "quiet_abandoned_reads", False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(typ, value, tb):
+    if not _abandoned_read(value):
+      excepthook(typ, value, tb)
+
+  def quiet_unraisablehook(u):
+    if not (_abandoned_read(u.exc_value) or _abandoned_read(u.exc_value.__cause__ or "")):
+      unraisablehook(u)
+
+  quiet_excepthook.quiet_abandoned_reads = True
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def _first_line(e: Exception) -> str:

@@ -41,9 +41,9 @@ def call(fn, *args, errors=INPUT_ERRORS, **kwargs):
 
 
 def fail(message) -> NoReturn:
-  """`error: <message>` on stderr, exit 1."""
+  """`error: <message>` on one line of stderr (a list of problems joined by '; '), exit 1."""
   newline = "\n" if sys.stderr.isatty() else ""  # past a progress line redrawn in place
-  print(f"{newline}error: {message}", file=sys.stderr)
+  print(f"{newline}error: {one_line(message)}", file=sys.stderr)
   sys.exit(1)
 
 

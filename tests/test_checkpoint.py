@@ -75,7 +75,7 @@ def test_provisional_checkpoints_never_rotate_good_ones_out(tmp_path):
   ckpt.close()
 
 
-def _truncate_largest_array(step_dir):
+def truncate_largest_array(step_dir):
   files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
            if os.sep + "d" + os.sep in os.path.join(r, f)]
   path = max(files, key=os.path.getsize)
@@ -83,21 +83,21 @@ def _truncate_largest_array(step_dir):
     f.truncate(os.path.getsize(path) // 2)
 
 
-def _remove_metadata(step_dir):
+def remove_metadata(step_dir):
   for name in ("_METADATA", "array_metadatas"):
     p = step_dir / "state" / name
     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _empty_folder(step_dir):
+def empty_folder(step_dir):
   shutil.rmtree(step_dir)
   step_dir.mkdir()
 
 
 DAMAGES = [  # (damage, what the error says)
-    (_truncate_largest_array, "unreadable"),
-    (_remove_metadata, "state metadata"),
-    (_empty_folder, "lacks state, progress"),
+    (truncate_largest_array, "unreadable"),
+    (remove_metadata, "state metadata"),
+    (empty_folder, "lacks state, progress"),
 ]
 
 

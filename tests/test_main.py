@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
+from test_checkpoint import truncate_largest_array
 
 pytestmark = pytest.mark.slow  # every test runs the CLI in subprocesses
 
@@ -67,9 +68,9 @@ def _launch(config_file, workdir, *flags, devices=1):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _finish(proc, timeout=1200):
+def _finish(proc, timeout=1200, code=0):
   out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == code, out[-3000:]
   return out
 
 
@@ -203,6 +204,38 @@ def test_resume_false_refuses_a_workdir_with_checkpoints(config_file, reference)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 1
   assert "already holds checkpoints (latest step 20)" in out and "new --workdir" in out
+
+
+def test_a_second_run_on_the_same_workdir_exits_1_naming_the_first(config_file, reference,
+                                                                    tmp_path):
+  """The second run starts once the first holds the lock (and at least 5 s later), exits 1 while
+  the first is still running, naming it; the first finishes as if alone. Then a damaged latest
+  checkpoint stops a rerun with one error line naming the step to resume from."""
+  first = _launch(config_file, tmp_path)
+  t0, lock = time.time(), tmp_path / "run.lock"
+  while time.time() - t0 < 5 or not (lock.exists() and lock.stat().st_size):
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    time.sleep(0.1)
+  t1 = time.time()
+  second = _launch(config_file, tmp_path)
+  out, _ = second.communicate(timeout=600)
+  print(f"the second run exited after {time.time() - t1:.1f} s")
+  assert second.returncode == 1 and first.poll() is None, out[-3000:]
+  assert f"error: {tmp_path} is in use by another run (pid {first.pid} on host" in out, out
+  _finish(first)
+  assert _losses(tmp_path) == reference[1]
+  truncate_largest_array(tmp_path / "checkpoints" / str(STEPS))
+  out = _finish(_launch(config_file, tmp_path), code=1)
+  assert f"error: the checkpoint at step {STEPS} in" in out and "Traceback" not in out, out
+  assert "data is unreadable" in out and "--config.train.resume_step=15" in out, out
+
+
+def test_a_batch_too_big_for_the_device_fails_before_anything_is_created(config_file, tmp_path):
+  proc = _launch(config_file, tmp_path / "run", "--config.data.img_size=2048",
+                 "--config.data.batch_size=4096")
+  out = _finish(proc, code=1)
+  assert "error: the train step needs " in out and "GiB per device" in out, out[-3000:]
+  assert "lower data.batch_size" in out and not (tmp_path / "run").exists()
 
 
 def _free_port():

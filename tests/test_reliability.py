@@ -17,7 +17,7 @@ import pytest
 from linnaeus_jax import checkpoint, evaluate, train
 
 from conftest import ROOT, tiny_config
-from test_checkpoint import DAMAGES
+from test_checkpoint import truncate_largest_array
 
 pytestmark = pytest.mark.slow  # every test trains
 
@@ -73,17 +73,17 @@ def finished(small_dataset, tmp_path_factory):
   return wd
 
 
-@pytest.mark.parametrize("damage,needle", DAMAGES, ids=[d[0].__name__ for d in DAMAGES])
-def test_a_damaged_latest_checkpoint_stops_and_resume_step_skips_it(
-    finished, small_dataset, tmp_path, damage, needle):
+def test_a_damaged_latest_checkpoint_stops_and_resume_step_skips_it(finished, small_dataset,
+                                                                    tmp_path):
   """No silent restart: an error naming the step, the damage and the step to resume from; with
-  train.resume_step the damaged step is set aside and the run ends where it would have."""
+  train.resume_step the damaged step is set aside and the run ends where it would have. (Every
+  kind of damage: test_checkpoint.py's table.)"""
   wd = str(tmp_path / "run")
   shutil.copytree(finished, wd)
-  damage(tmp_path / "run" / "checkpoints" / "6")
+  truncate_largest_array(tmp_path / "run" / "checkpoints" / "6")
   config = _config(small_dataset[0], 6)
   with pytest.raises(checkpoint.CheckpointError,
-                     match=rf"step 6 .* is damaged: .*{needle}.*resume_step=4"):
+                     match=r"step 6 .* is damaged: its data is unreadable.*resume_step=4"):
     train.run(config, wd)
   config.train.resume_step = 4
   train.run(config, wd)
@@ -113,7 +113,8 @@ def test_resuming_with_another_model_names_the_differing_parameters(finished, sm
   wd = str(tmp_path / "run")
   shutil.copytree(finished, wd)
   r = subprocess.run([sys.executable, "-m", "linnaeus_jax.main", f"--config={path}",
-                      f"--workdir={wd}", "--config.model.rope_stages.dims=(32,64)"],
+                      f"--workdir={wd}", "--config.model.convnext_stages.dims=(16,24,32,64)",
+                      "--config.model.rope_stages.dims=(32,64)"],
                      cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 1, r.stderr[-3000:]
   errors = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("W", "I"))]
