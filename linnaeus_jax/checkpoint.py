@@ -37,6 +37,15 @@ class _LatestConfirmedN:
     return [c.step in keep for c in checkpoints]
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory` (folders named by their step), from
+  a listing alone."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 def _tree_problems(saved, wanted) -> list[str]:
   """Where the saved state's leaves (Orbax metadata) and the wanted one's differ."""
   path = lambda kp: jax.tree_util.keystr(kp, simple=True, separator="/")
@@ -168,17 +177,15 @@ class Checkpointer:
       return False
 
   def set_aside_after(self, step: int, abstract_state) -> list[int]:
-    """For a resume from `step`: moves the damaged checkpoints after it to DIR_set_aside/
-    (nothing is deleted); refuses if one of them is intact."""
+    """For `train.resume_step`: moves the checkpoints after `step`, all damaged, to
+    DIR_set_aside/ (nothing is deleted) and returns them; with an intact one among them (the run
+    has moved on since), moves nothing and returns []."""
     if step not in self.steps():
       raise CheckpointError(f"train.resume_step={step}: no such checkpoint in {self.directory}; "
                             f"steps: {self.steps()}")
     later = [s for s in self.steps() if s > step]
-    intact = [s for s in later if self._intact(s, abstract_state)]
-    if intact:
-      raise CheckpointError(
-          f"train.resume_step={step}, but the later checkpoint(s) {intact} in {self.directory} "
-          "are intact: resume_step only skips damaged ones; remove the setting")
+    if any(self._intact(s, abstract_state) for s in later):
+      return []
     if jax.process_index() == 0:
       for s in later:
         dest = os.path.join(f"{self.directory}_set_aside", str(s))

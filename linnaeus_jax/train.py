@@ -69,6 +69,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config)
   config, data = state_lib.resolve(config, jax.device_count())
   sharding.check_process_rows(mesh, config.data.batch_size)
+  steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
+  if steps and not config.train.auto_resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[-1]}) and "
+                          "resuming is off (--resume=false / train.auto_resume=False); refusing "
+                          "to overwrite them: use a new --workdir")
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
   try:
@@ -86,16 +91,14 @@ def _resume(ckpt, config, abstract, train_iter, pcount: int):
   start = ckpt.latest_step()
   if start is None:
     return None, 0, {}
-  if not config.train.auto_resume:
-    raise FileExistsError(f"{os.path.dirname(ckpt.directory)} already holds checkpoints (latest "
-                          f"step {start}) and resuming is off (--resume=false / "
-                          "train.auto_resume=False); refusing to overwrite them: use a new "
-                          "--workdir")
-  if config.train.resume_step >= 0 and config.train.resume_step != start:
-    moved = ckpt.set_aside_after(config.train.resume_step, abstract)
-    _log(f"train.resume_step={config.train.resume_step}: damaged checkpoint(s) {moved} moved to "
-         f"{ckpt.directory}_set_aside")
-    start = config.train.resume_step
+  n = config.train.resume_step
+  if 0 <= n != start:
+    if (moved := ckpt.set_aside_after(n, abstract)):
+      _log(f"train.resume_step={n}: damaged checkpoint(s) {moved} moved to "
+           f"{ckpt.directory}_set_aside")
+      start = n
+    else:
+      _log(f"train.resume_step={n} ignored: a later checkpoint is intact")
   ckpt.check(start, abstract)
   saved_by = ckpt.progress(start).get("process_count", pcount)
   if saved_by != pcount:
@@ -218,7 +221,7 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack) -> d
     """Checkpoints a finite state (else warns and keeps the last good one); a provisional one
     is confirmed by a finite next step, or deleted."""
     if not bool(finite_fn(state)):
-      _log(f"\nstep {step}: no checkpoint: the train state or its last step is not finite; "
+      _log(f"\nstep {step}: no checkpoint: the train state or its last step is not finite. "
            f"{_last_good(ckpt)}")
       return
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
@@ -239,7 +242,7 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack) -> d
         ckpt.confirm()
       else:
         _log(f"\ncheckpoint(s) {ckpt.discard()} deleted: step {step + 1} after them was "
-             f"non-finite; {_last_good(ckpt)}")
+             f"non-finite. {_last_good(ckpt)}")
     acc = out.pop("acc")
     acc_sum = acc if acc_sum is None else jax.tree.map(jnp.add, acc_sum, acc)  # no host sync
     done = step + 1

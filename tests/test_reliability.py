@@ -59,8 +59,11 @@ def test_a_diverging_run_never_replaces_its_last_good_checkpoint(small_dataset, 
   step, results = evaluate.evaluate_checkpoint(diverge, wd)
   assert step == 4 and np.isfinite(results["val"]["loss"]), results["val"]["loss"]
   fresh = str(tmp_path / "fresh")
+  capsys.readouterr()
   with pytest.raises(FloatingPointError, match="No checkpoint was saved before this"):
     train.run(diverge, fresh)
+  # Step 2's update diverged (its loss was finite): its checkpoint went when step 3 was not.
+  assert "checkpoint(s) [2] deleted: step 3 after them was non-finite" in capsys.readouterr().out
   assert _steps(fresh) == []
 
 
@@ -74,7 +77,7 @@ def finished(small_dataset, tmp_path_factory):
 
 
 def test_a_damaged_latest_checkpoint_stops_and_resume_step_skips_it(finished, small_dataset,
-                                                                    tmp_path):
+                                                                    tmp_path, capsys):
   """No silent restart: an error naming the step, the damage and the step to resume from; with
   train.resume_step the damaged step is set aside and the run ends where it would have. (Every
   kind of damage: test_checkpoint.py's table.)"""
@@ -87,6 +90,11 @@ def test_a_damaged_latest_checkpoint_stops_and_resume_step_skips_it(finished, sm
     train.run(config, wd)
   config.train.resume_step = 4
   train.run(config, wd)
+  assert os.listdir(os.path.join(wd, "checkpoints_set_aside")) == ["6"] and _steps(wd) == [2, 4, 6]
+  capsys.readouterr()
+  train.run(config, wd)  # the same command again: the new step 6 is intact, nothing set aside
+  out = capsys.readouterr().out
+  assert "train.resume_step=4 ignored" in out and "Training already finished at step 6" in out
   assert os.listdir(os.path.join(wd, "checkpoints_set_aside")) == ["6"] and _steps(wd) == [2, 4, 6]
   for a, b in zip(jax.tree.leaves(_params(wd, 6)), jax.tree.leaves(_params(finished, 6))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
