@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+# Tests compile many tiny programs and run each a few steps: XLA's backend optimizations would
+# cost more compile time than they save (about half the suite's CPU time). Set before jax is
+# imported, here and in every subprocess a test starts; results are the same up to rounding.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
