@@ -57,7 +57,6 @@ def test_a_diverging_run_never_replaces_its_last_good_checkpoint(small_dataset, 
     assert "resumed from step 4 " in out and "no checkpoint: the train state" in out, out
     assert _steps(wd) == [2, 4], attempt
   step, results = evaluate.evaluate_checkpoint(diverge, wd)
-  print(f"step {step}: val loss {results['val']['loss']:.4f}")
   assert step == 4 and np.isfinite(results["val"]["loss"]), results["val"]["loss"]
   fresh = str(tmp_path / "fresh")
   capsys.readouterr()
