@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 
 import ml_collections
@@ -131,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
       img_size=384,
       batch_size=64,  # global batch (all devices of all processes)
       batch_size_val=128,
+      # Ours: per-channel (x - mean) / std after scaling to [0, 1]; () keeps [0, 1] (the
+      # original). model.init.match_normalization fills them from a pretrained source.
+      image_mean=(), image_std=(),
       num_workers=0,  # Grain worker processes; 0 decodes in the main process with threads
       prefetch_threads=4,
       # Ours: the built-in synthetic dataset, generated into the cache on first use.
@@ -146,7 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
       in_chans=3,
       convnext_stages=dict(depths=(3, 3), dims=(96, 192, 384, 768), layer_scale_init_value=1e-6),
       rope_stages=dict(depths=(5, 2), dims=(384, 768), num_heads=(6, 12), mlp_ratio=(4.0, 4.0),
-                       rope_theta=10000.0, rope_mixed=True),
+                       rope_theta=10000.0, rope_mixed=True,
+                       norm_eps=1e-5),  # ours: the blocks' LayerNorm eps (RoPE-ViT uses 1e-6)
       drop_rate=0.0,
       drop_path_rate=0.2,
       only_last_cls=False,
@@ -161,6 +166,13 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",  # 'none' | 'full' | 'dots': recompute block activations in the backward pass
       depthwise_impl="shift",  # 'shift' (fused shifted sums) | 'conv' (grouped lax.conv)
       classification=dict(heads={k: head_template().to_dict() for k in TASK_KEYS}),
+      # Ours (docs/finetuning.md): initial weights. convnext / ropevit: ImageNet checkpoints
+      # stitched into the ConvNeXt and RoPE stages; checkpoint: an earlier model (a workdir,
+      # `DIR:step`, a bundle, a converted or an original checkpoint). allow_partial: report
+      # unknown keys and mismatched shapes instead of failing. match_normalization: take the
+      # source's input mean/std when data.image_mean is ().
+      init=dict(convnext="", ropevit="", checkpoint="", allow_partial=False,
+                match_normalization=True),
   )
   c.train = dict(
       epochs=300.0,
@@ -191,6 +203,10 @@ def base_config() -> ml_collections.ConfigDict:
                 adamw_filter="startswith:head/ or contains:token or contains:embed"),
       # First matching filter (in `order`) wins; the rest goes to `default`. Groups live in
       # `groups.<name>` (param_group_template()); '' / negative values inherit optimizer.*.
+      # Ours (docs/finetuning.md): parameters matching `freeze` (a filter) get no updates and no
+      # optimizer state; layer_decay < 1 scales each layer's updates by
+      # layer_decay ** (layers + 1 - layer id) (timm/BEiT; stem 0, blocks 1.., heads last).
+      freeze="", layer_decay=1.0,
       parameter_groups=dict(enabled=False, order=(), groups={},
                             default=dict(optimizer="", weight_decay=-1.0, lr_multiplier=1.0,
                                          decay="decayable")),
@@ -514,6 +530,26 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
       problems.append(f"model.{key} must be in [0, 1), got {m[key]}")
   if m.in_chans < 1:
     problems.append(f"model.in_chans must be >= 1, got {m.in_chans}")
+  if not 0.0 < rs.norm_eps < 1.0:
+    problems.append(f"model.rope_stages.norm_eps must be in (0, 1), got {rs.norm_eps}")
+  init = m.init
+  if init.checkpoint and (init.convnext or init.ropevit):
+    problems.append("model.init: give either checkpoint or convnext/ropevit, not both")
+  for key in ("convnext", "ropevit"):
+    path = init[key]
+    if path and not os.path.isfile(path):
+      problems.append(f"model.init.{key}: no such file: {path}")
+  if init.checkpoint and not os.path.exists(init.checkpoint.rsplit(":", 1)[0]) and not (
+      os.path.exists(init.checkpoint)):
+    problems.append(f"model.init.checkpoint: no such file or folder: {init.checkpoint}")
+  if len(d.image_mean) != len(d.image_std) or len(d.image_mean) not in (0, m.in_chans):
+    problems.append(f"data.image_mean {list(d.image_mean)} and data.image_std "
+                    f"{list(d.image_std)} need {m.in_chans} entries each (or none)")
+  elif any(s <= 0 for s in d.image_std):
+    problems.append(f"data.image_std must be positive, got {list(d.image_std)}")
+  o = config.optimizer
+  if not 0.0 < o.layer_decay <= 1.0:
+    problems.append(f"optimizer.layer_decay must be in (0, 1], got {o.layer_decay}")
 
   if t.resume_step < -1:
     problems.append(f"train.resume_step must be a checkpoint step or -1 (latest), got "
@@ -595,6 +631,8 @@ def _optimizer_problems(config) -> list[str]:
   if o.muon.ns_steps < 1:
     problems.append("optimizer.muon.ns_steps must be >= 1")
   check_filter("optimizer.muon.adamw_filter", o.muon.adamw_filter)
+  if o.freeze:
+    check_filter("optimizer.freeze", o.freeze)
   check_group("optimizer.parameter_groups.default", pg.default)
   order = list(pg.order)
   if len(set(order)) != len(order):

@@ -41,7 +41,7 @@ class MFormerV1(nnx.Module):
 
     def rope_stage(dim, depth, h, ratio):
       return make_stage(lambda r: rope.RoPEBlock(dim, h, ratio, theta, rope_mode, attn_scale,
-                                                 attention_impl, r, dtype), depth)
+                                                 attention_impl, r, dtype, norm_eps), depth)
     self.cls_token_1 = nnx.Param(layers.dense_init(rngs.params(), (1, 1, d2)))
     self.meta_1 = meta_tokens.MetaTokens(components, d2, meta_missing, rngs, dtype)
     self.stage3 = rope_stage(d2, rope_depths[0], num_heads[0], mlp_ratio[0])
@@ -78,7 +78,8 @@ class MFormerV1(nnx.Module):
                meta_missing=m.meta_missing, attention_impl=m.attention_impl,
                only_last_cls=m.only_last_cls, in_chans=m.in_chans,
                dtype=jnp.dtype(m.dtype), scan=m.scan_blocks, remat=m.remat,
-               depthwise_impl=m.depthwise_impl, parents=parents, rngs=rngs)
+               depthwise_impl=m.depthwise_impl, parents=parents,
+               norm_eps=m.rope_stages.norm_eps, rngs=rngs)
 
   def _rope_stage(self, blocks, x_BxHxWxD, cls, embed, meta, meta_valid, norm, train, key):
     b, h, w, d = x_BxHxWxD.shape

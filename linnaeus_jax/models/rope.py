@@ -80,13 +80,15 @@ class Mlp(nnx.Module):
 
 
 class RoPEBlock(nnx.Module):
-  """x + DropPath(Attn(LN(x))); x + DropPath(Mlp(LN(x))), LN eps 1e-5, no LayerScale."""
+  """x + DropPath(Attn(LN(x))); x + DropPath(Mlp(LN(x))), no LayerScale (a pretrained one is
+  folded into proj / fc2). LN eps 1e-5 like the original; RoPE-ViT's blocks use 1e-6."""
 
   def __init__(self, dim: int, heads: int, mlp_ratio: float, theta: float, rope_mode: str,
-               attn_scale: str, impl: str, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.norm1 = layers.LayerNorm(dim, 1e-5, rngs)
+               attn_scale: str, impl: str, rngs: nnx.Rngs, dtype=jnp.float32,
+               norm_eps: float = 1e-5):
+    self.norm1 = layers.LayerNorm(dim, norm_eps, rngs)
     self.attn = Attention(dim, heads, theta, rope_mode, attn_scale, impl, rngs, dtype)
-    self.norm2 = layers.LayerNorm(dim, 1e-5, rngs)
+    self.norm2 = layers.LayerNorm(dim, norm_eps, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, rngs, dtype)
 
   def __call__(self, x_BxTxD, *, grid_hw, rate=0.0, key=None, train: bool = False):
