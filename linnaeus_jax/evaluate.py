@@ -64,8 +64,8 @@ def phases(config, *, mask_meta=True, partial=False, exhaustive=False) -> tuple:
 def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ()),)):
   """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank)}.
 
-  `variables`: (params, buffers) of the train state; `consts` from `state.loss_constants`. The
-  losses and counts are the train step's (`train_step.losses_and_counts` with the validation
+  `variables`: (params, buffers) of the train state; `consts` from `state.loss_constants`. Pixels
+  are normalised as in training (`cfg.image_mean/std`). The losses and counts are the train step's (`train_step.losses_and_counts` with the validation
   criteria), so `val/loss` is the quantity training minimises.
   """
   masks_KxC = np.array([[n in masked for n in cfg.components] for _, masked in phase_list],
@@ -73,7 +73,7 @@ def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ())
   coarse = cfg.tasks[-1]  # confusion counts of the coarsest rank, for the plots
 
   def step(variables, batch, consts):
-    image = preprocessing.normalize(batch["image"])
+    image = preprocessing.normalize(batch["image"], cfg.image_mean, cfg.image_std)
     valid_KxBxC = batch["meta_valid"][None] & ~jnp.asarray(masks_KxC)[:, None, :]
 
     def forward(valid_BxC):

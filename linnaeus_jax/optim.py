@@ -6,6 +6,10 @@ Each group has its optimizer (adamw | sgd | muon | ademamix), weight decay, LR m
 weight-decay filter; `optax.multi_transform` applies them with exclusive labels. Each group's LR
 is a pure function of the step: linear warmup, then a decay measured from the warmup end.
 
+Fine-tuning: parameters matching `optimizer.freeze` are labelled `frozen` (before any group) and
+get neither updates nor optimizer state; `optimizer.layer_decay` < 1 scales each parameter's final
+update by layer_decay ** (L + 1 - layer id) (timm / BEiT layer-wise LR decay).
+
 Filters are strings in the language of `linnaeus_jax/param_filters.py`, e.g.
 `"startswith:head/ or (ndim:2 and not contains:meta_)"`.
 """
@@ -19,6 +23,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax import contrib
 
@@ -76,14 +81,33 @@ def _map(config, fn, tree):
       lambda keys, x: fn(_path(keys), block_shape(config, _path(keys), x.shape)), tree)
 
 
-def _label(gs: tuple[Group, ...], path: str, shape: tuple) -> str:
+FROZEN = "frozen"  # the label of parameters matching optimizer.freeze
+
+
+def _frozen_pred(config):
+  """optimizer.freeze as a predicate ('' = nothing is frozen)."""
+  f = config.optimizer.freeze
+  return param_filters.parse(f) if f else param_filters.KEYWORDS["none"]
+
+
+def frozen_mask(config, tree):
+  """True where `optimizer.freeze` matches: no update, no optimizer state."""
+  return _map(config, _frozen_pred(config), tree)
+
+
+def _label(gs: tuple[Group, ...], frozen, path: str, shape: tuple) -> str:
+  if frozen(path, shape):
+    return FROZEN
   return next(g.name for g in gs if param_filters.parse(g.filter)(path, shape))
 
 
 def param_labels(config, params):
-  """The group name of every parameter (first matching filter, else 'default')."""
+  """The group name of every parameter: 'frozen' if optimizer.freeze matches, else the first
+  group whose filter matches, else 'default'."""
   gs = groups(config)
-  return _map(config, functools.partial(_label, gs), params)
+  if config.optimizer.freeze and any(g.name == FROZEN for g in gs):
+    raise ValueError(f"the group name {FROZEN!r} is reserved while optimizer.freeze is set")
+  return _map(config, functools.partial(_label, gs, _frozen_pred(config)), params)
 
 
 def decay_mask(config, group: Group, tree):
@@ -102,23 +126,31 @@ def group_table(config, params) -> list[dict]:
   """Per group: tensors, parameters, optimizer, weight decay, LR multiplier.
 
   `decayed`: tensors with weight decay; `adamw_tensors`: the tensors of a muon group that AdamW
-  updates (not matrices, or matched by optimizer.muon.adamw_filter).
+  updates (not matrices, or matched by optimizer.muon.adamw_filter). Frozen tensors
+  (optimizer.freeze) count only in a first row `frozen` (optimizer 'none'), present if any.
   """
   gs = groups(config)
+  frozen = _frozen_pred(config)
   rows = {g.name: dict(group=g.name, tensors=0, params=0, optimizer=g.optimizer,
                        weight_decay=g.weight_decay, lr_multiplier=g.lr_multiplier, decayed=0,
                        adamw_tensors=0) for g in gs}
+  ice = dict(group=FROZEN, tensors=0, params=0, optimizer="none", weight_decay=0.0,
+             lr_multiplier=0.0, decayed=0, adamw_tensors=0)
   by_name = {g.name: g for g in gs}
   for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = _path(keys)
     shape = block_shape(config, path, x.shape)
-    g = by_name[_label(gs, path, shape)]
+    if frozen(path, shape):
+      ice["tensors"] += 1
+      ice["params"] += int(x.size)
+      continue
+    g = by_name[_label(gs, frozen, path, shape)]
     r = rows[g.name]
     r["tensors"] += 1
     r["params"] += int(x.size)
     r["decayed"] += int(param_filters.parse(g.decay)(path, shape) and g.weight_decay > 0)
     r["adamw_tensors"] += int(g.optimizer == "muon" and not _muon_matrix(config, path, shape))
-  return list(rows.values())
+  return ([ice] if ice["tensors"] else []) + list(rows.values())
 
 
 def format_table(rows: list[dict]) -> str:
@@ -129,6 +161,81 @@ def format_table(rows: list[dict]) -> str:
   widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
   return "\n".join("  ".join(v.ljust(w) if i == 0 or i == 3 else v.rjust(w)
                              for i, (v, w) in enumerate(zip(row, widths))) for row in cells)
+
+
+# ----------------------------------------------------------------------------- Layer-wise LR decay
+
+_STAGES = ("stage0", "stage1", "stage3", "stage4")
+# Top-level modules that feed a stage take the id of its first block.
+_BEFORE = {"down0": "stage1", "down1": "stage3", "cls_token_1": "stage3", "meta_1": "stage3",
+           "down2": "stage4", "cls_token_2": "stage4", "meta_2": "stage4"}
+
+
+def stage_depths(config) -> dict[str, int]:
+  """mFormerV1's blocks per stage: the first two ConvNeXt depths, then the two RoPE depths."""
+  d0, d1 = (int(d) for d in config.model.convnext_stages.depths[:2])
+  n3, n4 = (int(d) for d in config.model.rope_stages.depths)
+  return dict(zip(_STAGES, (d0, d1, n3, n4)))
+
+
+def num_layers(config) -> int:
+  """L: the blocks of all four stages (layer ids run 0 (stem) .. L + 1 (heads and the rest))."""
+  return sum(stage_depths(config).values())
+
+
+def layer_id(config, path: str, block: int = 0) -> int:
+  """The layer id of a parameter (timm / BEiT): stem 0, block i of the network 1 + i, the
+  downsample / cls token / metadata tokens feeding a stage that of its first block, the rest
+  (norms, aggregation, heads, unknown names) L + 1. `block`: the block index within the stage
+  when the path has none (a scanned stage)."""
+  parts = path.split("/")
+  top = parts[0]
+  depths = stage_depths(config)
+  first = {}
+  n = 1
+  for name in _STAGES:
+    first[name] = n
+    n += depths[name]
+  if top in ("stem_conv", "stem_norm"):
+    return 0
+  if top in _BEFORE:
+    return first[_BEFORE[top]]
+  if top in first:
+    if len(parts) > 2 and parts[1] == "blocks" and parts[2].isdigit():
+      block = int(parts[2])
+    return first[top] + block
+  return num_layers(config) + 1
+
+
+def layer_scales(config, tree):
+  """Per leaf, layer_decay ** (L + 1 - layer id): a float, or for a scanned stage's stacked
+  leaf (depth, ...) an array (depth, 1, ..., 1) with one factor per block. `tree`: arrays or
+  ShapeDtypeStructs."""
+  decay, top = float(config.optimizer.layer_decay), num_layers(config) + 1
+  depths = stage_depths(config)
+
+  def scale(keys, x):
+    path = _path(keys)
+    stage = path.split("/")[0]
+    if _stacked(config, path) and stage in depths:
+      depth = x.shape[0]
+      if depth != depths[stage]:
+        raise ValueError(f"{path}: leading axis {depth} is not the depth {depths[stage]} of "
+                         f"{stage}")
+      ids = np.array([layer_id(config, path, i) for i in range(depth)])
+      return (decay ** (top - ids)).astype(np.float32).reshape((depth,) + (1,) * (x.ndim - 1))
+    return decay ** (top - layer_id(config, path))
+  return jax.tree_util.tree_map_with_path(scale, tree)
+
+
+def scale_by_layer(config) -> optax.GradientTransformation:
+  """Stateless: multiply each update by its `layer_scales` factor (the last transformation, so
+  that it scales the whole update, decoupled weight decay included, as timm's lr_scale does)."""
+  def update(updates, state, params=None):
+    del params
+    scales = layer_scales(config, updates)
+    return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 # ----------------------------------------------------------------------------- LR schedules
@@ -297,18 +404,30 @@ OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd, "muon": _muon, "ademamix": _ademamix
 
 def build(config, total_steps: int, steps_per_epoch: int
           ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-  """Global-norm clipping (train.clip_grad > 0), then each group's optimizer; the LR schedules.
+  """Frozen gradients zeroed (optimizer.freeze), global-norm clipping (train.clip_grad > 0), each
+  group's optimizer (frozen parameters: none, no state), layer-wise LR decay
+  (optimizer.layer_decay < 1); the LR schedules.
 
-  The labels and masks are computed when the transformation is traced, from a copy of `config`
-  taken here (later changes to `config` do not affect it).
+  Zeroing before clipping makes the clipping norm that of the trainable gradients. The labels and
+  masks are computed when the transformation is traced, from a copy of `config` taken here
+  (later changes to `config` do not affect it).
   """
   config = copy.deepcopy(config)
   schedules = lr_schedules(config, total_steps, steps_per_epoch)
   txs = {g.name: OPTIMIZERS[g.optimizer](config, g, schedules[g.name],
                                          functools.partial(decay_mask, config, g))
          for g in groups(config)}
-  parts = [optax.clip_by_global_norm(config.train.clip_grad)] if config.train.clip_grad > 0 else []
+  parts = []
+  if config.optimizer.freeze:
+    if FROZEN in txs:
+      raise ValueError(f"the group name {FROZEN!r} is reserved while optimizer.freeze is set")
+    txs[FROZEN] = optax.set_to_zero()
+    parts.append(optax.masked(optax.set_to_zero(), functools.partial(frozen_mask, config)))
+  if config.train.clip_grad > 0:
+    parts.append(optax.clip_by_global_norm(config.train.clip_grad))
   parts.append(optax.multi_transform(txs, functools.partial(param_labels, config)))
+  if config.optimizer.layer_decay < 1.0:
+    parts.append(scale_by_layer(config))
   return optax.chain(*parts), schedules
 
 

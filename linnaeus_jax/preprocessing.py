@@ -93,7 +93,8 @@ def to_rgb_uint8(img, size: int) -> np.ndarray:
 
 
 def normalize(image_BxHxWx3, mean=None, std=None):
-  """uint8 -> float32 [0, 1] (the original's training input), then (x - mean) / std if given."""
+  """uint8 -> float32 [0, 1] (the original's training input), then (x - mean) / std if given
+  (per channel; `image_stats` of the config in training, the record's at inference)."""
   x = image_BxHxWx3.astype(jnp.float32) / 255.0
   if mean is not None:
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -106,6 +107,24 @@ def normalize(image_BxHxWx3, mean=None, std=None):
 
 IMAGE = {"resize": "squash, PIL BOX (area) filter", "value_range": [0.0, 1.0], "mean": None,
          "std": None, "channels": "RGB"}
+
+
+def image_stats(config) -> tuple:
+  """(mean, std) of data.image_mean/std as tuples of floats, or (None, None) when they are ()
+  (images stay in [0, 1]); what the train and eval steps normalise with and `record` writes."""
+  mean, std = config.data.image_mean, config.data.image_std
+  if not len(mean):
+    return None, None
+  return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+def recorded_stats(record: dict) -> tuple:
+  """(mean, std) tuples of a record's image entry, or (None, None) when absent or null (records
+  from before they existed, original bundles): what inference normalises with."""
+  image = record["image"]
+  if image.get("mean") is None:
+    return None, None
+  return tuple(float(x) for x in image["mean"]), tuple(float(x) for x in image["std"])
 
 
 def _names(ds) -> list[str]:
@@ -135,7 +154,8 @@ _EXAMPLE = {"unit_sphere": (0.0, 0.0), "cyclic_date": dt.datetime(2000, 1, 1), "
 
 
 def record(config) -> dict:
-  """{"image": ..., "metadata": [component, ...]} for `config` and its labels.h5."""
+  """{"image": ..., "metadata": [component, ...]} for `config` and its labels.h5; the image's
+  "mean"/"std" are data.image_mean/std as lists, None when not set."""
   import h5py  # pylint: disable=g-import-not-at-top
   from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   comps = []
@@ -148,7 +168,10 @@ def record(config) -> dict:
         encoder = "unknown"  # columns inference cannot compute: always missing there
       comps.append({"name": name, "idx": comp.idx, "dim": comp.dim, "source": comp.source,
                     "encoder": encoder, "columns": columns, "scales": scales})
-  return {"image": {"size": config.data.img_size, **IMAGE}, "metadata": comps}
+  mean, std = image_stats(config)
+  listed = lambda x: None if x is None else list(x)
+  return {"image": {"size": config.data.img_size, **IMAGE, "mean": listed(mean),
+                    "std": listed(std)}, "metadata": comps}
 
 
 def _encoded_columns(comp: dict, value) -> dict:

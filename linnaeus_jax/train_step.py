@@ -47,10 +47,13 @@ class StepConfig:
   gn_exclude: tuple[str, ...] = ()
   subsets: tuple[str, ...] = ()  # metrics.taxa_subsets names
   rarity_bins: int = 0
+  image_mean: tuple[float, ...] | None = None  # data.image_mean/std; None: images in [0, 1]
+  image_std: tuple[float, ...] | None = None
 
   @classmethod
   def from_config(cls, config) -> "StepConfig":
     gw, er = config.loss.grad_weighting, config.aug.random_erase
+    mean, std = preprocessing.image_stats(config)
     return cls(
         tasks=tuple(config.data.task_keys_h5),
         train_funcs=tuple(config.loss.task_specific.train.funcs),
@@ -68,7 +71,8 @@ class StepConfig:
         gn_interval=int(gw.task.update_interval), gn_warmup=int(gw.task.warmup_steps),
         gn_zero_aux=bool(gw.task.zero_aux_info), gn_exclude=tuple(gw.task.exclude),
         subsets=tuple(s[0] for s in config.metrics.taxa_subsets),
-        rarity_bins=len(config.metrics.rarity_percentiles) + 1)
+        rarity_bins=len(config.metrics.rarity_percentiles) + 1,
+        image_mean=mean, image_std=std)
 
 
 class Prepared(NamedTuple):
@@ -82,12 +86,14 @@ class Prepared(NamedTuple):
 
 
 def prepare_batch(cfg: StepConfig, scheds, batch: dict, key, sched: dict) -> Prepared:
-  """Scheduled metadata masks ANDed into the validity, selective mixing of partners, erasing."""
+  """Pixels normalised (`cfg.image_mean/std`), scheduled metadata masks ANDed into the validity,
+  selective mixing of partners, erasing."""
   k_mask, k_mix, k_erase = jax.random.split(key, 3)
   meta_valid, masked_BxC = masking.meta_masks(
       k_mask, batch["meta_valid"], sched["schedule/meta_mask_prob"],
       sched["schedule/partial_mask_prob"], scheds.combos_KxC, scheds.combo_weights)
-  image, meta = preprocessing.normalize(batch["image"]), batch["meta"]
+  image = preprocessing.normalize(batch["image"], cfg.image_mean, cfg.image_std)
+  meta = batch["meta"]
   mix, mixed = (None, None), jnp.zeros((), bool)
   if cfg.mix.active and scheds.mix.enabled:
     image, meta, meta_valid, lam_B, partner_B, mixed = mixing.mix_batch(

@@ -1,4 +1,7 @@
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -29,6 +32,34 @@ def test_phase_names_and_the_exhaustive_count(small_dataset):
   c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL", "ALTITUDE"]]
   with pytest.raises(config_lib.ConfigError, match=r"\['ALTITUDE'\] not among the enabled"):
     config_lib.validate(c)
+
+
+def test_the_eval_step_standardises_with_the_configs_mean_and_std(small_dataset):
+  mean, std = np.array([0.5, 0.25, 0.125]), np.array([0.2, 0.4, 0.8])
+  c = tiny_config(small_dataset[0])
+  c.data.image_mean, c.data.image_std = tuple(mean), tuple(std)
+  c, data = state_lib.resolve(c)
+  graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
+  variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
+  consts = state_lib.loss_constants(c, data)
+  batch = jax.tree.map(jnp.asarray, next(iter(pipeline.eval_dataset(data, c))))
+  cfg = train_step.StepConfig.from_config(c)
+  got, _ = jax.jit(evaluate.make_eval_step(graphdef, cfg))(variables, batch, consts)["val"]
+  plain_cfg = dataclasses.replace(cfg, image_mean=None, image_std=None)
+  plain, _ = jax.jit(evaluate.make_eval_step(graphdef, plain_cfg))(variables, batch, consts)["val"]
+
+  def by_hand(image):  # the model on an image normalised here, then the shared loss and counts
+    logits = nnx.merge(graphdef, *variables)(image, batch["meta"], batch["meta_valid"],
+                                             train=False)
+    return train_step.losses_and_counts(cfg, logits, batch, consts, train=False)[1]
+  x = np.asarray(batch["image"], np.float32) / 255
+  want = jax.jit(by_hand)((x - mean) / std)
+  want_plain = jax.jit(by_hand)(x)
+  for t in data.task_keys:
+    key = f"loss_sum/{t}"
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    np.testing.assert_allclose(plain[key], want_plain[key], rtol=1e-5)
+    assert abs(float(got[key]) - float(plain[key])) > 1e-3 * abs(float(plain[key]))
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 import datetime as dt
+import json
 import os
 
 import numpy as np
@@ -57,3 +58,25 @@ def test_record_reads_the_layout_from_the_labels_file(small_dataset):
   assert len(scales) * 2 == by_name["ELEVATION"]["dim"]
   assert by_name["ELEVATION"]["columns"] == encoders.elevation_column_names(scales)
   assert os.path.exists(c.data.h5.labels_path)
+
+
+def test_normalize_scales_to_0_1_then_standardises_per_channel():
+  x = np.array([[[[0, 51, 255]]]], np.uint8)
+  np.testing.assert_allclose(preprocessing.normalize(x), [[[[0.0, 0.2, 1.0]]]], atol=1e-7)
+  np.testing.assert_allclose(preprocessing.normalize(x, (0.5, 0.2, 0.5), (0.5, 0.1, 0.25)),
+                             [[[[-1.0, 0.0, 2.0]]]], atol=1e-6)
+
+
+def test_record_holds_the_configs_mean_and_std(small_dataset):
+  c = tiny_config(small_dataset[0])
+  rec = preprocessing.record(c)
+  assert rec["image"]["mean"] is None and rec["image"]["std"] is None  # data.image_mean ()
+  assert preprocessing.image_stats(c) == preprocessing.recorded_stats(rec) == (None, None)
+  c.data.image_mean, c.data.image_std = (0.5, 0.25, 0.125), (0.2, 0.4, 0.8)
+  rec = json.loads(json.dumps(preprocessing.record(c)))  # as preprocessing.json holds it
+  assert rec["image"]["mean"] == [0.5, 0.25, 0.125] and rec["image"]["std"] == [0.2, 0.4, 0.8]
+  assert rec["image"]["value_range"] == [0.0, 1.0] and rec["image"]["size"] == 32
+  assert (preprocessing.image_stats(c) == preprocessing.recorded_stats(rec)
+          == ((0.5, 0.25, 0.125), (0.2, 0.4, 0.8)))
+  del rec["image"]["mean"], rec["image"]["std"]  # a record from before mean/std: [0, 1]
+  assert preprocessing.recorded_stats(rec) == (None, None)

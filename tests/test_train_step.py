@@ -1,5 +1,7 @@
 """The train step's pieces, each against a closed form or a hand-made case, and the whole step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +100,33 @@ def test_prepare_batch_masks_by_the_schedule(small_dataset):
   off = train_step.prepare_batch(cfg, scheds, batch, key, {**base, "schedule/meta_mask_prob": 0.0})
   np.testing.assert_array_equal(off.meta_valid, batch["meta_valid"])
   assert not np.asarray(off.masked_BxC).any() and off.mix == (None, None)
-  # Pixels are normalised: uint8 in, float out with the ImageNet statistics.
-  assert off.image.dtype == jnp.float32 and abs(float(off.image.mean())) < 3
+  # Pixels are normalised: uint8 in, float [0, 1] out (data.image_mean/std are ()).
+  assert off.image.dtype == jnp.float32
+  np.testing.assert_allclose(off.image, np.asarray(batch["image"], np.float32) / 255, atol=1e-7)
+
+
+MEAN, STD = (0.5, 0.25, 0.125), (0.2, 0.4, 0.8)
+
+
+def test_prepare_batch_standardises_with_the_configs_mean_and_std(small_dataset):
+  c = tiny_config(small_dataset[0])
+  c.data.image_mean, c.data.image_std = MEAN, STD
+  c, data = state_lib.resolve(c)
+  cfg = train_step.StepConfig.from_config(c)
+  assert (cfg.image_mean, cfg.image_std) == (MEAN, STD)
+  hash(cfg)  # still a static jit argument
+  scheds = schedules.Schedules.from_config(c, 100, 10)
+  batch = jax.tree.map(jnp.asarray, next(iter(pipeline.train_dataset(data, c, 100, 0, 1))))
+  sched = {"schedule/partial_mask_prob": 0.0, "schedule/mix_prob": 0.0,
+           "schedule/meta_mask_prob": 0.0}
+  key = jax.random.PRNGKey(0)
+  x = np.asarray(batch["image"], np.float32) / 255
+  got = train_step.prepare_batch(cfg, scheds, batch, key, sched).image
+  np.testing.assert_allclose(got, (x - np.array(MEAN)) / np.array(STD), rtol=1e-6, atol=1e-6)
+  plain = dataclasses.replace(cfg, image_mean=None, image_std=None)
+  np.testing.assert_allclose(train_step.prepare_batch(plain, scheds, batch, key, sched).image, x,
+                             atol=1e-7)
+  assert np.abs(np.asarray(got) - x).max() > 0.5
 
 
 def test_losses_and_counts_mask_nulls_in_phase_1_for_train_and_eval():

@@ -4,7 +4,8 @@ Our layout (docs/inference.md), all paths relative to the folder:
   bundle.json            format, version, source run and step, tasks, compatibility switches
   config.json            the resolved config (model, heads, tasks, partial labels)
   params.npz             parameters and model buffers, keys "params/<path>" and "buffers/<path>"
-  preprocessing.json     image size/resize/range and the metadata layout (order, dims, encoders)
+  preprocessing.json     image size/resize/range/mean/std and the metadata layout (order, dims,
+                         encoders)
   taxonomy.json          the class tree (the original's TaxonomyTree v1.0 format)
   class_index_map.json   {task: {"<class index>": taxon id}} (the original's flat format)
   model.jax_exported     the forward pass, `jax.export`-serialised for any batch size
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 
@@ -194,14 +196,40 @@ def read_taxonomy(path: str):
     raise BundleError(f"{path} is not a taxonomy: {_why(e)}") from e
 
 
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def stats_problems(image: dict, channels: int) -> list[str]:
+  """Problems of a record's image "mean"/"std": both absent or null ([0, 1] images), or both
+  lists of `channels` finite numbers, std > 0."""
+  mean, std = image.get("mean"), image.get("std")
+  if mean is None and std is None:
+    return []
+  if mean is None or std is None:
+    return [f"image.mean and image.std must be both null or both lists, got {mean!r} and {std!r}"]
+  problems = []
+  for name, x in (("mean", mean), ("std", std)):
+    if not isinstance(x, list) or not all(_number(v) for v in x):
+      problems.append(f"image.{name} must be null or a list of {channels} numbers, got {x!r}")
+    elif len(x) != channels:
+      problems.append(f"image.{name} has {len(x)} entries, the model takes {channels} channels")
+  if not problems and any(v <= 0 for v in std):
+    problems.append(f"image.std must be positive, got {std!r}")
+  return problems
+
+
 def check_record(record: dict, config, path: str) -> None:
-  """BundleError naming `path` (preprocessing.json) unless `record` has an image size and one
-  well-formed entry per enabled metadata component of `config`, in order."""
+  """BundleError naming `path` (preprocessing.json) unless `record` has an image size, a
+  well-formed mean/std (`stats_problems`) and one well-formed entry per enabled metadata
+  component of `config`, in order."""
   problems = []
   image, comps = record.get("image"), record.get("metadata")
   size = image.get("size") if isinstance(image, dict) else None
   if not isinstance(size, int) or isinstance(size, bool) or size < 1:
     problems.append(f"image.size must be a positive integer, got {size!r}")
+  if isinstance(image, dict):
+    problems += stats_problems(image, config.model.in_chans)
   if not isinstance(comps, list) or not all(isinstance(c, dict) for c in comps):
     problems.append("metadata must be a list of objects")
   else:
@@ -281,7 +309,7 @@ def read(path: str, params: str | None = None) -> dict:
 def original_preprocessing(path: str, config) -> dict:
   """The metadata layout of an original bundle, from its inference_config.yaml and the config.
 
-  The image is prepared as the original trained it (area resize, [0, 1], no mean/std), not as
+  The image is prepared as the original trained it (area resize, [0, 1], mean/std None), not as
   its inference code did (docs/design.md, one preprocessing path).
   """
   from linnaeus_jax import preprocessing  # pylint: disable=g-import-not-at-top

@@ -30,15 +30,17 @@ def export_forward(config, variables: dict, record: dict,
   """f(params, images, meta, meta_valid) -> {task: logits (b, C) float32}, b symbolic.
 
   params: the flat {"params/...": array, "buffers/...": array} of params.npz; images: (b, S, S, 3)
-  uint8 RGB as `preprocessing.to_rgb_uint8` makes them; meta: {component: (b, dim) float32};
+  uint8 RGB as `preprocessing.to_rgb_uint8` makes them (scaled to [0, 1] and standardised with
+  the record's mean/std inside); meta: {component: (b, dim) float32};
   meta_valid: (b, components) bool, components in preprocessing.json's order.
   """
   graphdef, _, _ = models.abstract(config)
+  mean, std = preprocessing.recorded_stats(record)  # baked in, as the Predictor applies them
 
   def forward(flat, image_u8, meta, valid):
     v = bundle_lib.unflatten(flat)
     model = nnx.merge(graphdef, v.get("params", {}), v.get("buffers", {}))
-    logits = model(preprocessing.normalize(image_u8), meta, valid, train=False)
+    logits = model(preprocessing.normalize(image_u8, mean, std), meta, valid, train=False)
     return {t: x.astype(jnp.float32) for t, x in logits.items()}
 
   b, s = jax.export.symbolic_shape("b")[0], int(record["image"]["size"])

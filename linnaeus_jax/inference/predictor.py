@@ -63,11 +63,12 @@ class Predictor:
       raise bundle_lib.BundleError("the parameters do not fit the config's model: "
                                    + "; ".join(problems))
     self.variables = jax.device_put(variables)
+    mean, std = preprocessing.recorded_stats(record)  # as the model was trained
 
     def forward(variables, image_u8, meta, valid):
       self.compiles += 1
       model = nnx.merge(graphdef, variables["params"], variables["buffers"])
-      logits = model(preprocessing.normalize(image_u8), meta, valid, train=False)
+      logits = model(preprocessing.normalize(image_u8, mean, std), meta, valid, train=False)
       return {t: jax.nn.softmax(logits[t].astype(jnp.float32), -1) for t in logits}
     self._forward = jax.jit(forward)
 

@@ -18,7 +18,7 @@ class MFormerV1(nnx.Module):
                heads_config, task_keys, drop_path_rate=0.0, layer_scale=1e-6, theta=10000.0,
                rope_mode="rotate", attn_scale="rsqrt_head_dim", meta_missing="learned_token",
                attention_impl="xla", only_last_cls=False, in_chans=3, dtype=jnp.float32,
-               scan=True, remat="none", depthwise_impl="shift", parents=None,
+               scan=True, remat="none", depthwise_impl="shift", parents=None, norm_eps=1e-5,
                rngs: nnx.Rngs):
     d0, d1, d2, d3 = dims
     self.dtype = dtype

@@ -261,6 +261,9 @@ class _Archive:
     return np.frombuffer(raw, dt).astype(dt.newbyteorder("="), copy=False)
 
 
+WRAPPERS = ("model", "state_dict", "state_dict_ema")
+
+
 def strip_prefixes(key: str) -> str:
   """`key` without the prefixes that wrappers add to every parameter name."""
   for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
@@ -270,13 +273,14 @@ def strip_prefixes(key: str) -> str:
 
 
 def _unwrap(obj, source: str) -> dict:
-  """The state dict inside a loaded checkpoint: follows `model` / `state_dict` entries."""
+  """The state dict inside a loaded checkpoint: follows `model` / `state_dict` /
+  `state_dict_ema` entries (the first present; timm's training checkpoints have the last)."""
   while isinstance(obj, dict):
-    for key in ("model", "state_dict"):
+    for key in WRAPPERS:
       if key in obj and not isinstance(obj[key], dict):
         raise CheckpointError(f"{source}: its {key!r} entry is {obj[key]!r:.100}, not a state "
                               "dict; save model.state_dict() instead")
-    inner = next((obj[k] for k in ("model", "state_dict") if k in obj), None)
+    inner = next((obj[k] for k in WRAPPERS if k in obj), None)
     if inner is None:
       break
     obj = inner
