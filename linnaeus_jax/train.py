@@ -20,7 +20,7 @@ import numpy as np
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import early_stopping, evaluate, metric_writers, metrics, optim, plots
-from linnaeus_jax import preemption, sharding, train_step, workdir_lock
+from linnaeus_jax import preemption, pretrained, sharding, train_step, workdir_lock
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
@@ -74,11 +74,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[-1]}) and "
                           "resuming is off (--resume=false / train.auto_resume=False); refusing "
                           "to overwrite them: use a new --workdir")
+  init_weights = None
+  if pretrained.enabled(config):  # read and checked before the workdir is touched
+    note = pretrained.match_normalization(config)
+    if not steps:  # else the run resumes: its own checkpoint wins over model.init
+      init_weights = pretrained.load(config, data.class_to_idx)
+      init_weights[1]["normalization"] = note
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
   try:
     with workdir_lock.acquire(workdir), contextlib.ExitStack() as cleanup:
-      return _train(config, data, mesh, workdir, cleanup)  # cleanup: checkpoints, logs, signals
+      # cleanup: checkpoints, logs, signals
+      return _train(config, data, mesh, workdir, cleanup, init_weights)
   except Exception:
     if created and jax.process_index() == 0 and os.listdir(workdir) == [workdir_lock.NAME]:
       shutil.rmtree(workdir)  # failed before writing anything (e.g. a batch too big)
@@ -109,8 +116,9 @@ def _resume(ckpt, config, abstract, train_iter, pcount: int):
   return state, start, progress
 
 
-def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack) -> dict:
-  """`run` once the config and the data are known good."""
+def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
+           init_weights=None) -> dict:
+  """`run` once the config and the data (and model.init's weights) are known good."""
   pidx, pcount = jax.process_index(), jax.process_count()
   tasks = list(config.data.task_keys_h5)
   _log(f"data: {data.summary()}")
@@ -167,8 +175,18 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack) -> d
     # Re-materialise restored arrays so that the donating step may consume them.
     state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)
     _log(f"resumed from step {start} (epoch {progress.get('epoch', 0):.2f}) in {ckpt.directory}")
+    if pretrained.enabled(config):
+      _log("model.init not applied: the run resumes from its own checkpoint (assets/"
+           "init_report.json describes the weights it started from)")
   else:
     state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
+    if init_weights is not None:
+      loaded, report = init_weights
+      state = state.replace(params=pretrained.place(state.params, loaded,
+                                                    config.model.scan_blocks))
+      if pidx == 0:
+        pretrained.write_report(workdir, report)
+        print(pretrained.summary(report), flush=True)
   finite_fn = jax.jit(state_lib.is_finite)
   n_params = state_lib.count_params(state.params)
   end = total if prog["stopped_at"] is None else prog["stopped_at"]
