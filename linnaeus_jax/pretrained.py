@@ -197,8 +197,7 @@ def plan_ropevit(sshapes: dict, tshapes: dict) -> Plan:
   plan = Plan("ropevit", layout, [], {
       "patch_embed.*": "ViT patch embedding (the ConvNeXt stages make stage 3's tokens)",
       "head.*": "ImageNet classifier", "freqs_t_x": "token x positions (recomputed per grid)",
-      "freqs_t_y": "token y positions (recomputed per grid)", "fc_norm.*": "pooled-feature norm",
-      "pos_embed": "absolute position embedding (not used with RoPE)"})
+      "freqs_t_y": "token y positions (recomputed per grid)", "fc_norm.*": "pooled-feature norm"})
   blocks = _prefix_index(sshapes, "blocks")
   if not blocks or "cls_token" not in sshapes:
     plan.layout = "unknown"
@@ -217,6 +216,9 @@ def plan_ropevit(sshapes: dict, tshapes: dict) -> Plan:
   if fkey not in sshapes:
     plan.problems.append("no `freqs`: not a RoPE-Mixed ViT (axial RoPE-ViTs have fixed "
                          "frequencies that our mixed blocks cannot take)")
+  if "pos_embed" in sshapes:
+    plan.problems.append("pos_embed: a RoPE-ViT with an absolute position embedding (`_ape`), "
+                         "which mFormerV1 lacks; use the rope_mixed model without it")
   fshape = (2, len(blocks), heads * p) if layout == "official" else (2, len(blocks), heads, p)
   e = plan.entries
   e.append(_copy(("cls_token_1",), "cls_token", tshapes[("cls_token_1",)]))
@@ -535,6 +537,10 @@ def summary(report: dict) -> str:
           for g, v in report["targets"].items()]
   lines.append(f"  {'module':<14} {'loaded':>7} {'new':>5} {'values':>13}")
   lines += [f"  {g:<14} {a:>7} {b:>5} {n:>13,}" for g, a, b, n in rows]
+  done = sum(v["loaded_values"] for v in report["targets"].values())
+  total = sum(v["loaded_values"] + v["random_values"] for v in report["targets"].values())
+  lines.append(f"  {done:,} of {total:,} parameter values loaded ({100 * done / total:.1f}%); "
+               "the optimizer starts fresh")
   lines += [f"  problem: {p}" for p in report["problems"]]
   if report.get("normalization"):
     lines.append(f"  {report['normalization']}")

@@ -284,3 +284,14 @@ def test_finetune_from_a_workdir_on_another_dataset(small_dataset, tmp_path, cap
   assert "model.init not applied: the run resumes from its own checkpoint" in (
       capsys.readouterr().out)
 
+
+
+def test_axial_or_ape_vits_are_refused():
+  shapes = pretrained._shapes(pretrained.read_weights(os.path.join(DATA, ROPEVIT["official"])))
+  tshapes = _target_shapes(_fixture_model())
+  ape = dict(shapes, pos_embed=(1, 16, 32))
+  assert any("pos_embed" in p for p in pretrained.check(
+      pretrained.plan_ropevit(ape, tshapes), ape, tshapes)["problems"])
+  axial = {k: v for k, v in shapes.items() if k != "freqs"}
+  assert any("not a RoPE-Mixed ViT" in p for p in pretrained.check(
+      pretrained.plan_ropevit(axial, tshapes), axial, tshapes)["problems"])
