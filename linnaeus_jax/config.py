@@ -643,6 +643,8 @@ def _optimizer_problems(config) -> list[str]:
                       f"optimizer.parameter_groups.groups")
   for name, node in pg.groups.items():
     key = f"optimizer.parameter_groups.groups.{name}"
+    if name == "frozen" and o.freeze:
+      problems.append(f"{key}: 'frozen' is the name of optimizer.freeze's parameters; rename it")
     if name == "default":
       problems.append(f"{key}: 'default' is reserved (set optimizer.parameter_groups.default)")
     if name not in order:

@@ -190,12 +190,8 @@ def layer_id(config, path: str, block: int = 0) -> int:
   when the path has none (a scanned stage)."""
   parts = path.split("/")
   top = parts[0]
-  depths = stage_depths(config)
-  first = {}
-  n = 1
-  for name in _STAGES:
-    first[name] = n
-    n += depths[name]
+  depths = [stage_depths(config)[s] for s in _STAGES]
+  first = dict(zip(_STAGES, (1 + sum(depths[:k]) for k in range(len(_STAGES)))))
   if top in ("stem_conv", "stem_norm"):
     return 0
   if top in _BEFORE:

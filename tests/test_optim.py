@@ -10,7 +10,7 @@ from optax import contrib
 
 from linnaeus_jax import config as config_lib, models, optim
 
-from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
+from conftest import tiny_config  # conftest also puts the repository on sys.path
 
 
 def _sm_config():
@@ -312,6 +312,192 @@ def test_ademamix_matches_optax_contrib_and_beta3_warmup():
   b3 = optim._beta3(0.9, 0.9999, 100)
   assert float(b3(-1)) == pytest.approx(0.9) and float(b3(99)) == pytest.approx(0.9999)
   assert 0.9 < float(b3(49)) < 0.9999
+
+
+# ----------------------------------------------------------------------------- Fine-tuning
+
+FREEZE = "startswith:stage0/ or startswith:stem_"
+
+
+def _tiny_model_config(scan=True, **opt):
+  """conftest's tiny mFormerV1 (no data read) with depths (2, 1 | 3, 2): L = 8, heads at id 9;
+  constant LR 1e-2, no clipping."""
+  c = _small_config()
+  t = tiny_config("/unused")
+  c.model, c.data = t.model, t.data
+  for task in c.data.task_keys_h5:
+    c.model.classification.heads[task].num_classes = 3
+  c.model.convnext_stages.depths, c.model.rope_stages.depths = [2, 1], [3, 2]
+  c.model.scan_blocks = scan
+  for k, v in opt.items():
+    c.optimizer[k] = v
+  return c
+
+
+def _random_like(tree, seed):
+  """Standard normal numpy leaves (eager jax would compile one op per leaf shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), tree)
+
+
+def _run_jit(tx, params, grads_list):
+  """_run compiled (eager optax on a whole model compiles ops per leaf shape); numpy updates."""
+  update = jax.jit(tx.update)
+  state, out = jax.jit(tx.init)(params), []
+  for g in grads_list:
+    u, state = update(g, state, params)
+    out.append(jax.tree.map(np.asarray, u))
+  return out
+
+
+def _tiny_params(c):
+  _, params, _ = models.abstract(c)
+  return _random_like(nnx.to_pure_dict(params), 0)
+
+
+def _frozen(path):
+  return path.startswith("stage0/") or path.startswith("stem_")
+
+
+def _frozen_grads(params, seed, scale):
+  """Standard normal gradients, the frozen leaves' multiplied by `scale`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda k, g: scale * g if _frozen(optim._path(k)) else g, _random_like(params, seed))
+
+
+def test_freeze_adamw_no_update_and_no_state():
+  c = _tiny_model_config(freeze=FREEZE)
+  c.train.clip_grad = 1.0
+  params = _tiny_params(c)
+  paths = _leaves(params)
+  frozen = {p for p in paths if _frozen(p)}
+  assert len(frozen) == 2 + 2 + 9  # stem conv (kernel, bias), stem norm, stage0 (stacked)
+  tx, scheds = optim.build(c, 10, 1)
+  assert list(scheds) == ["default"]
+  state, p, step = jax.jit(tx.init)(params), params, jax.jit(tx.update)
+  for seed in (1, 2, 3):
+    u, state = step(_frozen_grads(params, seed, 1.0), state, p)
+    p = jax.jit(optax.apply_updates)(p, u)
+  new = _leaves(jax.tree.map(np.asarray, p))
+  for path in frozen:
+    np.testing.assert_array_equal(new[path], paths[path], err_msg=path)
+  assert not any(np.array_equal(new[q], paths[q]) for q in paths if q not in frozen)
+  # No moments for frozen tensors: AdamW keeps mu and nu per trainable tensor only.
+  n_leaves = lambda t: len(jax.tree.leaves(jax.eval_shape(t.init, params)))
+  plain, _ = optim.build(_tiny_model_config(), 10, 1)
+  assert n_leaves(plain) - n_leaves(tx) == 2 * len(frozen)
+
+
+def test_freeze_zeroes_gradients_before_clipping():
+  c = _tiny_model_config(freeze=FREEZE, name="sgd", momentum=0.0, weight_decay=0.0)
+  c.train.clip_grad = 1.0
+  params = _tiny_params(c)
+  # Large frozen gradients: were they in the clipping norm, every other update would shrink.
+  grads = _frozen_grads(params, 1, 100.0)
+  zeroed = _frozen_grads(params, 1, 0.0)
+  norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(zeroed))))
+  assert norm > 10 * c.train.clip_grad  # clipping is active
+  tx, _ = optim.build(c, 10, 1)
+  (ours,) = _run_jit(tx, params, [grads])
+  (ref,) = _run_jit(tx, params, [zeroed])
+  ours, ref, g = _leaves(ours), _leaves(ref), _leaves(grads)
+  for q in g:
+    np.testing.assert_array_equal(ours[q], ref[q], err_msg=q)
+    want = 0.0 * g[q] if _frozen(q) else -1e-2 * g[q] * c.train.clip_grad / norm
+    np.testing.assert_allclose(ours[q], want, rtol=1e-5, atol=0, err_msg=q)
+
+
+def test_freeze_wins_over_groups_and_has_its_own_table_row():
+  c = _tiny_model_config(freeze=FREEZE)
+  pg = c.optimizer.parameter_groups
+  pg.enabled, pg.order = True, ["convs"]
+  pg.groups.convs = dict(filter="ndim:4", optimizer="sgd")
+  params = _tiny_params(c)
+  labels = _leaves(optim.param_labels(c, params))
+  assert labels["stem_conv/kernel"] == labels["stage0/blocks/dwconv/kernel"] == "frozen"
+  assert labels["stage1/blocks/dwconv/kernel"] == labels["down0/conv/kernel"] == "convs"
+  assert labels["head/taxa_L10/fc/kernel"] == "default"
+  leaves = _leaves(params)
+  frozen = {p for p in leaves if _frozen(p)}
+  rows = {r["group"]: r for r in optim.group_table(c, params)}
+  assert list(rows) == ["frozen", "convs", "default"]
+  assert rows["frozen"]["tensors"] == len(frozen) and rows["frozen"]["optimizer"] == "none"
+  assert rows["frozen"]["params"] == sum(leaves[p].size for p in frozen)
+  assert rows["convs"]["tensors"] == 4  # stage1's dwconv, down0/1/2 (not stem_conv, stage0)
+  assert sum(r["tensors"] for r in rows.values()) == len(leaves)
+  assert sum(r["params"] for r in rows.values()) == sum(x.size for x in leaves.values())
+  c.optimizer.freeze = ""
+  assert "frozen" not in [r["group"] for r in optim.group_table(c, params)]
+  # 'frozen' is the reserved label while freezing.
+  c.optimizer.freeze = FREEZE
+  c.optimizer.parameter_groups.groups.frozen = dict(filter="none")
+  c.optimizer.parameter_groups.order = ["convs", "frozen"]
+  with pytest.raises(ValueError, match="reserved"):
+    optim.build(c, 10, 1)
+
+
+def _expected_layer_id(path, block=None):
+  """The layer ids of the depths (2, 1 | 3, 2) written out by hand (L = 8)."""
+  top = path.split("/")[0]
+  m = re.match(r"(stage[0134])/blocks/(\d+)/", path)
+  if block is None and m:
+    block = int(m.group(2))
+  first = {"stage0": 1, "stage1": 3, "stage3": 4, "stage4": 7}
+  fixed = {"stem_conv": 0, "stem_norm": 0, "down0": 3, "down1": 4, "cls_token_1": 4,
+           "meta_1": 4, "down2": 7, "cls_token_2": 7, "meta_2": 7}
+  if top in first:
+    return first[top] + block
+  return fixed.get(top, 9)
+
+
+@pytest.mark.parametrize("scan,decay", [(True, 0.75), (False, 0.75), (True, 1.0)])
+def test_layer_decay_scales_each_block(scan, decay):
+  c = _tiny_model_config(scan, name="sgd", momentum=0.0, weight_decay=0.0, layer_decay=decay)
+  config_lib.validate(c, need_data=False)
+  assert optim.num_layers(c) == 8
+  params = _tiny_params(c)
+  grads = _random_like(params, 1)
+  (u,) = _run_jit(optim.build(c, 10, 1)[0], params, [grads])
+  u, g = _leaves(u), _leaves(grads)
+  assert u.keys() == g.keys()
+  seen = set()
+  for path, gi in g.items():
+    if scan and re.match(r"stage[0134]/blocks/", path):  # stacked: one factor per block
+      want = np.stack([-1e-2 * gi[i] * decay ** (9 - _expected_layer_id(path, i))
+                       for i in range(gi.shape[0])])
+      seen |= {_expected_layer_id(path, i) for i in range(gi.shape[0])}
+    else:
+      want = -1e-2 * gi * decay ** (9 - _expected_layer_id(path))
+      seen.add(_expected_layer_id(path))
+    np.testing.assert_allclose(u[path], want, rtol=1e-6, err_msg=path)
+  assert seen == set(range(10))  # every id from the stem (0) to the heads (9)
+  head = "head/taxa_L10/fc/kernel"
+  np.testing.assert_allclose(u[head], -1e-2 * g[head], rtol=1e-6)
+  qkv = "stage3/blocks/attn/qkv/kernel" if scan else "stage3/blocks/2/attn/qkv/kernel"
+  scales = _leaves(optim.layer_scales(c, params))
+  if scan:
+    assert scales[qkv].shape == (3, 1, 1)
+    np.testing.assert_allclose(scales[qkv].ravel(), [decay ** 5, decay ** 4, decay ** 3])
+  else:
+    assert scales[qkv] == pytest.approx(decay ** 3)
+
+
+def test_layer_decay_scales_decoupled_weight_decay_and_keeps_frozen_frozen():
+  c = _tiny_model_config(layer_decay=0.5, freeze="startswith:stem_")
+  params = _tiny_params(c)
+  zeros = jax.tree.map(np.zeros_like, params)
+  (u,) = _run_jit(optim.build(c, 10, 1)[0], params, [zeros])
+  u, p = _leaves(u), _leaves(params)
+  # AdamW on zero gradients: only the decoupled decay -lr * wd * p, times the layer factor.
+  for path, blocks in (("stage3/blocks/mlp/fc1/kernel", (4, 5, 6)),
+                       ("stage4/blocks/attn/proj/kernel", (7, 8))):
+    want = np.stack([-1e-2 * 0.05 * p[path][i] * 0.5 ** (9 - b) for i, b in enumerate(blocks)])
+    np.testing.assert_allclose(u[path], want, rtol=1e-6, err_msg=path)
+  np.testing.assert_allclose(u["down0/conv/kernel"], -1e-2 * 0.05 * p["down0/conv/kernel"]
+                             * 0.5 ** 6, rtol=1e-6)
+  np.testing.assert_allclose(u["head/taxa_L10/fc/kernel"],
+                             -1e-2 * 0.05 * p["head/taxa_L10/fc/kernel"], rtol=1e-6)
+  assert not np.any(u["stem_conv/kernel"]) and not np.any(u["stem_norm/norm/scale"])
 
 
 # ----------------------------------------------------------------------------- Validation
