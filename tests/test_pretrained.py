@@ -295,3 +295,29 @@ def test_axial_or_ape_vits_are_refused():
   axial = {k: v for k, v in shapes.items() if k != "freqs"}
   assert any("not a RoPE-Mixed ViT" in p for p in pretrained.check(
       pretrained.plan_ropevit(axial, tshapes), axial, tshapes)["problems"])
+
+
+def test_an_original_checkpoint_initialises_by_class_index(tmp_path):
+  """An original state dict (here written by convert_torch.to_torch, as .npz of torch names):
+  the backbone loads exactly; heads with the same class counts load by index, others are new."""
+  c = _fixture_model()
+  variables = {"params": nnx.to_pure_dict(nnx.split(models.build(c, nnx.Rngs(5)),
+                                                    nnx.Param, ...)[1])}
+  path = str(tmp_path / "original.npz")
+  np.savez(path, **ct.to_torch(jax.device_get(variables), c))
+  c.model.classification.heads["taxa_L10"].num_classes = 7  # another species list
+  c.model.init.checkpoint = path
+  class_to_idx = {t: {str(100 * j + i): i for i in range(c.model.classification.heads[t]
+                                                          .num_classes)}
+                  for j, t in enumerate(c.data.task_keys_h5)}
+  loaded, report = pretrained.load(c, class_to_idx)
+  heads = report["sources"]["checkpoint"]["heads"]
+  assert heads["taxa_L10"] == "new: 7 classes here, 5 in the source"
+  assert heads["taxa_L20"] == "loaded by class index (the source has no class map)"
+  np.testing.assert_array_equal(loaded[("head", "taxa_L20", "fc", "kernel")],
+                                variables["params"]["head"]["taxa_L20"]["fc"]["kernel"])
+  np.testing.assert_array_equal(loaded[("stage3", "blocks", 1, "attn", "freqs")],
+                                variables["params"]["stage3"]["blocks"]["attn"]["freqs"][1])
+  # ... and the learned missing-metadata tokens, which the original does not have.
+  assert report["random"] == ["head/taxa_L10/fc/bias", "head/taxa_L10/fc/kernel",
+                              "meta_1/missing_tokens", "meta_2/missing_tokens"]
