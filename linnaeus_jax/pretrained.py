@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -50,7 +49,7 @@ class Plan:
   name: str
   layout: str
   entries: list[Entry]
-  unused: dict[str, str]  # key -> why
+  unused: dict[str, str]  # key pattern (fnmatch) -> why
   problems: list[str] = dataclasses.field(default_factory=list)
   notes: list[str] = dataclasses.field(default_factory=list)
   heads: dict[str, str] = dataclasses.field(default_factory=dict)  # checkpoint: task -> status
@@ -67,7 +66,13 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
-      weights = load_file(path)
+      try:
+        weights = load_file(path)
+      except TypeError as e:  # bfloat16 has no numpy dtype name: read through jax
+        if "bfloat16" not in str(e):
+          raise
+        from safetensors.flax import load_file as load_jax  # pylint: disable=g-import-not-at-top
+        weights = {k: np.asarray(v, np.float32) for k, v in load_jax(path).items()}
     except (SafetensorError, OSError, ValueError, TypeError) as e:
       raise InitError(f"{path}: not a readable .safetensors file: {e}") from None
     out = {torch_pickle.strip_prefixes(k): v for k, v in weights.items()}

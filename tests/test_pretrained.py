@@ -321,3 +321,14 @@ def test_an_original_checkpoint_initialises_by_class_index(tmp_path):
   # ... and the learned missing-metadata tokens, which the original does not have.
   assert report["random"] == ["head/taxa_L10/fc/bias", "head/taxa_L10/fc/kernel",
                               "meta_1/missing_tokens", "meta_2/missing_tokens"]
+
+
+def test_bfloat16_safetensors_read_as_float32(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from safetensors.flax import save_file as save_jax  # pylint: disable=g-import-not-at-top
+  x = np.array([1.0, -2.5, 3.140625], np.float32)  # exact in bfloat16
+  path = str(tmp_path / "bf16.safetensors")
+  save_jax({"module.w": jnp.asarray(x, jnp.bfloat16)}, path)
+  weights = pretrained.read_weights(path)
+  assert list(weights) == ["w"] and weights["w"].dtype == np.float32
+  np.testing.assert_array_equal(weights["w"], x)
