@@ -75,7 +75,8 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
         weights = {k: np.asarray(v, np.float32) for k, v in load_jax(path).items()}
     except (SafetensorError, OSError, ValueError, TypeError) as e:
       raise InitError(f"{path}: not a readable .safetensors file: {e}") from None
-    out = {torch_pickle.strip_prefixes(k): v for k, v in weights.items()}
+    out = {torch_pickle.strip_prefixes(k): v.astype(np.float32) if v.dtype.name == "bfloat16"
+           else v for k, v in weights.items()}  # as torch_pickle reads bfloat16
   else:
     try:
       out = torch_pickle.load_torch_checkpoint(path)
