@@ -65,8 +65,9 @@ def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ())
   """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank)}.
 
   `variables`: (params, buffers) of the train state; `consts` from `state.loss_constants`. Pixels
-  are normalised as in training (`cfg.image_mean/std`). The losses and counts are the train step's (`train_step.losses_and_counts` with the validation
-  criteria), so `val/loss` is the quantity training minimises.
+  are normalised as in training (`cfg.image_mean/std`). The losses and counts are the train
+  step's (`train_step.losses_and_counts` with the validation criteria), so `val/loss` is the
+  quantity training minimises.
   """
   masks_KxC = np.array([[n in masked for n in cfg.components] for _, masked in phase_list],
                        bool).reshape(len(phase_list), len(cfg.components))

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import yaml
 
+from linnaeus_jax import preprocessing
 from linnaeus_jax.inference import bundle
 from linnaeus_jax.inference.predictor import Predictor, load_workdir
 from linnaeus_jax.tools import convert_torch
+
+from conftest import tiny_config
 
 
 def test_params_round_trip_keeps_int_keys_and_empty_trees(tmp_path):
@@ -19,6 +22,30 @@ def test_params_round_trip_keeps_int_keys_and_empty_trees(tmp_path):
   assert back["buffers"] == {} and sorted(back["params"]["stage"]["blocks"]) == [0, 1]
   np.testing.assert_array_equal(back["params"]["stage"]["blocks"][0]["w"], np.arange(3.0))
   assert os.listdir(tmp_path) == ["p.npz"]  # no temporary file left
+
+
+def test_check_record_takes_mean_std_or_none_and_names_a_malformed_one(small_dataset):
+  c = tiny_config(small_dataset[0])
+  rec = preprocessing.record(c)
+  path = "/b/preprocessing.json"
+  bundle.check_record(rec, c, path)  # null: images in [0, 1]
+  image = rec["image"]
+  bundle.check_record({**rec, "image": {"size": image["size"]}}, c, path)  # absent: the same
+  with_stats = lambda mean, std: {**rec, "image": {**image, "mean": mean, "std": std}}
+  bundle.check_record(with_stats([0.5, 0.25, 0], [0.2, 0.4, 1]), c, path)
+  for mean, std, why in [
+      ([0.5, 0.5], [0.2, 0.2], "image.mean has 2 entries, the model takes 3 channels"),
+      ([0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2], "image.std has 4 entries, the model takes 3"),
+      ([0.5, 0.5, 0.5], [0.2, 0.0, 0.2], r"image.std must be positive, got \[0.2, 0.0, 0.2\]"),
+      ([0.5, 0.5, 0.5], [0.2, -1, 0.2], "image.std must be positive"),
+      ([0.5, 0.5, 0.5], None, "image.mean and image.std must be both null or both lists"),
+      ("imagenet", [0.2, 0.2, 0.2], "image.mean must be null or a list of 3 numbers, got 'imag"),
+      ([0.5, "a", 0.5], [0.2, 0.2, 0.2], "image.mean must be null or a list of 3 numbers"),
+      ([0.5, 0.5, 0.5], [0.2, float("nan"), 0.2], "image.std must be null or a list of 3"),
+      ([0.5, 0.5, True], [0.2, 0.2, 0.2], "image.mean must be null or a list of 3"),
+      ([0.5, 0.5, 10 ** 400], [0.2, 0.2, 0.2], "image.mean must be null or a list of 3")]:
+    with pytest.raises(bundle.BundleError, match=f"^{path}: {why}"):
+      bundle.check_record(with_stats(mean, std), c, path)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +75,8 @@ def test_an_original_bundle_with_converted_params_predicts(original_bundle):
   w, orig, converted = original_bundle
   p = Predictor.from_bundle(orig, params=converted)
   assert p.config.model.rope_mode == "cos_only" and p.config.model.meta_missing == "zeros"
+  # The original trained on [0, 1] images: no mean/std.
+  assert p.record["image"]["mean"] is None and p.record["image"]["std"] is None
   # The metadata layout built from inference_config.yaml is the one recorded at training.
   assert p.layout == [{k: c[k] for k in c} for c in w["preprocessing"]["metadata"]]
   res = p.predict([np.full((40, 50, 3), 128, np.uint8)],

@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,27 +37,29 @@ def test_the_eval_step_standardises_with_the_configs_mean_and_std(small_dataset)
   c = tiny_config(small_dataset[0])
   c.data.image_mean, c.data.image_std = tuple(mean), tuple(std)
   c, data = state_lib.resolve(c)
-  graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
-  variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
+  # N(0, 0.5) parameters drawn in numpy: an initialisation (eager or jitted) costs more than the
+  # rest of the test, and its small layer scales make the logits barely depend on the image.
+  graphdef, params, buffers = models.abstract(c)
+  draw = lambda x, rng=np.random.default_rng(0): rng.normal(0, 0.5, x.shape).astype(x.dtype)
+  variables = jax.tree.map(draw, (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)))
   consts = state_lib.loss_constants(c, data)
   batch = jax.tree.map(jnp.asarray, next(iter(pipeline.eval_dataset(data, c))))
   cfg = train_step.StepConfig.from_config(c)
   got, _ = jax.jit(evaluate.make_eval_step(graphdef, cfg))(variables, batch, consts)["val"]
-  plain_cfg = dataclasses.replace(cfg, image_mean=None, image_std=None)
-  plain, _ = jax.jit(evaluate.make_eval_step(graphdef, plain_cfg))(variables, batch, consts)["val"]
 
+  @jax.jit
   def by_hand(image):  # the model on an image normalised here, then the shared loss and counts
     logits = nnx.merge(graphdef, *variables)(image, batch["meta"], batch["meta_valid"],
                                              train=False)
     return train_step.losses_and_counts(cfg, logits, batch, consts, train=False)[1]
   x = np.asarray(batch["image"], np.float32) / 255
-  want = jax.jit(by_hand)((x - mean) / std)
-  want_plain = jax.jit(by_hand)(x)
-  for t in data.task_keys:
-    key = f"loss_sum/{t}"
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
-    np.testing.assert_allclose(plain[key], want_plain[key], rtol=1e-5)
-    assert abs(float(got[key]) - float(plain[key])) > 1e-3 * abs(float(plain[key]))
+  want, unstandardised = by_hand((x - mean) / std), by_hand(x)
+  keys = [f"loss_sum/{t}" for t in data.task_keys]
+  for k in keys:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5)
+  # Far beyond that tolerance: the [0, 1] image gives other losses.
+  diff = sum(abs(float(got[k]) - float(unstandardised[k])) for k in keys)
+  assert diff > 1e-3 * sum(float(want[k]) for k in keys)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,6 +72,35 @@ assert not any(m.startswith("linnaeus_jax") for m in sys.modules), "linnaeus_jax
                                probs, atol=1e-6)
   exported = export.export_forward(p.config, p.variables, p.record, platforms=("cpu",))
   assert "b" in str(exported.in_avals[-1].shape[0])  # a symbolic batch size
+
+
+def test_a_bundle_with_mean_std_exports_a_forward_that_standardises(bundle_dir, tmp_path):
+  b = bundle.read(bundle_dir)
+  assert b["preprocessing"]["image"]["mean"] is None  # the run's data.image_mean is ()
+  rec = json.loads(json.dumps(b["preprocessing"]))
+  rec["image"].update(mean=[0.5, 0.25, 0.125], std=[0.2, 0.4, 0.8])
+  exported = export.export_forward(b["config"], b["variables"], rec, platforms=("cpu",))
+  out = str(tmp_path / "standardised")
+  with open(os.path.join(bundle_dir, "taxonomy.json"), encoding="utf-8") as f:
+    taxonomy_json = f.read()
+  bundle.write(out, b["config"], b["variables"], rec, b["class_maps"], taxonomy_json, {},
+               bytes(exported.serialize()))
+  p = Predictor.from_bundle(out)  # read back with the recorded mean/std
+  assert p.record["image"]["std"] == [0.2, 0.4, 0.8]
+  images = sorted(glob.glob(os.path.join(p.config.data.hybrid.images_dir, "*.jpg")))[:3]
+  images_u8, meta, valid, _, _ = p.preprocess(images, [META, None, {"lat": 1.0, "lon": 2.0}])
+
+  def exported_probs(folder):  # as docs/inference.md calls model.jax_exported
+    with open(os.path.join(folder, "model.jax_exported"), "rb") as f:
+      exp = jax.export.deserialize(bytearray(f.read()))
+    logits = exp.call(dict(np.load(os.path.join(folder, "params.npz"))), images_u8, meta, valid)
+    return {t: jax.nn.softmax(z, -1) for t, z in logits.items()}
+  got, unstandardised = exported_probs(out), exported_probs(bundle_dir)
+  # The Predictor standardises as the model was trained (tests/test_predictor.py), and so does
+  # the exported forward: the same probabilities, not those of the [0, 1] images.
+  for task, probs in p.probs_batch(images_u8, meta, valid).items():
+    np.testing.assert_allclose(got[task], probs, atol=1e-6)
+  assert max(np.abs(got[t] - unstandardised[t]).max() for t in got) > 1e-3
 
 
 def test_export_refuses_to_overwrite_and_reports_a_missing_checkpoint(trained_workdir,

@@ -1,12 +1,16 @@
 import glob
+import json
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from linnaeus_jax import models, preprocessing
+from linnaeus_jax import config as config_lib, models, preprocessing
+from linnaeus_jax.inference import bundle
 from linnaeus_jax.inference.predictor import Predictor, consistency_pass
 from linnaeus_jax.taxonomy import TaxonomyTree
 
@@ -14,6 +18,32 @@ from linnaeus_jax.taxonomy import TaxonomyTree
 @pytest.fixture(scope="module")
 def predictor(trained_workdir):
   return Predictor.from_workdir(trained_workdir, buckets=(1, 4, 8), consistency="off")
+
+
+MEAN, STD = (0.5, 0.25, 0.125), (0.2, 0.4, 0.8)
+
+
+@pytest.fixture(scope="module")
+def standardised_workdir(trained_workdir, tmp_path_factory):
+  """The trained run, copied, with data.image_mean/std in its config.json and preprocessing.json
+  as a run with them writes it (`state.write_assets`)."""
+  workdir = str(tmp_path_factory.mktemp("standardised") / "run")
+  shutil.copytree(trained_workdir, workdir)
+  path = os.path.join(workdir, "config.json")
+  c = config_lib.read_json(path)
+  c.data.image_mean, c.data.image_std = MEAN, STD
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(c))
+  with open(os.path.join(workdir, "assets", "preprocessing.json"), "w", encoding="utf-8") as f:
+    json.dump(preprocessing.record(c), f, indent=1)
+  return workdir
+
+
+def _model(predictor):
+  """The predictor's model with its parameters, to apply by hand."""
+  graphdef = nnx.split(nnx.eval_shape(lambda: models.build(predictor.config, nnx.Rngs(0))),
+                       nnx.Param, ...)[0]
+  return nnx.merge(graphdef, predictor.variables["params"], predictor.variables["buffers"])
 
 
 def _images(predictor, n):
@@ -40,10 +70,8 @@ def test_output_equals_the_models_softmax_on_the_same_batch(predictor):
   metadata = [META, {"lat": 10.0, "lon": 20.0}, None]
   results = predictor.predict(images, metadata, top_k=100)
   images_u8, meta, valid, _, _ = predictor.preprocess(images, metadata)
-  model = nnx.merge(*nnx.split(nnx.eval_shape(lambda: models.build(
-      predictor.config, nnx.Rngs(0))), nnx.Param, ...)[:1], predictor.variables["params"],
-      predictor.variables["buffers"])
-  logits = model(preprocessing.normalize(images_u8), meta, valid, train=False)
+  assert predictor.record["image"]["mean"] is None  # trained on [0, 1] images
+  logits = _model(predictor)(images_u8 / np.float32(255), meta, valid, train=False)
   assert [r["task"] for r in results[0]["ranks"]] == ["taxa_L40", "taxa_L30", "taxa_L20",
                                                       "taxa_L10"]  # coarse to fine
   for i, res in enumerate(results):
@@ -53,6 +81,40 @@ def test_output_equals_the_models_softmax_on_the_same_batch(predictor):
       np.testing.assert_allclose(p, jax.nn.softmax(logits[t][i]), atol=1e-6)
       top = res["ranks"][[r["task"] for r in res["ranks"]].index(t)]["top_k"]
       assert [x[1] for x in top] == sorted((x[1] for x in top), reverse=True)
+
+
+def test_a_run_with_mean_std_predicts_on_the_standardised_image(predictor, standardised_workdir):
+  p = Predictor.from_workdir(standardised_workdir, buckets=(1, 4, 8), consistency="off")
+  assert p.record["image"]["mean"] == list(MEAN) and p.record["image"]["std"] == list(STD)
+  images, metadata = _images(p, 3), [META, None, {"lat": 10.0, "lon": 20.0}]
+  results = p.predict(images, metadata, top_k=100)
+  images_u8, meta, valid, _, _ = p.preprocess(images, metadata)
+  x = (images_u8 / np.float32(255) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+  logits = _model(p)(x, meta, valid, train=False)
+  plain = predictor.predict(images, metadata, top_k=100)  # the same weights on [0, 1] images
+  for i, res in enumerate(results):
+    got, unstandardised = _probs(res, p), _probs(plain[i], predictor)
+    for t, probs in got.items():
+      np.testing.assert_allclose(probs, jax.nn.softmax(logits[t][i]), atol=1e-6)
+    assert max(np.abs(got[t] - unstandardised[t]).max() for t in got) > 1e-3
+
+
+def test_a_malformed_recorded_mean_std_is_an_error_naming_the_file(standardised_workdir,
+                                                                   tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(standardised_workdir, workdir)
+  path = os.path.join(workdir, "assets", "preprocessing.json")
+  with open(path, encoding="utf-8") as f:
+    rec = json.load(f)
+  for mean, std, why in [
+      (MEAN, [0.2, 0.0, 0.8], "image.std must be positive, got [0.2, 0.0, 0.8]"),
+      ([0.5, 0.5], [0.2, 0.2], "image.mean has 2 entries, the model takes 3 channels; "
+                               "image.std has 2 entries, the model takes 3 channels")]:
+    rec["image"].update(mean=list(mean), std=std)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(rec, f)
+    with pytest.raises(bundle.BundleError, match=f"^{re.escape(f'{path}: {why}')}$"):
+      Predictor.from_workdir(workdir)
 
 
 def test_missing_and_invalid_metadata_become_invalid_components(predictor):

@@ -197,7 +197,11 @@ def read_taxonomy(path: str):
 
 
 def _number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  """A finite JSON number, not a boolean."""
+  try:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  except OverflowError:  # an integer too large for a float
+    return False
 
 
 def stats_problems(image: dict, channels: int) -> list[str]:
