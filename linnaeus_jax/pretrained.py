@@ -371,12 +371,13 @@ def plan_checkpoint(sshapes: dict, tshapes: dict, src_maps: dict | None, dst_map
   for key in sshapes:
     if key in mapped:
       continue
-    top = key.split("/")[0]
-    if top in ("head", "meta_1", "meta_2"):
-      plan.unused[key] = ("the source's head for a task whose classes differ or that this model "
-                          "lacks" if top == "head" else
-                          "the source's metadata embedder for a component this model lacks or "
-                          "sizes differently")
+    parts = key.split("/")
+    if parts[0] == "head":
+      plan.unused["/".join(parts[:2]) + "/*"] = ("the source's head for a task whose classes "
+                                                 "differ or that this model lacks")
+    elif parts[0] in ("meta_1", "meta_2"):
+      plan.unused["/".join(parts[:3]) + ("/*" if len(parts) > 3 else "")] = (
+          "the source's metadata embedder for a component this model lacks or sizes differently")
   for task, why in plan.heads.items():
     plan.notes.append(f"head {task}: {why}")
   return plan
