@@ -554,6 +554,18 @@ def summary(report: dict) -> str:
   return "\n".join(lines)
 
 
+def note_resume(workdir: str, step: int) -> None:
+  """Adds to DIR's report that a later start resumed from `step` instead of applying init."""
+  path = os.path.join(workdir, "assets", "init_report.json")
+  report = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      report = json.load(f)
+  report.setdefault("resumed", []).append(
+      {"step": step, "note": "model.init not applied: the run resumed from its own checkpoint"})
+  write_report(workdir, report)
+
+
 def write_report(workdir: str, report: dict) -> None:
   path = os.path.join(workdir, "assets", "init_report.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -178,6 +178,8 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
     if pretrained.enabled(config):
       _log("model.init not applied: the run resumes from its own checkpoint (assets/"
            "init_report.json describes the weights it started from)")
+      if pidx == 0:
+        pretrained.note_resume(workdir, start)
   else:
     state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
     if init_weights is not None:

@@ -300,6 +300,9 @@ def test_imagenet_init_then_finetune_on_another_dataset(small_dataset, tmp_path,
   train.run(c, workdir)
   assert "model.init not applied: the run resumes from its own checkpoint" in (
       capsys.readouterr().out)
+  with open(os.path.join(workdir, "assets", "init_report.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["resumed"][0]["step"] == 2 and "checkpoint" in report["sources"]
 
 
 def test_match_normalization_takes_the_sources_unless_set():
