@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import models, pretrained, train
 from linnaeus_jax.data import synthetic
+from linnaeus_jax.inference import bundle, predictor
 from linnaeus_jax.tools import convert_torch as ct
 
 from conftest import SMALL, tiny_config
@@ -290,6 +291,13 @@ def test_imagenet_init_then_finetune_on_another_dataset(small_dataset, tmp_path,
   src = pretrained.read_checkpoint(source, c)["weights"]
   np.testing.assert_array_equal(loaded[("stage3", "blocks", 0, "attn", "qkv", "kernel")],
                                 src["stage3/blocks/0/attn/qkv/kernel"])
+  w = predictor.load_workdir(source)  # the same model as a bundle is the same source
+  bundle.write(str(tmp_path / "bundle"), w["config"], w["variables"], w["preprocessing"],
+               w["class_maps"], w["taxonomy_json"], {}, None)
+  from_bundle = pretrained.read_checkpoint(str(tmp_path / "bundle"), c)
+  assert from_bundle["kind"] == "bundle" and from_bundle["class_maps"] == w["class_maps"]
+  np.testing.assert_array_equal(from_bundle["weights"]["stage3/blocks/0/attn/qkv/kernel"],
+                                src["stage3/blocks/0/attn/qkv/kernel"])
   assert {g for g, v in report["targets"].items() if v["random"]} == {"head"}
   workdir = str(tmp_path / "finetune")
   train.run(c, workdir)
@@ -351,6 +359,14 @@ def test_an_original_checkpoint_initialises_by_class_index(tmp_path):
   # ... and the learned missing-metadata tokens, which the original does not have.
   assert report["random"] == ["head/taxa_L10/fc/bias", "head/taxa_L10/fc/kernel",
                               "meta_1/missing_tokens", "meta_2/missing_tokens"]
+  # The same file converted by tools.convert_torch is the same source.
+  converted = str(tmp_path / "converted")
+  ct.run(path, _fixture_model(), converted)
+  src = pretrained.read_checkpoint(converted, c)
+  assert src["kind"] == "converted original checkpoint" and src["class_maps"] is None
+  assert src["weights"].keys() == pretrained.read_checkpoint(path, c)["weights"].keys()
+  np.testing.assert_array_equal(src["weights"]["stage3/blocks/1/attn/freqs"],
+                                variables["params"]["stage3"]["blocks"]["attn"]["freqs"][1])
 
 
 def test_bfloat16_safetensors_read_as_float32(tmp_path):
