@@ -1,0 +1,542 @@
+"""`python -m linnaeus_jax.data.build`: iNat 2021/2018 JSON and CSV/Parquet tables -> labels.h5.
+
+Every encoded value is checked against numbers computed here by hand (math, not the encoders).
+"""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from linnaeus_jax import config as config_lib
+from linnaeus_jax.data import build, labels
+
+from conftest import ROOT
+
+NAN = float("nan")
+EARTHWORM = {"kingdom": "Animalia", "phylum": "Annelida", "class": "Clitellata",
+             "order": "Haplotaxida", "family": "Lumbricidae", "genus": "Lumbricus"}
+CATEGORIES_2021 = [
+    {"id": 0, "name": "Lumbricus terrestris", "common_name": "Common Earthworm",
+     "supercategory": "Animalia", **EARTHWORM, "specific_epithet": "terrestris",
+     "image_dir_name": "00000_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_"
+                       "terrestris"},
+    # The same genus name under another family: a different genus.
+    {"id": 1, "name": "Lumbricus rubellus", "common_name": "Red Earthworm",
+     "supercategory": "Animalia", **EARTHWORM, "family": "Otheridae",
+     "specific_epithet": "rubellus", "image_dir_name": "00001_x"},
+    {"id": 2, "name": "Quercus alba", "common_name": "White Oak", "supercategory": "Plants",
+     "kingdom": "Plantae", "phylum": "Tracheophyta", "class": "Magnoliopsida",
+     "order": "Fagales", "family": "Fagaceae", "genus": "Quercus", "specific_epithet": "alba",
+     "image_dir_name": "00002_y"},
+]
+
+
+def image(i, file_name, date, lat, lon):
+  """An image entry of the 2021 layout."""
+  return {"id": i, "width": 500, "height": 375, "file_name": file_name, "license": 0,
+          "rights_holder": "someone", "date": date, "latitude": lat, "longitude": lon,
+          "location_uncertainty": 10}
+
+
+def write_2021(path, images, annotations, categories=CATEGORIES_2021):
+  with open(path, "w") as f:  # json.dump writes NaN literals, as the iNat 2021 files have
+    json.dump({"info": {"year": 2021, "version": "test"}, "images": images,
+               "categories": categories,
+               "annotations": [{"id": k, "image_id": i, "category_id": c}
+                               for k, (i, c) in enumerate(annotations)],
+               "licenses": []}, f)
+
+
+def options(**kw):
+  return build.Options(progress=False, **kw)
+
+
+def read(path):
+  with h5py.File(path, "r") as h5:
+    return {k: h5[k][:] for k in h5 if isinstance(h5[k], h5py.Dataset)}, {
+        k: dict(h5[k].attrs) for k in h5}
+
+
+def month_hour(month, hour=None):
+  out = [math.sin(2 * math.pi * month / 12), math.cos(2 * math.pi * month / 12)]
+  if hour is not None:
+    out += [math.sin(2 * math.pi * hour / 24), math.cos(2 * math.pi * hour / 24)]
+  return out
+
+
+def xyz(lat, lon):
+  la, lo = math.radians(lat), math.radians(lon)
+  return [math.cos(la) * math.cos(lo), math.cos(la) * math.sin(lo), math.sin(la)]
+
+
+def lineage_id(level, *names):
+  key = f"L{level}:" + "/".join(names)
+  return 1 + int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % (2**32 - 1)
+
+
+def config_for(out, images_dir, val=True, **meta):
+  """A config reading the built files (two-file mode), images from `images_dir`."""
+  c = config_lib.base_config()
+  d = c.data
+  d.h5.train_labels_path = os.path.join(out, "labels.h5")
+  d.h5.val_labels_path = os.path.join(out, "labels_val.h5") if val else ""
+  d.hybrid.use_hybrid, d.hybrid.images_dir = True, str(images_dir)
+  d.taxonomy.path = os.path.join(out, "taxonomy_tree.json")
+  for name, fields in meta.items():
+    for k, v in fields.items():
+      d.meta.components[name][k] = v
+  return c
+
+
+@pytest.fixture
+def inat2021(tmp_path):
+  images = [
+      image(10, "train/00000_x/a.jpg", "2010-07-14 20:19:00+00:00", 43.8, -71.2),
+      image(11, "train/00002_y/b.jpg", "2011-03-02", NAN, NAN),  # no time; NaN coordinates
+      image(12, "train/00001_x/c.jpg", "2019-12-31T23:30:00-02:00", 0.0, 0.0),
+      image(13, "train/00000_x/d.jpg", "2012-05-05 06:00:00+00:00", None, 10.0),
+  ]
+  write_2021(tmp_path / "train.json", images, [(10, 0), (11, 2), (12, 1), (13, 0)])
+  write_2021(tmp_path / "val.json", [image(20, "val/00002_y/e.jpg", "", 10.0, 20.0)], [(20, 2)])
+  return tmp_path
+
+
+def test_inat2021_every_value(inat2021):
+  out = inat2021 / "out"
+  report = build.build(options(format="inat", source=str(inat2021 / "train.json"),
+                               val_source=str(inat2021 / "val.json"), out=str(out)))
+  data, attrs = read(out / "labels.h5")
+  assert [x.decode() for x in data["img_identifiers"]] == [
+      "train/00000_x/a.jpg", "train/00002_y/b.jpg", "train/00001_x/c.jpg", "train/00000_x/d.jpg"]
+  assert list(attrs["temporal"]["column_names"]) == ["month_sin", "month_cos", "hour_sin",
+                                                     "hour_cos"]
+  t = data["temporal"]
+  np.testing.assert_allclose(t[0], month_hour(7, 20), atol=1e-6)
+  np.testing.assert_allclose(t[1, :2], month_hour(3), atol=1e-6)  # a date without a time:
+  assert np.isnan(t[1, 2:]).all()  # hour unknown, month known
+  np.testing.assert_allclose(t[2], month_hour(1, 1), atol=1e-6)  # 23:30 at -02:00 = Jan 1 01:30 UTC
+  np.testing.assert_allclose(t[3], month_hour(5, 6), atol=1e-6)
+  s = data["spatial"]
+  np.testing.assert_allclose(s[0], xyz(43.8, -71.2), atol=1e-6)
+  np.testing.assert_array_equal(s[1], [0, 0, 0])  # missing, marked by raw_lat NaN
+  np.testing.assert_allclose(s[2], [1, 0, 0], atol=1e-7)  # lat 0 / lon 0 is a real place
+  np.testing.assert_array_equal(s[3], [0, 0, 0])  # null latitude: missing
+  np.testing.assert_array_equal(data["raw_lat"], np.float32([43.8, NAN, 0.0, NAN]))
+  np.testing.assert_array_equal(data["raw_lon"], np.float32([-71.2, NAN, 0.0, 10.0]))
+  assert [x.decode() for x in data["raw_date_observed"]] == [
+      "2010-07-14 20:19:00+00:00", "2011-03-02", "2019-12-31T23:30:00-02:00",
+      "2012-05-05 06:00:00+00:00"]
+  assert "in_region" not in data and not any(k.startswith("elevation") for k in data)
+  # Name-only taxa: ids from the full lineage; one genus name under two families = two taxa.
+  worm = [EARTHWORM[r] for r in ("kingdom", "phylum", "class", "order", "family", "genus")]
+  assert data["taxa_L10"][0] == lineage_id(10, *worm, "Lumbricus terrestris")
+  assert data["taxa_L20"][0] == lineage_id(20, *worm)
+  assert data["taxa_L20"][2] == lineage_id(20, *worm[:4], "Otheridae", "Lumbricus")
+  assert data["taxa_L20"][0] != data["taxa_L20"][2]
+  assert data["taxa_L40"][0] == data["taxa_L40"][2] == lineage_id(40, *worm[:4])
+  assert data["taxa_L10"].dtype == np.uint32 and sorted(data) == sorted(
+      ["img_identifiers", "taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40", "temporal", "spatial",
+       "raw_lat", "raw_lon", "raw_date_observed"])
+  val, _ = read(out / "labels_val.h5")
+  assert val["raw_date_observed"][0] == b"" and np.all(val["temporal"][0] == 0)  # no date
+
+  r = report["splits"]["train"]
+  assert (r["rows_read"], r["rows_written"], r["dropped"]) == (4, 4, {})
+  assert r["validity"] == {"SPATIAL": 0.5, "TEMPORAL": 1.0, "TEMPORAL_HOUR": 0.75}
+  assert r["taxa"]["taxa_L10"] == {"taxa": 3, "null_rows": 0}
+  assert r["taxa"]["taxa_L40"] == {"taxa": 2, "null_rows": 0}
+  assert report["splits"]["val"]["validity"]["TEMPORAL"] == 0.0
+  sha = hashlib.sha256((inat2021 / "train.json").read_bytes()).hexdigest()
+  assert report["sources"][0]["sha256"] == sha
+  assert json.loads((out / "build_report.json").read_text()) == json.loads(json.dumps(report))
+  taxa = json.loads((out / "taxa.json").read_text())
+  assert taxa["taxa_L10"][str(data["taxa_L10"][0])] == {
+      "name": "Lumbricus terrestris", "lineage": "/".join(worm + ["Lumbricus terrestris"]),
+      "category_id": 0}
+  assert sorted(os.listdir(out)) == ["build_report.json", "labels.h5", "labels_val.h5",
+                                     "taxa.json", "taxonomy_tree.json"]
+
+
+def test_inat2021_rebuild_gives_the_same_ids(inat2021):
+  for name in ("a", "b"):
+    build.build(options(format="inat", source=str(inat2021 / "train.json"),
+                        out=str(inat2021 / name)))
+  a, _ = read(inat2021 / "a" / "labels.h5")
+  b, _ = read(inat2021 / "b" / "labels.h5")
+  for k in ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40"):
+    np.testing.assert_array_equal(a[k], b[k])
+  assert ((inat2021 / "a" / "taxonomy_tree.json").read_text()
+          == (inat2021 / "b" / "taxonomy_tree.json").read_text())
+
+
+def test_loader_accepts_the_build(inat2021):
+  out = inat2021 / "out"
+  build.build(options(format="inat", source=str(inat2021 / "train.json"),
+                      val_source=str(inat2021 / "val.json"), out=str(out)))
+  os.makedirs(inat2021 / "images")
+  data = labels.load(config_for(str(out), inat2021 / "images", TEMPORAL={"dim": 4}))
+  assert (len(data.train), len(data.val)) == (4, 1)
+  # species: 3 (+ none unknown); genus: Lumbricus twice (two families) and Quercus.
+  assert data.num_classes == {"taxa_L10": 3, "taxa_L20": 3, "taxa_L30": 3, "taxa_L40": 2}
+  # Per row: TEMPORAL (4 columns: row 1 has no hour, so invalid), SPATIAL.
+  np.testing.assert_array_equal(data.train.meta_valid,
+                                [[1, 1], [0, 0], [1, 1], [1, 0]])
+  assert data.nonfinite_meta == {"TEMPORAL": 1, "SPATIAL": 0}
+  # The month alone (two of the four columns) is valid wherever a date is.
+  data = labels.load(config_for(str(out), inat2021 / "images",
+                                TEMPORAL={"columns": ("month_sin", "month_cos")}))
+  np.testing.assert_array_equal(data.train.meta_valid[:, 0], [1, 1, 1, 1])
+  np.testing.assert_allclose(data.train.meta["TEMPORAL"][1], month_hour(3), atol=1e-6)
+  np.testing.assert_array_equal(data.val.meta_valid, [[0, 1]])
+
+  # A tree for data.partial.levels=True (class 0 = unknown at every rank) on request.
+  build.build(options(format="inat", source=str(inat2021 / "train.json"),
+                      val_source=str(inat2021 / "val.json"), out=str(out),
+                      partial_levels="true"))
+  c = config_for(str(out), inat2021 / "images", TEMPORAL={"dim": 4})
+  c.data.partial.levels = True
+  data = labels.load(c)
+  assert data.num_classes == {"taxa_L10": 4, "taxa_L20": 4, "taxa_L30": 4, "taxa_L40": 3}
+  fam, order = data.class_to_idx["taxa_L30"], data.class_to_idx["taxa_L40"]
+  parent = data.taxonomy.parents["taxa_L30"]
+  worm = [EARTHWORM[r] for r in ("kingdom", "phylum", "class", "order", "family")]
+  plant = ["Plantae", "Tracheophyta", "Magnoliopsida", "Fagales"]
+  assert parent[0] == -1  # the null class
+  assert parent[fam[lineage_id(30, *worm)]] == order[lineage_id(40, *worm[:4])]
+  assert parent[fam[lineage_id(30, *worm[:4], "Otheridae")]] == order[lineage_id(40, *worm[:4])]
+  assert parent[fam[lineage_id(30, *plant, "Fagaceae")]] == order[lineage_id(40, *plant)]
+
+  from linnaeus_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax.tools import inspect_dataset  # pylint: disable=g-import-not-at-top
+  _, data = state_lib.resolve(c)
+  s = inspect_dataset.summary(data, partial=True)
+  assert (s["rows_total"], s["rows_train"], s["rows_val"]) == (5, 4, 1)
+
+
+def test_inat2018_layout_with_locations_and_categories(tmp_path):
+  # 2018: obfuscated names in the main files, the real taxonomy in categories.json and the
+  # coordinates/dates in <split>2018_locations.json (lists of {id, lat, lon, date, ...}).
+  obfuscated = [{"id": c["id"], "name": f"x{c['id']}", "supercategory": "s"}
+                for c in CATEGORIES_2021]
+  full = [{k: c[k] for k in ("id", "name", "supercategory", "kingdom", "phylum", "class",
+                             "order", "family", "genus")} for c in CATEGORIES_2021]
+  imgs = [{"id": i, "width": 800, "height": 600, "license": 1, "rights_holder": "r",
+           "file_name": f"train_val2018/Plantae/{i}/{i}.jpg"} for i in (5, 6, 7, 8)]
+  write_2021(tmp_path / "train2018.json", imgs[:3], [(5, 2), (6, 0), (7, 1)], obfuscated)
+  write_2021(tmp_path / "val2018.json", imgs[3:], [(8, 2)], obfuscated)
+  (tmp_path / "categories.json").write_text(json.dumps(full))
+  locs = [{"id": 5, "lat": -33.5, "lon": 151.25, "loc_uncert": 10, "date": "2012-05-05",
+           "date_c": 0.4, "user_id": 1, "valid": True},
+          {"id": 6, "lat": None, "lon": None, "loc_uncert": None,
+           "date": "2013-11-20 08:15:00+00:00", "date_c": 0.9, "user_id": 2, "valid": True},
+          {"id": 7, "lat": 12.0, "lon": 170.0, "loc_uncert": 5, "date": None, "date_c": None,
+           "user_id": 3, "valid": False}]
+  (tmp_path / "train2018_locations.json").write_text(json.dumps(locs))
+  (tmp_path / "val2018_locations.json").write_text(json.dumps([{**locs[0], "id": 8}]))
+  out = tmp_path / "out"
+  report = build.build(options(
+      format="inat", source=str(tmp_path / "train2018.json"),
+      val_source=str(tmp_path / "val2018.json"), categories=str(tmp_path / "categories.json"),
+      locations=str(tmp_path / "train2018_locations.json"),
+      val_locations=str(tmp_path / "val2018_locations.json"), out=str(out),
+      ranks=(10, 20, 30, 40, 50, 60, 70)))
+  data, attrs = read(out / "labels.h5")
+  assert data["taxa_L10"][0] == lineage_id(10, "Plantae", "Tracheophyta", "Magnoliopsida",
+                                           "Fagales", "Fagaceae", "Quercus", "Quercus alba")
+  assert data["taxa_L70"][1] == lineage_id(70, "Animalia")
+  assert sorted(k for k in data if k.startswith("taxa_")) == [
+      f"taxa_L{r}" for r in (10, 20, 30, 40, 50, 60, 70)]
+  np.testing.assert_allclose(data["spatial"][0], xyz(-33.5, 151.25), atol=1e-6)
+  np.testing.assert_allclose(data["temporal"][0, :2], month_hour(5), atol=1e-6)
+  assert np.isnan(data["temporal"][0, 2:]).all()  # date only
+  np.testing.assert_allclose(data["temporal"][1], month_hour(11, 8), atol=1e-6)
+  assert np.isnan(data["raw_lat"][1]) and data["raw_date_observed"][2] == b""
+  np.testing.assert_allclose(data["spatial"][2], xyz(12.0, 170.0), atol=1e-6)
+  assert report["splits"]["val"]["rows_written"] == 1
+  assert len(report["sources"]) == 5  # main, categories, locations: train and val
+
+
+def write_table(tmp_path, rows, header):
+  path = tmp_path / "obs.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)
+  return path
+
+
+TABLE_HEADER = ["path", "sp", "gen", "fam", "ord", "lat", "lon", "observed", "elev_m"]
+TABLE_ROWS = [
+    ["img/1.jpg", "Turdus migratorius", "Turdus", "Turdidae", "Passeriformes", "42.5", "-71.25",
+     "2021-05-06T14:00:00Z", "1000"],
+    ["img/2.jpg", "", "Turdus", "Turdidae", "Passeriformes", "", "", "2021-12-24", ""],
+    ["img/3.jpg", "Quercus alba", "Quercus", "Fagaceae", "Fagales", "0", "0",
+     "2020-01-15 03:00:00+01:00", "0"],
+]
+TABLE_COLUMNS = (("date", "observed"), ("elevation", "elev_m"), ("family", "fam"),
+                 ("genus", "gen"), ("image", "path"), ("latitude", "lat"),
+                 ("longitude", "lon"), ("order", "ord"), ("species", "sp"))
+
+
+def test_table_csv_values_and_parquet_gives_the_same(tmp_path):
+  csv_path = write_table(tmp_path, TABLE_ROWS, TABLE_HEADER)
+  build.build(options(format="table", source=str(csv_path), columns=TABLE_COLUMNS,
+                      out=str(tmp_path / "csv"), bbox=(40.0, 50.0, 170.0, -60.0)))
+  data, attrs = read(tmp_path / "csv" / "labels.h5")
+  np.testing.assert_allclose(data["temporal"][0], month_hour(5, 14), atol=1e-6)
+  np.testing.assert_allclose(data["temporal"][1, :2], month_hour(12), atol=1e-6)
+  assert np.isnan(data["temporal"][1, 2:]).all()
+  np.testing.assert_allclose(data["temporal"][2], month_hour(1, 2), atol=1e-6)  # 03:00+01 = 02 UTC
+  np.testing.assert_allclose(data["spatial"][0], xyz(42.5, -71.25), atol=1e-6)
+  np.testing.assert_allclose(data["spatial"][2], [1, 0, 0], atol=1e-7)
+  assert np.isnan(data["raw_lat"][1]) and data["raw_lat"][2] == 0.0
+  e = data["elevation_broadrange_2"]
+  assert list(attrs["elevation_broadrange_2"]["column_names"])[:2] == ["elev_100_sin",
+                                                                       "elev_100_cos"]
+  expected = []
+  for s in (100, 500, 1000, 2000, 5000):
+    expected += [math.sin(2 * math.pi * 1000 / s), math.cos(2 * math.pi * 1000 / s)]
+  np.testing.assert_allclose(e[0], expected, atol=1e-6)
+  np.testing.assert_array_equal(e[1], [0, 1] * 5)  # missing: the original's null form ...
+  assert np.isnan(data["raw_elevation"][1])  # ... marked missing by the raw column
+  np.testing.assert_allclose(e[2], [0, 1] * 5, atol=1e-7)  # a real 0 m
+  assert data["raw_elevation"][2] == 0.0
+  assert data["taxa_L10"][1] == 0  # unknown species
+  assert data["taxa_L20"][1] == data["taxa_L20"][0] == lineage_id(
+      20, "", "", "", "Passeriformes", "Turdidae", "Turdus")
+  # bbox 40..50 N, 170 E across 180 to 60 W: row 0 inside, row 1 unknown (kept), row 2 outside.
+  np.testing.assert_array_equal(data["in_region"], [1, 1, 0])
+
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  table = pa.table({
+      "path": [r[0] for r in TABLE_ROWS], "sp": [r[1] or None for r in TABLE_ROWS],
+      "gen": [r[2] for r in TABLE_ROWS], "fam": [r[3] for r in TABLE_ROWS],
+      "ord": [r[4] for r in TABLE_ROWS], "lat": [42.5, None, 0.0], "lon": [-71.25, None, 0.0],
+      "observed": [r[7] for r in TABLE_ROWS], "elev_m": [1000.0, None, 0.0]})
+  pq.write_table(table, tmp_path / "obs.parquet")
+  build.build(options(format="table", source=str(tmp_path / "obs.parquet"),
+                      columns=TABLE_COLUMNS, out=str(tmp_path / "pq"),
+                      bbox=(40.0, 50.0, 170.0, -60.0)))
+  other, _ = read(tmp_path / "pq" / "labels.h5")
+  assert sorted(other) == sorted(data)
+  for k in data:
+    np.testing.assert_array_equal(other[k], data[k], err_msg=k)
+
+
+def test_table_taxa_by_id_and_default_columns(tmp_path):
+  path = write_table(tmp_path, [["a.jpg", "12345", "678", "2020-02-02T10:00:00"],
+                                ["b.jpg", "", "678", ""]],
+                     ["image", "species_id", "genus_id", "date"])
+  report = build.build(options(format="table", source=str(path), out=str(tmp_path / "o"),
+                               columns=build.parse_columns("image=image,species_id=species_id,"
+                                                           "genus_id=genus_id,date=date")))
+  data, _ = read(tmp_path / "o" / "labels.h5")
+  np.testing.assert_array_equal(data["taxa_L10"], [12345, 0])
+  np.testing.assert_array_equal(data["taxa_L20"], [678, 678])
+  assert report["ranks"] == ["taxa_L10", "taxa_L20"]  # the ranks the table has
+  assert report["partial_levels"] is True  # a species is unknown: null class in the tree
+  tree = json.loads((tmp_path / "o" / "taxonomy_tree.json").read_text())
+  assert tree["num_classes"] == {"taxa_L10": 2, "taxa_L20": 2}
+  assert tree["hierarchy_map_raw"] == {"taxa_L10": {"1": 1}}
+  with pytest.raises(build.BuildError, match="the source has no .*family"):
+    build.build(options(format="table", source=str(path), out=str(tmp_path / "p"),
+                        columns=(("genus_id", "genus_id"), ("image", "image")), ranks=(30,)))
+
+
+BAD_ROWS = [
+    ["ok/1.jpg", "A a", "A", "F", "O", "10", "20", "2020-01-01", ""],
+    ["ok/1.jpg", "A a", "A", "F", "O", "10", "20", "2020-01-01", ""],  # duplicate image
+    ["ok/2.jpg", "A a", "A", "F", "O", "91", "20", "2020-01-01", ""],  # latitude out of range
+    ["ok/3.jpg", "A a", "A", "F", "O", "10", "abc", "2020-01-01", ""],  # garbage longitude
+    ["ok/4.jpg", "A a", "A", "F", "O", "10", "20", "2020-13-01", ""],  # no such month
+    ["ok/5.jpg", "A a", "A", "F", "O", "nan", "", "", "9999999"],  # elevation out of range
+    ["../6.jpg", "A a", "A", "F", "O", "", "", "", ""],  # outside the images folder
+    ["ok/7.jpg", "B b", "B", "F", "O", "-90", "180", "2020-06-30T12:00:00", "-5"],
+]
+
+
+def test_taxon_id_collision_is_an_error(tmp_path):
+  # Two species names whose lineage hashes agree (found by search): refused, both named.
+  assert lineage_id(10, "", "", "", "", "", "", "n11288") == lineage_id(
+      10, "", "", "", "", "", "", "n12437") == 661508129
+  path = write_table(tmp_path, [["a.jpg", "n11288"], ["b.jpg", "n12437"]], ["image", "species"])
+  with pytest.raises(build.BuildError, match="collision at rank species: '//////n11288' and "
+                     "'//////n12437' both hash to 661508129"):
+    build.build(options(format="table", source=str(path), out=str(tmp_path / "o"),
+                        columns=(("image", "image"), ("species", "species"))))
+
+
+def test_bad_rows_are_fatal_by_default(tmp_path):
+  path = write_table(tmp_path, BAD_ROWS, TABLE_HEADER)
+  out = tmp_path / "out"
+  with pytest.raises(build.BuildError) as e:
+    build.build(options(format="table", source=str(path), columns=TABLE_COLUMNS, out=str(out)))
+  msg = str(e.value)
+  assert msg.startswith("6 bad rows (train: bad_image_path 1, duplicate_image 1, "
+                        "bad_coordinates 2, bad_date 1, bad_elevation 1)")
+  for row, reason in ((1, "duplicate_image"), (2, "bad_coordinates"), (3, "bad_coordinates"),
+                      (4, "bad_date"), (5, "bad_elevation"), (6, "bad_image_path")):
+    assert f"train row {row} " in msg and reason in msg
+  assert "'abc'" in msg and "'2020-13-01'" in msg
+  assert not os.path.exists(out)  # nothing written: the rows are checked before any file
+
+
+def test_bad_rows_dropped_and_listed(tmp_path):
+  path = write_table(tmp_path, BAD_ROWS, TABLE_HEADER)
+  out = tmp_path / "out"
+  report = build.build(options(format="table", source=str(path), columns=TABLE_COLUMNS,
+                               out=str(out), on_bad_row="drop"))
+  r = report["splits"]["train"]
+  assert (r["rows_read"], r["rows_written"]) == (8, 2)
+  assert r["dropped"] == {"bad_image_path": 1, "duplicate_image": 1, "bad_coordinates": 2,
+                          "bad_date": 1, "bad_elevation": 1}
+  listed = {(d["row"], d["reason"]) for d in report["dropped_rows"]}
+  assert listed == {(1, "duplicate_image"), (2, "bad_coordinates"), (3, "bad_coordinates"),
+                    (4, "bad_date"), (5, "bad_elevation"), (6, "bad_image_path")}
+  data, _ = read(out / "labels.h5")
+  assert [x.decode() for x in data["img_identifiers"]] == ["ok/1.jpg", "ok/7.jpg"]
+  np.testing.assert_allclose(data["spatial"][1], xyz(-90, 180), atol=1e-6)  # the extremes are valid
+  np.testing.assert_allclose(data["temporal"][1], month_hour(6, 12), atol=1e-6)
+  assert data["raw_elevation"][1] == -5.0
+
+
+def test_inat_bad_rows_and_missing_images(tmp_path):
+  imgs = [image(1, "a.jpg", "2020-01-01", 1.0, 2.0), image(2, "b.jpg", "2020-01-01", 1.0, 2.0),
+          image(2, "c.jpg", "2020-01-01", 1.0, 2.0), image(3, "d.jpg", "2020-01-01", 1.0, 2.0),
+          image(4, "e.jpg", "2020-01-01", 1.0, 2.0)]
+  write_2021(tmp_path / "t.json", imgs, [(1, 0), (2, 0), (3, 99), (7, 1)])
+  (tmp_path / "img").mkdir()
+  for name in ("a.jpg", "c.jpg", "d.jpg"):
+    (tmp_path / "img" / name).write_bytes(b"x")
+  report = build.build(options(format="inat", source=str(tmp_path / "t.json"),
+                               out=str(tmp_path / "o"), images_root=str(tmp_path / "img"),
+                               check_images=True, on_bad_row="drop"))
+  assert report["splits"]["train"]["dropped"] == {
+      "duplicate_image": 1, "missing_image_file": 1, "no_annotation": 1,
+      "unknown_category": 1, "annotation_unknown_image": 1}
+  reasons = {(d["row"], d["reason"]) for d in report["dropped_rows"]}
+  assert reasons == {(2, "duplicate_image"), (1, "missing_image_file"), (4, "no_annotation"),
+                     (3, "unknown_category"), (None, "annotation_unknown_image")}
+  data, _ = read(tmp_path / "o" / "labels.h5")
+  assert [x.decode() for x in data["img_identifiers"]] == ["a.jpg"]
+  with pytest.raises(build.BuildError, match="5 bad rows"):
+    build.build(options(format="inat", source=str(tmp_path / "t.json"), out=str(tmp_path / "p"),
+                        images_root=str(tmp_path / "img"), check_images=True))
+
+
+def test_json_stream_across_buffer_boundaries(tmp_path):
+  # ~6 MB: values cut by the 4 MB read buffer, NaN and -Infinity literals anywhere.
+  n = 30000
+  imgs = [image(i, f"train/x/{i:06d}_{'p' * 120}.jpg", "2020-02-29 23:59:00+00:00",
+                NAN if i % 7 == 0 else (-90.0 + i * 0.001), 12.5) for i in range(n)]
+  imgs[12345]["longitude"] = float("-inf")
+  write_2021(tmp_path / "big.json", imgs, [(i, i % 3) for i in range(n)])
+  assert os.path.getsize(tmp_path / "big.json") > 5 << 20
+  report = build.build(options(format="inat", source=str(tmp_path / "big.json"),
+                               out=str(tmp_path / "o"), on_bad_row="drop"))
+  assert report["splits"]["train"]["dropped"] == {"bad_coordinates": 1}
+  assert report["dropped_rows"][0]["row"] == 12345
+  data, _ = read(tmp_path / "o" / "labels.h5")
+  assert len(data["img_identifiers"]) == n - 1
+  assert data["img_identifiers"][-1] == f"train/x/{n - 1:06d}_{'p' * 120}.jpg".encode()
+  lat = data["raw_lat"]
+  assert int(np.isnan(lat).sum()) == len(range(0, n, 7))
+  np.testing.assert_allclose(lat[1], -89.999, atol=1e-5)
+
+
+def test_values_and_ids_by_hand():
+  assert build.parse_when("2010-07-14 20:19:00+00:00") == (7, 20, "2010-07-14 20:19:00+00:00")
+  assert build.parse_when("2010-07-14") == (7, -1, "2010-07-14")
+  assert build.parse_when("2020-03-01T01:00:00+05:00")[:2] == (2, 20)  # UTC, as inference
+  assert build.parse_when(" ") == (0, -1, "") and build.parse_when(None) == (0, -1, "")
+  for bad in ("2010-02-30", "14/07/2010", "2010-07-14 25:00"):
+    with pytest.raises(ValueError):
+      build.parse_when(bad)
+  col, bad = build.numbers([1.5, None, "", "nan", "-3", "x"])
+  np.testing.assert_array_equal(col[:2], [1.5, NAN])
+  assert np.isnan(col[2]) and np.isnan(col[3]) and col[4] == -3 and bad == {5: "not a number: 'x'"}
+  assert build.taxon_id(20, ["Animalia", "Chordata"]) == lineage_id(20, "Animalia", "Chordata")
+  assert 1 <= build.taxon_id(10, [""]) <= 2**32 - 1
+  np.testing.assert_array_equal(build.in_region(np.array([0.0, 0, NAN]), np.array([179.0, -179, 0]),
+                                                (-1, 1, 178, -178)), [1, 1, 1])
+  np.testing.assert_array_equal(build.in_region(np.array([0.0, 2.0]), np.array([0.0, 179.0]),
+                                                (-1, 1, 178, -178)), [0, 0])
+  assert build.parse_columns("image=p, species = s") == (("image", "p"), ("species", "s"))
+  with pytest.raises(build.BuildError, match="unknown keys"):
+    build.parse_columns("img=p")
+
+
+def test_columns_file_and_cli_errors(tmp_path):
+  path = write_table(tmp_path, BAD_ROWS[:1] + BAD_ROWS[2:3], TABLE_HEADER)
+  mapping = tmp_path / "cols.yaml"
+  mapping.write_text("".join(f"{k}: {v}\n" for k, v in TABLE_COLUMNS))
+  assert build.parse_columns(str(mapping)) == TABLE_COLUMNS
+  r = subprocess.run([sys.executable, "-m", "linnaeus_jax.data.build", "--format=table",
+                      f"--source={path}", f"--columns={mapping}", f"--out={tmp_path / 'o'}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: 1 bad rows (train: bad_coordinates 1)")
+  assert "train row 1 (ok/2.jpg): bad_coordinates: lat 91.0, lon 20.0 out of range" in lines[0]
+  assert not os.path.exists(tmp_path / "o" / "labels.h5")
+  r = subprocess.run([sys.executable, "-m", "linnaeus_jax.data.build", "--format=table",
+                      f"--source={path}", f"--columns={mapping}", f"--out={tmp_path / 'o'}",
+                      "--on_bad_row=drop", "--ranks=genus,family", "--noprogress"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  report = json.loads((tmp_path / "o" / "build_report.json").read_text())
+  assert report["ranks"] == ["taxa_L20", "taxa_L30"]
+
+
+def test_pack_images(tmp_path):
+  shards = pytest.importorskip("linnaeus_jax.data.shards")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rows = []
+  (tmp_path / "img").mkdir()
+  for i in range(5):
+    Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / "img" / f"{i}.jpg")
+    rows.append([f"{i}.jpg", "A a", "A", "F", "O", "", "", "", ""])
+  path = write_table(tmp_path, rows, TABLE_HEADER)
+  report = build.build(options(format="table", source=str(path), columns=TABLE_COLUMNS,
+                               out=str(tmp_path / "o"), images_root=str(tmp_path / "img"),
+                               pack_images=True, shard_size=2))
+  assert report["shards"] == {"images": [shards.shard_name("images", k, 3) for k in range(3)]}
+  for name in report["shards"]["images"]:
+    assert os.path.exists(tmp_path / "o" / name)
+
+
+@pytest.mark.slow
+def test_train_two_steps_on_a_built_table(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  (tmp_path / "images").mkdir()
+  rows = []
+  for i in range(40):
+    sp = i % 4
+    arr = np.full((32, 32, 3), 60 * sp, np.uint8) + rng.integers(0, 20, (32, 32, 3), np.uint8)
+    Image.fromarray(arr).save(tmp_path / "images" / f"{i}.jpg", quality=90)
+    rows.append([f"{i}.jpg", f"G{sp // 2} s{sp}", f"G{sp // 2}", f"F{sp // 2}", "O",
+                 f"{10 * sp}", f"{20 * sp}", f"2020-{sp + 1:02d}-10", f"{100 * sp}"])
+  path = write_table(tmp_path, rows, TABLE_HEADER)
+  build.build(options(format="table", source=str(path), columns=TABLE_COLUMNS,
+                      out=str(tmp_path), images_root=str(tmp_path / "images")))
+  c = tiny_config(str(tmp_path), steps=2)
+  c.data.taxonomy.path = str(tmp_path / "taxonomy_tree.json")
+  c.data.partial.levels = False  # every rank is known: the tree was built without a null class
+  c.schedule.checkpoint.interval_steps = 0
+  train.run(c, str(tmp_path / "work"))
+  records = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().split("\n")
+             if l]
+  steps = [r["step"] for r in records if r["phase"] == "train"]
+  assert steps == [1, 2]
