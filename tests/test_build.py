@@ -540,3 +540,28 @@ def test_train_two_steps_on_a_built_table(tmp_path):
              if l]
   steps = [r["step"] for r in records if r["phase"] == "train"]
   assert steps == [1, 2]
+
+
+def test_configs_inat21_reads_a_built_inat2021_dataset(inat2021):
+  """configs/inat21.py with the three paths its docstring names reads a 2021 build."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  out = inat2021 / "out"
+  build.build(options(format="inat", source=str(inat2021 / "train.json"),
+                      val_source=str(inat2021 / "val.json"), out=str(out),
+                      partial_levels="true"))
+  os.makedirs(inat2021 / "images")
+  spec = importlib.util.spec_from_file_location("inat21",
+                                                os.path.join(ROOT, "configs", "inat21.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.h5.train_labels_path = str(out / "labels.h5")
+  c.data.h5.val_labels_path = str(out / "labels_val.h5")
+  c.data.hybrid.images_dir = str(inat2021 / "images")
+  c.data.batch_size = c.data.batch_size_val = 2
+  c, data = state_lib.resolve(c)
+  assert (len(data.train), len(data.val)) == (4, 1)
+  assert data.num_classes == {"taxa_L10": 4, "taxa_L20": 4, "taxa_L30": 4, "taxa_L40": 3}
+  assert [n for n, _ in config_lib.enabled_components(c)] == ["TEMPORAL", "SPATIAL"]
+  np.testing.assert_array_equal(data.train.meta_valid, [[1, 1], [0, 0], [1, 1], [1, 0]])
