@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every known key, with the original's defaults where it has one (sequences as tuples)."""
   c = ml_collections.ConfigDict()
   c.data = dict(
+      # images_path, train_/val_images_path: an images.h5 of decoded (N, H, W, 3) arrays, or a
+      # shard set of encoded images (data/shards.py) as a glob '/data/images-*.h5' and/or
+      # comma-separated paths; rows aligned with the labels file's.
       h5=dict(labels_path="", images_path="", train_labels_path="", val_labels_path="",
               train_images_path="", val_images_path="", train_val_split_ratio=0.9,
               train_val_split_seed=42),

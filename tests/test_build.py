@@ -515,32 +515,47 @@ def test_pack_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_two_steps_on_a_built_table(tmp_path):
+def test_a_built_table_trains_the_same_from_the_folder_and_from_shards(tmp_path):
+  """A table of JPEGs built twice, into hybrid mode and into packed shards: the dataset
+  summary is as written, and 20 training steps from either see identical batches (same
+  losses to the bit)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import state as state_lib, train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax.tools import inspect_dataset  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   (tmp_path / "images").mkdir()
   rows = []
   for i in range(40):
     sp = i % 4
-    arr = np.full((32, 32, 3), 60 * sp, np.uint8) + rng.integers(0, 20, (32, 32, 3), np.uint8)
+    arr = np.full((48, 40, 3), 60 * sp, np.uint8) + rng.integers(0, 20, (48, 40, 3), np.uint8)
     Image.fromarray(arr).save(tmp_path / "images" / f"{i}.jpg", quality=90)
     rows.append([f"{i}.jpg", f"G{sp // 2} s{sp}", f"G{sp // 2}", f"F{sp // 2}", "O",
                  f"{10 * sp}", f"{20 * sp}", f"2020-{sp + 1:02d}-10", f"{100 * sp}"])
   path = write_table(tmp_path, rows, TABLE_HEADER)
   build.build(options(format="table", source=str(path), columns=TABLE_COLUMNS,
-                      out=str(tmp_path), images_root=str(tmp_path / "images")))
-  c = tiny_config(str(tmp_path), steps=2)
-  c.data.taxonomy.path = str(tmp_path / "taxonomy_tree.json")
-  c.data.partial.levels = False  # every rank is known: the tree was built without a null class
-  c.schedule.checkpoint.interval_steps = 0
-  train.run(c, str(tmp_path / "work"))
-  records = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().split("\n")
-             if l]
-  steps = [r["step"] for r in records if r["phase"] == "train"]
-  assert steps == [1, 2]
-
+                      out=str(tmp_path / "built"), images_root=str(tmp_path / "images"),
+                      pack_images=True, shard_size=16))
+  losses = {}
+  for mode in ("folder", "shards"):
+    c = tiny_config(str(tmp_path / "built"), steps=20)
+    c.data.hybrid.images_dir = str(tmp_path / "images")
+    if mode == "shards":
+      c.data.hybrid.use_hybrid = False
+      c.data.h5.images_path = str(tmp_path / "built" / "images-*.h5")
+    c.data.taxonomy.path = str(tmp_path / "built" / "taxonomy_tree.json")
+    c.data.partial.levels = False  # every rank is known: the tree was built without a null class
+    c.schedule.checkpoint.interval_steps = 0
+    _, data = state_lib.resolve(c)
+    s = inspect_dataset.summary(data, partial=False)
+    assert s["rows_total"] == 40 and data.num_classes == {
+        "taxa_L10": 4, "taxa_L20": 2, "taxa_L30": 2, "taxa_L40": 1}
+    train.run(c, str(tmp_path / mode))
+    records = [json.loads(l) for l in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+               if l]
+    losses[mode] = [r["loss"] for r in records if r["phase"] == "train"]
+  assert len(losses["folder"]) == 20
+  assert losses["folder"] == losses["shards"]
 
 def test_configs_inat21_reads_a_built_inat2021_dataset(inat2021):
   """configs/inat21.py with the three paths its docstring names reads a 2021 build."""

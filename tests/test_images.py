@@ -76,3 +76,28 @@ def test_verification_limits_and_decode(tmp_path, small_dataset):
     images.verify(folder, ids, ".jpg", _opts(max_missing_count=0), "skip", "train")
   with pytest.raises(images.MissingImagesError, match="max_missing_ratio=0.1"):
     images.verify(folder, ids, ".jpg", _opts(max_missing_ratio=0.1), "skip", "train")
+
+
+def test_location_kinds(tmp_path, small_dataset):
+  """A folder, one images.h5 of arrays, or shards: a glob, comma-separated paths or one shard."""
+  from linnaeus_jax.data import shards
+  folder, names = _folder(tmp_path, small_dataset)
+  out = shards.pack([os.path.join(folder, n) for n in names], str(tmp_path / "s"), shard_size=2,
+                    progress=False)
+  arrays = str(tmp_path / "arrays.h5")
+  synthetic_h5 = synthetic.generate(
+      str(tmp_path / "h5"), dataclasses.replace(SMALL, max_samples_per_species=1,
+                                                min_samples_per_species=1, image_format="h5"),
+      verbose=False)["images_path"]
+  os.replace(synthetic_h5, arrays)
+  kinds = {folder: "folder", arrays: "h5", str(tmp_path / "s" / "images-*.h5"): "shards",
+           ",".join(out): "shards", f" {out[0]} , {out[1]}": "shards", out[1]: "shards",
+           str(tmp_path / "absent.h5"): "h5"}
+  for location, kind in kinds.items():
+    assert images.kind(location) == kind, location
+  assert not images.is_h5(f"{out[0]},{folder}")  # a folder among files: not HDF5
+  for location in (str(tmp_path / "s" / "images-*.h5"), f" {out[0]} , {out[1]}"):
+    reader = images.ImageReader(location, 32)
+    for row, name in enumerate(names):
+      np.testing.assert_array_equal(reader(row, "unused"),
+                                    images.ImageReader(folder, 32)(row, name))

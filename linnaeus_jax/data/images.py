@@ -1,4 +1,6 @@
-"""Where images come from: a folder of files or `images.h5`; reading, checks and verification.
+"""Where images come from: a folder of files, `images.h5` of decoded arrays, or a set of shard
+files of encoded images (data/shards.py: a glob or comma-separated paths); reading, checks and
+verification.
 
 Missing-image policy (`data.hybrid.missing_image_policy`): `error` fails naming the files (at
 start-up when verification runs, else when the image is read); `skip` verifies every file up
@@ -21,10 +23,24 @@ import h5py
 import numpy as np
 
 from linnaeus_jax import preprocessing
+from linnaeus_jax.data import shards
 
 
 def is_h5(location: str) -> bool:
-  return location.endswith((".h5", ".hdf5"))
+  """Whether `location` names HDF5 file(s) rather than a folder: `images.h5`, a shard glob or
+  comma-separated shard paths."""
+  parts = [p.strip() for p in location.split(",") if p.strip()]
+  return bool(parts) and all(p.endswith((".h5", ".hdf5")) for p in parts)
+
+
+def kind(location: str) -> str:
+  """'folder', 'h5' (one images.h5 of decoded arrays) or 'shards' (encoded images: a glob,
+  several paths, or one file written by shards.pack)."""
+  if not is_h5(location):
+    return "folder"
+  if shards.is_set(location) or shards.is_shard_file(location):
+    return "shards"
+  return "h5"
 
 
 def to_str(image_id) -> str:
@@ -66,11 +82,16 @@ def file_path(folder: str, image_id, extension: str) -> str:
 
 
 def check_h5(path: str, n_rows: int) -> list[str]:
-  """Problems with an images.h5 file meant to hold `n_rows` uint8 HWC RGB images."""
+  """Problems with an images.h5 file meant to hold `n_rows` uint8 HWC RGB images, or with a shard
+  set (`kind` 'shards') meant to hold `n_rows` rows: all of them, each naming its file."""
+  if kind(path) == "shards":
+    return shards.check(path, n_rows)
   try:
     with h5py.File(path, "r", locking=False) as h5:
       if "images" not in h5:
-        return [f"{path}: missing dataset 'images'"]
+        hint = (" (an image shard needs the attributes shards.pack writes: first_row, num_rows, "
+                "total_rows, encoding='encoded')" if "bytes" in h5 else "")
+        return [f"{path}: missing dataset 'images'{hint}"]
       ds = h5["images"]
       problems = []
       if ds.ndim != 4 or ds.shape[-1] != 3:
@@ -125,18 +146,21 @@ def verify(folder: str, image_ids, extension: str, opts, policy: str, split: str
 
 
 class ImageReader:
-  """Reads one image by (raw row, identifier) from a folder or an `images.h5` file.
+  """Reads one image by (raw row, identifier) from a folder, an `images.h5` file or a shard set.
 
-  An unreadable file: policy `placeholder` gives a zero image, `skip` None (the pipeline masks
-  the slot), `error` raises MissingImagesError; each with a warning naming the file.
-  Picklable for Grain's worker processes: the HDF5 handle is opened lazily per process.
+  An unreadable file (or undecodable shard row): policy `placeholder` gives a zero image, `skip`
+  None (the pipeline masks the slot), `error` raises MissingImagesError; each with a warning
+  naming it. Picklable for Grain's worker processes: HDF5 files are opened lazily per process
+  (a shard set's layout is read and checked here, at construction).
   """
 
   def __init__(self, location: str, img_size: int, file_extension: str = ".jpg",
                policy: str = "error"):
     self.location, self.img_size = location, img_size
     self.ext, self.policy = file_extension, policy
-    self.h5 = is_h5(location)
+    self.kind = kind(location)
+    self.h5 = self.kind == "h5"
+    self.shards = shards.ShardReader(location) if self.kind == "shards" else None
     self._handle, self._pid = None, None
 
   def __getstate__(self):
@@ -150,10 +174,14 @@ class ImageReader:
         self._handle = h5py.File(self.location, "r", locking=False)["images"]
         self._pid = os.getpid()
       return preprocessing.to_rgb_uint8(self._handle[raw_row], self.img_size)
-    path = file_path(self.location, image_id, self.ext)
+    if self.shards is not None:
+      data = self.shards.encoded(raw_row)  # I/O errors raise: a damaged set, not one image
+    else:
+      data = file_path(self.location, image_id, self.ext)
     try:
-      return preprocessing.to_rgb_uint8(path, self.img_size)
+      return preprocessing.to_rgb_uint8(data, self.img_size)
     except Exception as e:  # pylint: disable=broad-except  (missing or undecodable)
+      path = self.shards.where(raw_row) if self.shards is not None else data
       if self.policy == "placeholder":
         logging.warning("image %s unreadable (%s); using a zero image", path, e)
         return np.zeros((self.img_size, self.img_size, 3), np.uint8)

@@ -64,7 +64,7 @@ class Dataset:
   rows_total: int  # rows in the labels file(s)
   dropped: dict[str, int]  # rows dropped by each filter, in order
   missing_images: dict[str, list[str]]  # split -> identifiers excluded as missing
-  train_images: str  # folder or images.h5 path
+  train_images: str  # folder, images.h5 path or shard set (glob / comma-separated paths)
   val_images: str
   # component -> rows (of the labels files, before filtering) whose validity source says valid
   # but whose encoded values hold NaN or inf; made invalid and zeroed
@@ -295,7 +295,8 @@ def load(config) -> Dataset:
   for p in image_paths:
     if not p:
       problems.append("no images: set data.hybrid.use_hybrid + data.hybrid.images_dir, or "
-                      "data.h5.images_path (two files: data.h5.train_images_path, "
+                      "data.h5.images_path (images.h5, or image shards: a glob or "
+                      "comma-separated paths; two files: data.h5.train_images_path, "
                       "val_images_path)")
     elif not images_lib.is_h5(p) and not os.path.isdir(p):
       problems.append(f"images folder {p} does not exist")
@@ -308,10 +309,9 @@ def load(config) -> Dataset:
         problems.append(f"{f['path']}: {len(outside)} image identifiers resolve outside the "
                         f"images folder {loc} (absolute, or climbing out with '..'): "
                         f"{_rows_listing(outside, ids)}")
-  if not problems:
-    for f, loc in zip(files, image_paths):
-      if images_lib.is_h5(loc):
-        problems += images_lib.check_h5(loc, f["n"])
+  for f, loc in zip(files, image_paths):  # images.h5 or shard set: row counts, shard tiling
+    if f is not None and loc and images_lib.is_h5(loc):
+      problems += images_lib.check_h5(loc, f["n"])
   if problems:
     raise DataError("Data schema check failed:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
