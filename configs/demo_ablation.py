@@ -5,20 +5,11 @@
     python -m linnaeus_jax.main --config=configs/demo_ablation.py:partial --workdir=runs/partial
 """
 
-import importlib.util
-import os
-
-
-def _demo():
-  spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from linnaeus_jax import config as config_lib
 
 
 def get_config(variant: str = "full"):
-  c = _demo()
+  c = config_lib.sibling(__file__, "demo.py")
   v = c.schedule.validation.partial_mask_meta
   v.enabled, v.interval_steps, v.whitelist = True, 250, (("SPATIAL",),)
   if variant == "partial":  # also mask one component at a time in training

@@ -8,20 +8,11 @@ other taxon ids, ranges and seasons), against the same run from scratch:
         --config.model.init.checkpoint=runs/ft_source
 """
 
-import importlib.util
-import os
-
-
-def _demo():
-  spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from linnaeus_jax import config as config_lib
 
 
 def get_config():
-  c = _demo()
+  c = config_lib.sibling(__file__, "demo.py")
   o = c.data.synthetic.options
   o.species_per_genus, o.seed = 5, 1
   v = c.schedule.validation

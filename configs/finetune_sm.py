@@ -10,20 +10,11 @@ dataset at 224x224. Download the two checkpoints first (docs/finetuning.md), the
 The training dynamics are configs/sm.py's; this file changes what fine-tuning needs.
 """
 
-import importlib.util
-import os
-
-
-def _sm():
-  spec = importlib.util.spec_from_file_location(
-      "sm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from linnaeus_jax import config as config_lib
 
 
 def get_config():
-  c = _sm()
+  c = config_lib.sibling(__file__, "sm.py")
   c.data.img_size = 224  # the sources' resolution (RoPE also runs at other sizes)
   init = c.model.init
   init.convnext = "pretrained/convnext_tiny_1k_224_ema.pth"  # official layout; timm's works too

@@ -29,20 +29,11 @@ Choices:
   configs/finetune_sm.py for freezing and layer-wise LR decay).
 """
 
-import importlib.util
-import os
-
-
-def _sm():
-  spec = importlib.util.spec_from_file_location(
-      "sm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from linnaeus_jax import config as config_lib
 
 
 def get_config():
-  c = _sm()
+  c = config_lib.sibling(__file__, "sm.py")
   d = c.data
   d.hybrid.use_hybrid = True  # images in their folder (identifiers relative to images_dir)
   d.img_size = 384

@@ -294,6 +294,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file `name` in `config_file`'s folder: config files that
+  build on another (configs/inat21.py on sm.py) call it with their `__file__`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
 def load_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Returns base_config() updated with `config`, so absent keys get their defaults.
 
