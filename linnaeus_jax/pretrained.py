@@ -384,8 +384,8 @@ def plan_checkpoint(sshapes: dict, tshapes: dict, src_maps: dict | None, dst_map
 
 
 def read_checkpoint(spec: str, config) -> dict:
-  """An earlier model: {"weights": {our '/'-joined unscanned path: array}, "class_maps" (or
-  None), "config", "preprocessing" (or None), "kind"}.
+  """An earlier model: {"weights": {our '/'-joined unscanned path: array}, "class_maps"
+  ({task: {class index: taxon id}}, None when the source has none), "kind"}.
 
   `spec`: a training workdir (`DIR`, or `DIR:step`), a bundle (bundle.json), the output folder of
   `tools.convert_torch`, or an original checkpoint file (converted here against `config`'s
@@ -399,25 +399,20 @@ def read_checkpoint(spec: str, config) -> dict:
   try:
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "bundle.json")):
       b = bundle.read(path)
-      out = dict(kind="bundle", config=b["config"], variables=b["variables"],
-                 class_maps=b["class_maps"], preprocessing=b["preprocessing"])
+      out = dict(kind="bundle", variables=b["variables"], class_maps=b["class_maps"])
     elif os.path.isdir(path) and os.path.isdir(os.path.join(path, "checkpoints")):
       w = predictor.load_workdir(path, step)
-      out = dict(kind=f"workdir, step {w['step']}", config=w["config"],
-                 variables=w["variables"], class_maps=w["class_maps"],
-                 preprocessing=w["preprocessing"])
+      out = dict(kind=f"workdir, step {w['step']}", variables=w["variables"],
+                 class_maps=w["class_maps"])
     elif os.path.isdir(path) and os.path.exists(os.path.join(path, "conversion.json")):
       out = dict(kind="converted original checkpoint",
-                 config=bundle.read_config(os.path.join(path, "config.json")),
-                 variables=bundle.load_params(os.path.join(path, "params.npz")),
-                 class_maps=None, preprocessing=None)
+                 variables=bundle.load_params(os.path.join(path, "params.npz")), class_maps=None)
     elif os.path.isfile(path):
       src = config_lib.load_overrides(config)
       for t in src.data.task_keys_h5:
         src.model.classification.heads[t].num_classes = 0  # taken from the file
-      variables, src, _ = convert_torch.convert_with_report(read_weights(path), src)
-      out = dict(kind="original checkpoint", config=src, variables=variables, class_maps=None,
-                 preprocessing=None)
+      variables, _, _ = convert_torch.convert_with_report(read_weights(path), src)
+      out = dict(kind="original checkpoint", variables=variables, class_maps=None)
     else:
       raise InitError(f"model.init.checkpoint={spec}: not a workdir (no checkpoints/), a bundle "
                       "(no bundle.json), a converted checkpoint (no conversion.json) or a file")
@@ -499,18 +494,19 @@ def load(config, class_to_idx: dict) -> tuple[dict, dict]:
     try:
       if name == "checkpoint":
         src = read_checkpoint(path, config)
-        weights = src["weights"]
+        weights, shapes = src["weights"], _shapes(src["weights"])
         maps = {t: {int(i): 0 if k == "null" else int(k) for k, i in m.items()}
                 for t, m in class_to_idx.items()}
-        plan = plan_checkpoint(_shapes(weights), tshapes, src["class_maps"], maps)
+        plan = plan_checkpoint(shapes, tshapes, src["class_maps"], maps)
         plan.layout = src["kind"]
       else:
         weights = read_weights(path)
-        plan = PLANNERS[name](_shapes(weights), tshapes)
+        shapes = _shapes(weights)
+        plan = PLANNERS[name](shapes, tshapes)
     except InitError as e:
       problems.append(f"model.init.{name}: {e}")
       continue
-    record = check(plan, _shapes(weights), tshapes)
+    record = check(plan, shapes, tshapes)
     record.update(path=os.path.abspath(path.rsplit(":", 1)[0] if not os.path.exists(path)
                                        else path), sha256=sha256(path))
     if name == "checkpoint":
