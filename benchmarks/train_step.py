@@ -75,11 +75,12 @@ def set_masking(c, on: bool):
   c.loss.grad_weighting.task.type = "static"
 
 
-def bench(c, steps, repeats=1):
+def bench(c, steps, repeats=1, forward=None):
+  """Times the train step of `c` on random inputs; `forward`: its model_summary, if known."""
   for t, n in zip(c.data.task_keys_h5, CLASSES):
     c.model.classification.heads[t].num_classes = n
   batch, img = c.data.batch_size, c.data.img_size
-  forward = model_summary.summary(c)
+  forward = forward or model_summary.summary(c)
   mesh = sharding.make_mesh(c)
   tx, lr = optim.build(c, 1000, 100)
   graphdef, init = state_lib.create_state(c)

@@ -21,6 +21,7 @@ import os
 import re
 
 import ml_collections
+from ml_collections import config_dict
 
 from linnaeus_jax import param_filters
 
@@ -47,6 +48,18 @@ OPEN_SUBTREES = {"model.classification.heads": "head", "data.meta.components": "
 
 class ConfigError(ValueError):
   """A config problem; the message lists every problem found."""
+
+
+def _int_or_auto(value):
+  """A field that takes an int or 'auto' (from a file or `--config.x=auto`)."""
+  return config_dict.FieldReference(value, field_type=object)
+
+
+def _int_or_auto_problem(key: str, value, minimum: int) -> str | None:
+  if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                         and value >= minimum):
+    return None
+  return f"{key} must be an integer >= {minimum} or 'auto', got {value!r}"
 
 
 def _component(enabled, source, dim, idx):
@@ -133,13 +146,18 @@ def base_config() -> ml_collections.ConfigDict:
           SPATIAL=_component(True, "spatial", 3, 1),
           ELEVATION=_component(False, "elevation_broadrange_2", 10, 2))),
       img_size=384,
-      batch_size=64,  # global batch (all devices of all processes)
+      # Global batch (all devices of all processes), or 'auto': the largest that fits the
+      # devices' memory with batch_size_headroom of it left free (memory.py).
+      batch_size=_int_or_auto(64),
+      batch_size_headroom=0.1,
       batch_size_val=128,
       # Ours: per-channel (x - mean) / std after scaling to [0, 1]; () keeps [0, 1] (the
       # original). model.init.match_normalization fills them from a pretrained source.
       image_mean=(), image_std=(),
-      num_workers=0,  # Grain worker processes; 0 decodes in the main process with threads
-      prefetch_threads=4,
+      # Grain worker processes (0: decode in the main process) and reading threads (per
+      # process); 'auto': sized from the host's cores (hardware.py).
+      num_workers=_int_or_auto("auto"),
+      prefetch_threads=_int_or_auto("auto"),
       # Ours: the built-in synthetic dataset, generated into the cache on first use.
       synthetic=dict(enabled=False, cache_dir="", options=dict(
           num_orders=2, families_per_order=2, genera_per_family=3, species_per_genus=4,
@@ -163,8 +181,9 @@ def base_config() -> ml_collections.ConfigDict:
       rope_mode="rotate",  # 'rotate' | 'cos_only' (original defect, converted checkpoints only)
       attn_scale="rsqrt_head_dim",  # 'rsqrt_head_dim' | 'inv_head_dim' (original flash path)
       meta_missing="learned_token",  # 'learned_token' | 'zeros' (the original)
-      attention_impl="xla",  # 'xla' | 'cudnn'
-      dtype="float32",  # compute dtype; parameters stay float32
+      # 'auto' (hardware.py): cuDNN's fused attention on NVIDIA GPUs where it runs, else XLA.
+      attention_impl="auto",  # 'auto' | 'xla' | 'cudnn'
+      dtype="auto",  # compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params f32
       scan_blocks=True,  # identical blocks of a stage under nnx.scan (one compiled block)
       remat="none",  # 'none' | 'full' | 'dots': recompute block activations in the backward pass
       depthwise_impl="shift",  # 'shift' (fused shifted sums) | 'conv' (grouped lax.conv)
@@ -287,7 +306,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-subset top-1 (`subset_acc1/<name>/<task>`): taxa subsets as (name, task key, taxon id),
   # and rarity bins of the finest rank's classes by percentiles of the train class counts.
   c.metrics = dict(taxa_subsets=(), rarity_percentiles=(1, 5, 25, 50, 75, 90, 95, 99))
-  c.misc = dict(seed=42)
+  # auto_choices: ours, filled by training: what each 'auto' setting became, and why.
+  c.misc = dict(seed=42, auto_choices=())
   # docs/distributed.md. data x fsdp = all devices (of all processes); data=-1: the rest. fsdp > 1
   # splits every state array of >= fsdp_min_size elements along its largest divisible dimension.
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
@@ -468,9 +488,15 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
   if d.img_size < 32 or d.img_size % 32:
     problems.append(f"data.img_size must be a positive multiple of 32 (four stride-2 stages "
                     f"after the stride-4 stem), got {d.img_size}")
-  if d.batch_size < 1 or d.batch_size % num_devices:
+  for key, minimum in (("batch_size", 1), ("num_workers", 0), ("prefetch_threads", 0)):
+    if (problem := _int_or_auto_problem(f"data.{key}", d[key], minimum)):
+      problems.append(problem)
+  auto_batch = not isinstance(d.batch_size, int)  # 'auto' (or invalid, reported above)
+  if not auto_batch and d.batch_size % num_devices:
     problems.append(f"data.batch_size {d.batch_size} must be a positive multiple of the "
                     f"{num_devices} devices")
+  if not 0.0 <= d.batch_size_headroom < 1.0:
+    problems.append(f"data.batch_size_headroom must be in [0, 1), got {d.batch_size_headroom}")
   if d.batch_size_val > 0 and d.batch_size_val % num_devices:
     problems.append(f"data.batch_size_val {d.batch_size_val} must be a multiple of the "
                     f"{num_devices} devices")
@@ -495,7 +521,7 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
     if not mix.group_levels or mix.group_levels[0] not in tasks:
       problems.append(f"schedule.mix.group_levels[0] must be a task key of data.task_keys_h5, "
                       f"got {list(mix.group_levels)[:1]}")
-    if (d.batch_size // num_devices) % 2:
+    if not auto_batch and (d.batch_size // num_devices) % 2:
       problems.append(f"data.sampler.type 'grouped' pairs samples: the per-device batch "
                       f"({d.batch_size} / {num_devices}) must be even")
   for key in mix.null_task_keys:
@@ -531,10 +557,10 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
   for key, allowed in (("rope_mode", ("rotate", "cos_only")),
                        ("attn_scale", ("rsqrt_head_dim", "inv_head_dim")),
                        ("meta_missing", ("learned_token", "zeros")),
-                       ("attention_impl", ("xla", "cudnn")),
+                       ("attention_impl", ("auto", "xla", "cudnn")),
                        ("remat", REMAT),
                        ("depthwise_impl", ("shift", "conv")),
-                       ("dtype", ("float32", "bfloat16"))):
+                       ("dtype", ("auto", "float32", "bfloat16"))):
     if m[key] not in allowed:
       problems.append(f"model.{key} {m[key]!r} not in {allowed}")
   if not m.rope_stages.rope_mixed:
@@ -583,7 +609,8 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
   k = t.accumulation_steps
   if k < 1:
     problems.append(f"train.accumulation_steps must be >= 1, got {k}")
-  elif k > 1 and (d.batch_size % (2 * k) or (d.batch_size // k) % num_devices):
+  elif k > 1 and not auto_batch and (
+      d.batch_size % (2 * k) or (d.batch_size // k) % num_devices):
     problems.append(f"data.batch_size {d.batch_size} must split into train.accumulation_steps "
                     f"({k}) micro-batches of whole pairs, each a multiple of the {num_devices} "
                     f"devices")

@@ -85,38 +85,3 @@ def global_batch(local_batch: dict, mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
-
-
-def device_memory(device) -> tuple[int | None, str]:
-  """(bytes one device can use, what that is): the accelerator's limit, or on CPU the host's
-  available memory shared by its devices (None where unknown)."""
-  limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
-  if limit:
-    return int(limit), f"device {device.device_kind}"
-  try:
-    with open("/proc/meminfo") as f:
-      kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:"))
-  except (OSError, StopIteration, ValueError):
-    return None, "the host"
-  n = jax.local_device_count()
-  return kib * 1024 // n, f"the host's available memory / {n} device(s)"
-
-
-def check_memory(compiled, what: str = "the train step") -> int:
-  """Raises ValueError if `compiled` needs more memory per device than a device has, from XLA's
-  memory analysis (arguments, outputs not aliased to them, temporaries, code), before anything
-  is allocated; returns the bytes it needs."""
-  ma = compiled.memory_analysis()
-  if ma is None:
-    return 0
-  need = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-          + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
-  have, where = device_memory(jax.local_devices()[0])
-  gib = lambda n: f"{n / 2**30:,.2f} GiB"
-  if have is not None and need > have:
-    raise ValueError(
-        f"{what} needs {gib(need)} per device (state and batch {gib(ma.argument_size_in_bytes)}, "
-        f"temporaries {gib(ma.temp_size_in_bytes)}) but {where} has {gib(have)}: lower "
-        "data.batch_size (train.accumulation_steps keeps the batch in micro-batches), "
-        "data.img_size or the model size, or shard the state with mesh.fsdp")
-  return need

@@ -19,8 +19,8 @@ import numpy as np
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import early_stopping, evaluate, metric_writers, metrics, optim, plots
-from linnaeus_jax import preemption, pretrained, sharding, train_step, workdir_lock
+from linnaeus_jax import early_stopping, evaluate, hardware, memory, metric_writers, metrics, optim
+from linnaeus_jax import plots, preemption, pretrained, sharding, train_step, workdir_lock
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
@@ -68,8 +68,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh = sharding.make_mesh(config)
   config, data = state_lib.resolve(config, jax.device_count())
-  sharding.check_process_rows(mesh, config.data.batch_size)
   steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
+  config.misc.auto_choices = tuple(_resolve_auto(config, data, mesh, workdir, bool(steps)))
+  sharding.check_process_rows(mesh, config.data.batch_size)
   if steps and not config.train.auto_resume:
     raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[-1]}) and "
                           "resuming is off (--resume=false / train.auto_resume=False); refusing "
@@ -90,6 +91,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if created and jax.process_index() == 0 and os.listdir(workdir) == [workdir_lock.NAME]:
       shutil.rmtree(workdir)  # failed before writing anything (e.g. a batch too big)
     raise
+
+
+def _resolve_auto(config, data, mesh, workdir: str, resuming: bool) -> list[str]:
+  """Sets the 'auto' settings (hardware.py; data.batch_size: memory.py, or the resumed run's
+  own batch, which its data position depends on); prints and returns what each became."""
+  notes = hardware.resolve(config)
+  path = os.path.join(workdir, "config.json")
+  if config.data.batch_size == "auto" and resuming and os.path.exists(path):
+    config.data.batch_size = config_lib.read_json(path).data.batch_size
+    notes.append(f"data.batch_size=auto -> {config.data.batch_size}, the batch of the run "
+                 "being resumed")
+  elif config.data.batch_size == "auto":
+    _log("data.batch_size=auto: compiling the train step at a few batches for their memory")
+    notes += memory.resolve_batch(config, mesh, state_lib.loss_constants(config, data),
+                                  pipeline.padding_record(data, config), data.taxonomy.parents)
+    config_lib.validate(config, jax.device_count())
+  for note in notes:
+    _log(f"auto: {note}")
+  return notes
 
 
 def _resume(ckpt, config, abstract, train_iter, pcount: int):
@@ -158,7 +178,7 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
                     in_shardings=(state_sharding, batch_sharding, repl),
                     out_shardings=(state_sharding, repl),
                     donate_argnums=(0,)).lower(abstract, spec, consts).compile()
-  sharding.check_memory(step_fn)
+  memory.check_memory(step_fn)
 
   es = config.train.early_stop
   es_mode = early_stopping.direction(es.metric, es.mode)

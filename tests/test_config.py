@@ -101,9 +101,16 @@ def test_impossible_numbers_are_all_reported():
   msg = _problems(c)
   for needle in ("train.steps must be >= 0 (0: train.epochs counts), got -5",
                  "data.img_size must be a positive multiple of 32", "got 0",
-                 "data.batch_size 0 must be a positive multiple",
+                 "data.batch_size must be an integer >= 1 or 'auto', got 0",
                  "model.in_chans must be >= 1, got 0", "model.drop_rate must be in [0, 1), got 1.0",
                  "model.label_smoothing must be in [0, 1), got -0.1"):
+    assert needle in msg, needle
+  c = tiny_config("/unused")
+  c.data.batch_size, c.data.num_workers, c.data.prefetch_threads = "abc", -1, 2.5
+  msg = _problems(c)
+  for needle in ("data.batch_size must be an integer >= 1 or 'auto', got 'abc'",
+                 "data.num_workers must be an integer >= 0 or 'auto', got -1",
+                 "data.prefetch_threads must be an integer >= 0 or 'auto', got 2.5"):
     assert needle in msg, needle
   c = tiny_config("/unused")
   c.train.epochs = -2.0  # train.steps = 30 counts, but a negative epoch count is a typo
@@ -243,7 +250,7 @@ def test_a_reloaded_config_json_has_tuples_and_stays_overridable(tmp_path):
      ["c.data.meta.components.ALTITUDE = config_lib.component_template()"]),
     ("--config.optimizer.parameter_groups.groups.heads.filter=all",
      ["c.optimizer.parameter_groups.groups.heads = config_lib.param_group_template()"]),
-    ("--config.data.batch_size=abc", ["--config.data.batch_size=abc", "int"]),
+    ("--config.data.batch_size_val=abc", ["--config.data.batch_size_val=abc", "int"]),
 ])
 def test_bad_overrides_stop_flag_parsing_with_one_line(tmp_path, capsys, override, needles):
   fv, argv = _flag_values(tmp_path, [override])

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 
 from linnaeus_jax import preprocessing
 from linnaeus_jax.data import encoders
@@ -80,3 +81,65 @@ def test_record_holds_the_configs_mean_and_std(small_dataset):
           == ((0.5, 0.25, 0.125), (0.2, 0.4, 0.8)))
   del rec["image"]["mean"], rec["image"]["std"]  # a record from before mean/std: [0, 1]
   assert preprocessing.recorded_stats(rec) == (None, None)
+
+
+def _photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+  """A photo-like HxWx3 uint8 image: smooth gradients, a dark disc, a bright band, noise."""
+  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+  a = np.stack([128 + 90 * np.sin(x / w * 3.1 + 0.5) * np.cos(y / h * 2.3),
+                100 + 80 * x / w + 40 * np.sin((x + y) / 97),
+                150 - 70 * y / h + 30 * np.cos(x / 53)], -1)
+  a[(x - 0.6 * w) ** 2 + (y - 0.4 * h) ** 2 < (0.2 * h) ** 2] *= 0.45
+  a[int(0.7 * h):int(0.8 * h)] += 50
+  a += np.random.default_rng(seed).normal(0, 12, a.shape)
+  return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def _saved(tmp_path, w, h, fmt="JPEG"):
+  path = str(tmp_path / f"img_{w}x{h}.{fmt.lower()}")
+  Image.fromarray(_photo(w, h)).save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+  with open(path, "rb") as f:
+    return path, f.read()
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path):
+  path, data = _saved(tmp_path, 2048, 1536)
+  with Image.open(path) as im:
+    im.draft("RGB", (384, 384))
+    assert im.size == (512, 384)  # DCT scale 1/4
+    expected = np.asarray(im.resize((384, 384), Image.Resampling.BOX))
+  full = preprocessing.to_rgb_uint8(path, 384, draft=False)
+  for src in (path, data):
+    out = preprocessing.to_rgb_uint8(src, 384)
+    assert out.shape == (384, 384, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(preprocessing.to_rgb_uint8(src, 384, draft=False), full)
+    diff = np.abs(out.astype(int) - full.astype(int))
+    assert (diff > 0).any()  # the reduced decode really happened
+    assert diff.mean() < 2.0  # measured: 1.02 levels
+
+
+def test_jpegs_under_twice_the_size_on_either_side_are_decoded_in_full(tmp_path):
+  for w, h in ((700, 700), (767, 1536), (1536, 767)):
+    path, data = _saved(tmp_path, w, h)
+    full = preprocessing.to_rgb_uint8(path, 384, draft=False)
+    for src in (path, data):
+      np.testing.assert_array_equal(preprocessing.to_rgb_uint8(src, 384), full)
+  path, data = _saved(tmp_path, 768, 768)  # exactly twice: decoded at 1/2, to 384 directly
+  with Image.open(path) as im:
+    im.draft("RGB", (384, 384))
+    expected = np.asarray(im.convert("RGB"))
+  assert expected.shape == (384, 384, 3)
+  for src in (path, data):
+    np.testing.assert_array_equal(preprocessing.to_rgb_uint8(src, 384), expected)
+  assert (expected != preprocessing.to_rgb_uint8(path, 384, draft=False)).any()
+
+
+def test_large_pngs_are_unaffected_by_draft(tmp_path):
+  path, data = _saved(tmp_path, 2048, 2048, "PNG")
+  full = preprocessing.to_rgb_uint8(path, 384, draft=False)
+  for src in (path, data):
+    np.testing.assert_array_equal(preprocessing.to_rgb_uint8(src, 384), full)
+  np.testing.assert_array_equal(
+      full, np.asarray(Image.fromarray(_photo(2048, 2048)).resize((384, 384),
+                                                                  Image.Resampling.BOX)))

@@ -42,6 +42,13 @@ def test_end_to_end_learns(small_dataset, tmp_path):
     assert os.path.exists(tmp_path / name), name
   resolved = json.load(open(tmp_path / "config.json"))
   assert resolved["model"]["classification"]["heads"]["taxa_L10"]["num_classes"] == 17
+  # The 'auto' settings are recorded as what they became on this CPU, with the reasons.
+  assert (resolved["model"]["dtype"], resolved["model"]["attention_impl"]) == ("float32", "xla")
+  assert isinstance(resolved["data"]["num_workers"], int)
+  notes = resolved["misc"]["auto_choices"]
+  assert notes[0].startswith("model.dtype=auto -> float32 on cpu"), notes
+  assert notes[1].startswith("model.attention_impl=auto -> xla (not cuDNN: needs an NVIDIA GPU")
+  assert notes[2].startswith("data.num_workers=auto, data.prefetch_threads=2 -> ")
   assert os.listdir(tmp_path / "tensorboard")
   phases = {json.loads(l)["phase"] for l in open(tmp_path / "metrics.jsonl")}
   assert phases == {"train", "val", "val_mask_meta"}  # the final validation masks metadata too

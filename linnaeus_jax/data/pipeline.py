@@ -22,6 +22,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from linnaeus_jax import hardware
 from linnaeus_jax.data import augment, images, labels as labels_lib, sampler
 
 
@@ -139,12 +140,13 @@ def padding_record(data: labels_lib.Dataset, config) -> dict:
 
 def _finish(ds: grain.MapDataset, config, local_batch: int, split: str) -> grain.IterDataset:
   ds = ds.batch(local_batch, drop_remainder=True)  # whole batches, so workers keep the order
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(0, config.data.prefetch_threads),
+  workers, threads = hardware.data_workers(config.data.num_workers, config.data.prefetch_threads)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=2 * local_batch))
-  if config.data.num_workers > 0:
+  if workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; library use has not parsed them
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it.map(SkipMask(split))  # one-to-one, after the workers: the state is the same
 
 

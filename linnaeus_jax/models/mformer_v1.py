@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from linnaeus_jax import config as config_lib
+from linnaeus_jax import hardware
 from linnaeus_jax.models import convnext, heads, layers, meta_tokens, rope, stage
 
 
@@ -68,6 +69,8 @@ class MFormerV1(nnx.Module):
     """`parents`: the taxonomy's parent links (`TaxonomyTree.parents`), for hierarchical heads."""
     m = config.model
     comps = [(name, c.dim) for name, c in config_lib.enabled_components(config)]
+    dtype = hardware.compute_dtype(m.dtype)
+    attention, _ = hardware.attention_impl(m.attention_impl, dtype, hardware.head_dims(config))
     return cls(dims=list(m.convnext_stages.dims), conv_depths=list(m.convnext_stages.depths),
                rope_depths=list(m.rope_stages.depths), num_heads=list(m.rope_stages.num_heads),
                mlp_ratio=list(m.rope_stages.mlp_ratio), components=comps,
@@ -75,9 +78,9 @@ class MFormerV1(nnx.Module):
                drop_path_rate=m.drop_path_rate,
                layer_scale=m.convnext_stages.layer_scale_init_value,
                theta=m.rope_stages.rope_theta, rope_mode=m.rope_mode, attn_scale=m.attn_scale,
-               meta_missing=m.meta_missing, attention_impl=m.attention_impl,
+               meta_missing=m.meta_missing, attention_impl=attention,
                only_last_cls=m.only_last_cls, in_chans=m.in_chans,
-               dtype=jnp.dtype(m.dtype), scan=m.scan_blocks, remat=m.remat,
+               dtype=jnp.dtype(dtype), scan=m.scan_blocks, remat=m.remat,
                depthwise_impl=m.depthwise_impl, parents=parents,
                norm_eps=m.rope_stages.norm_eps, rngs=rngs)
 
