@@ -13,7 +13,8 @@ PY_VERSION="${PY_VERSION:-3.12}"
 # What our install_requires needs beyond such an image, at the versions the tests ran with, and
 # their own requirements that the image lacks.
 WHEELS=(grain==0.2.18 ml-collections==1.1.0 tensorboardX==2.6.5 array-record==0.8.6
-        portpicker==1.6.0 importlib_resources==7.1.0)
+        portpicker==1.6.0 importlib_resources==7.1.0
+        yacs==0.1.8)  # yacs: the original's config system (the side-by-side run)
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

@@ -140,7 +140,8 @@ def search(need, multiple: int, budget: int, max_batch: int = 16384, checks: int
 
 
 def largest_batch(config, mesh, device_bytes: int, headroom: float = 0.0, consts=None,
-                  record=None, parents=None, log=None, cache: dict | None = None) -> dict:
+                  record=None, parents=None, log=None, cache: dict | None = None,
+                  checks: int = 4) -> dict:
   """`search` over compilations of the train step (`batch_multiple`s) for the largest batch that
   needs at most (1 - headroom) x `device_bytes` per device; adds {budget, compiles}. `cache`
   ({batch: bytes}) carries compilations over to another call for the same config."""
@@ -156,7 +157,7 @@ def largest_batch(config, mesh, device_bytes: int, headroom: float = 0.0, consts
     return seen[b]
 
   try:
-    r = search(need, batch_multiple(config, mesh.size), budget)
+    r = search(need, batch_multiple(config, mesh.size), budget, checks=checks)
   except ValueError as e:
     raise ValueError(f"data.batch_size=auto: {e} ({headroom:.0%} headroom): use a smaller model "
                      "or image size, or shard the state with mesh.fsdp") from None
