@@ -287,7 +287,8 @@ def test_fsdp_shards_the_state_and_matches_one_device(config_file, reference, tm
 @pytest.mark.parametrize("args,needle", [
     (["--config=configs/demo.py", "--config.data.batchsize=8"],
      "unknown key data.batchsize (did you mean data.batch_size?)"),
-    (["--config=configs/demo.py", "--config.data.batch_size=abc"], "data.batch_size=abc"),
+    (["--config=configs/demo.py", "--config.data.batch_size=abc"],
+         "data.batch_size must be an integer >= 1 or 'auto', got 'abc'"),
     (["--config=configs/missing.py"], "--config=configs/missing.py: no such file"),
     (["--config={syntax}"], "SyntaxError"),
     (["--config={raises}"], "get_config() raised RuntimeError: no data here; second line"),
