@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # Tests compile many tiny programs and run each a few steps: XLA's backend optimizations would
 # cost more compile time than they save (about half the suite's CPU time). Set before jax is
 # imported, here and in every subprocess a test starts; results are the same up to rounding.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Many tests (and the subprocesses they start) compile the same programs: JAX's persistent
+# compilation cache, one folder per test run shared by the xdist workers, compiles each once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="linnaeus_jax_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import pytest
 

@@ -9,6 +9,8 @@ interleaved channel pairs (2j, 2j+1). Only image tokens are rotated, never the C
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,19 +32,62 @@ def grid_angles(freqs_2xHxP, height: int, width: int) -> jax.Array:
   return x[:, None, None] * f[0][None] + y[:, None, None] * f[1][None]
 
 
-def apply_rope(x_BxNxHxD, angles_NxHxP, mode: str = "rotate"):
-  """Rotates interleaved pairs of the N image tokens of x by the given angles."""
-  dtype = x_BxNxHxD.dtype
-  x = x_BxNxHxD.astype(jnp.float32)
-  xe, xo = x[..., 0::2], x[..., 1::2]
-  c, s = jnp.cos(angles_NxHxP)[None], jnp.sin(angles_NxHxP)[None]
+def _sum_batch(a):
+  """sum over axis 0 in float32: a (1 x B) @ (B x rest) product on XLA's CPU, whose reductions
+  over a leading axis are 20x slower; a plain sum elsewhere."""
+  def cpu(a):
+    b = a.shape[0]
+    ones = jnp.ones((1, b), jnp.float32)
+    return (ones @ a.reshape(b, -1).astype(jnp.float32)).reshape(a.shape[1:])
+  return jax.lax.platform_dependent(a, cpu=cpu,
+                                    default=lambda a: jnp.sum(a.astype(jnp.float32), axis=0))
+
+
+def _pairs(x):
+  return x[..., 0::2], x[..., 1::2]
+
+
+def _interleave(even, odd, shape):
+  return jnp.stack([even, odd], axis=-1).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _rotate(x, cos, sin, mode):
+  """x (B, N, H, D) float32 rotated by angles given as cos, sin (N, H, D/2)."""
+  xe, xo = _pairs(x)
   if mode == "rotate":
-    ye, yo = xe * c - xo * s, xe * s + xo * c
-  elif mode == "cos_only":
-    ye, yo = xe * c, xo * c
+    return _interleave(xe * cos - xo * sin, xe * sin + xo * cos, x.shape)
+  return _interleave(xe * cos, xo * cos, x.shape)
+
+
+def _rotate_fwd(x, cos, sin, mode):
+  return _rotate(x, cos, sin, mode), (x, cos, sin)
+
+
+def _rotate_bwd(mode, res, g):
+  """Autodiff's gradient, with the batch sums of the cos/sin gradients done by `_sum_batch`."""
+  x, cos, sin = res
+  (xe, xo), (ge, go) = _pairs(x), _pairs(g)
+  dcos = _sum_batch(ge * xe + go * xo).astype(cos.dtype)
+  if mode == "rotate":
+    dx = _interleave(ge * cos + go * sin, go * cos - ge * sin, x.shape)
+    dsin = _sum_batch(go * xe - ge * xo).astype(sin.dtype)
   else:
+    dx = _interleave(ge * cos, go * cos, x.shape)
+    dsin = jnp.zeros_like(sin)
+  return dx, dcos, dsin
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
+
+
+def apply_rope(x_BxNxHxD, angles_NxHxP, mode: str = "rotate"):
+  """Rotates interleaved pairs of the N tokens of x by the given angles (angle 0: unchanged)."""
+  if mode not in ("rotate", "cos_only"):
     raise ValueError(f"unknown rope_mode {mode!r}")
-  return jnp.stack([ye, yo], axis=-1).reshape(x.shape).astype(dtype)
+  dtype = x_BxNxHxD.dtype
+  y = _rotate(x_BxNxHxD.astype(jnp.float32), jnp.cos(angles_NxHxP), jnp.sin(angles_NxHxP), mode)
+  return y.astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -63,9 +108,11 @@ class Attention(nnx.Module):
     n_img = grid_hw[0] * grid_hw[1]
     qkv = self.qkv(x_BxTxD).reshape(b, t, 3, self.heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    angles = grid_angles(self.freqs[...], *grid_hw)
-    q = q.at[:, t - n_img:].set(apply_rope(q[:, t - n_img:], angles, self.rope_mode))
-    k = k.at[:, t - n_img:].set(apply_rope(k[:, t - n_img:], angles, self.rope_mode))
+    # Angle 0 (cos 1, sin 0: exactly unchanged) for the leading CLS/metadata tokens: one
+    # elementwise pass over q and k instead of slicing and scattering back the image tokens.
+    angles = jnp.pad(grid_angles(self.freqs[...], *grid_hw), ((t - n_img, 0), (0, 0), (0, 0)))
+    q = apply_rope(q, angles, self.rope_mode)
+    k = apply_rope(k, angles, self.rope_mode)
     out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.impl)
     return self.proj(out.reshape(b, t, d))
 

@@ -72,7 +72,7 @@ def summary(config, train_batch: int = 0, device_gib=(), headroom: float = 0.0) 
       "params_total": count(params),
       "params_meta": count(params.get("meta_1", {})) + count(params.get("meta_2", {})),
       "params_heads": count(params["head"]),
-      "gflops_forward": round(float(cost.get("flops", 0.0)) / 1e9, 3),
+      "gflops_forward": float(f"{float(cost.get('flops', 0.0)) / 1e9:.4g}"),
       "compile_seconds": round(seconds, 2),
   }
   if train_batch or device_gib:
