@@ -54,7 +54,9 @@ def test_parameter_counts_match_the_original(size, meta_missing):
 @pytest.mark.slow
 @pytest.mark.parametrize("size", list(PARITY))
 def test_every_size_runs_forward(size):
-  """Each size at 64x64 (params initialised inside jit): the logits' shapes, finite."""
+  """Each size at 64x64 (params initialised inside jit): the logits' shapes; sm also computed
+  (finite, per-example). md/lg/xl only differ in widths and depths: traced, not run (their
+  random init alone took minutes of the suite)."""
   c = _load_config(size)
   c.data.img_size = 64
   for t, n in zip(c.data.task_keys_h5, (7, 5, 3, 2)):
@@ -63,11 +65,14 @@ def test_every_size_runs_forward(size):
   comps = config_lib.enabled_components(c)
   meta = {n: jnp.ones((2, comp.dim)) for n, comp in comps}
   valid = jnp.ones((2, len(comps)), bool).at[1, 0].set(False)
-  out = jax.jit(lambda i, m, v: models.build(c, nnx.Rngs(0))(i, m, v))(image, meta, valid)
+  forward = lambda i, m, v: models.build(c, nnx.Rngs(0))(i, m, v)
+  args = (image, meta, valid)
+  out = jax.jit(forward)(*args) if size == "sm" else jax.eval_shape(forward, *args)
   assert {t: v.shape for t, v in out.items()} == {"taxa_L10": (2, 7), "taxa_L20": (2, 5),
                                                    "taxa_L30": (2, 3), "taxa_L40": (2, 2)}
-  assert all(np.isfinite(v).all() for v in out.values())
-  assert not np.allclose(out["taxa_L10"][0], out["taxa_L10"][1])
+  if size == "sm":
+    assert all(np.isfinite(v).all() for v in out.values())
+    assert not np.allclose(out["taxa_L10"][0], out["taxa_L10"][1])
 
 
 def test_rope_rotation_is_relative_and_norm_preserving():
