@@ -36,12 +36,10 @@ def conv(din: int, dout: int, kernel: int, stride: int, rngs: nnx.Rngs, dtype=jn
 
 
 def _shifted_sum(x_BxHxWxC, kernel_KxKx1xC):
-  """sum_ij pad(x)[:, h+i, w+j] * kernel[i, j]: one fused elementwise loop (x may have more
-  trailing axes than C, the kernel the same ones)."""
+  """sum_ij pad(x)[:, h+i, w+j] * kernel[i, j]: one fused elementwise loop."""
   k = kernel_KxKx1xC.shape[0]
   h, w = x_BxHxWxC.shape[1:3]
-  pad = ((0, 0), (k // 2, k // 2), (k // 2, k // 2)) + ((0, 0),) * (x_BxHxWxC.ndim - 3)
-  xp = jnp.pad(x_BxHxWxC, pad)
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
   out = jnp.zeros_like(x_BxHxWxC)
   for i in range(k):
     for j in range(k):
