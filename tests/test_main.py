@@ -78,8 +78,9 @@ def _train_records(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [r for r in map(json.loads, f) if r["phase"] == "train"]
+  with open(path) as f:  # a line still being written (no newline yet) is read next time
+    lines = [ln for ln in f if ln.endswith("\n")]
+  return [r for r in map(json.loads, lines) if r["phase"] == "train"]
 
 
 def _losses(workdir):
