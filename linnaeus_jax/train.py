@@ -112,12 +112,18 @@ def _resolve_auto(config, data, mesh, workdir: str, resuming: bool) -> list[str]
   return notes
 
 
-def _resume(ckpt, config, abstract, train_iter, pcount: int):
-  """(state, step, progress) restored from the latest checkpoint (or `train.resume_step`, the
-  damaged later ones set aside); (None, 0, {}) without one."""
+def _resume_point(ckpt, config, abstract, pcount: int):
+  """(step, data_from, same_layout) of the checkpoint to resume from (the latest, or
+  `train.resume_step` with the damaged later ones set aside); (None, 0, False) without one.
+
+  The train order is a pure function of the step, so the input restarts exactly at the
+  checkpoint's step on any process count: with the same count, Grain's saved iterator state is
+  restored into a dataset starting where the saved one did (`data_from`); with another count,
+  each process's saved position is for a slice it no longer reads, so a new dataset starts at
+  the checkpoint's step instead (every example of the epoch still once, none repeated)."""
   start = ckpt.latest_step()
   if start is None:
-    return None, 0, {}
+    return None, 0, False
   n = config.train.resume_step
   if 0 <= n != start:
     if (moved := ckpt.set_aside_after(n, abstract)):
@@ -127,13 +133,18 @@ def _resume(ckpt, config, abstract, train_iter, pcount: int):
     else:
       _log(f"train.resume_step={n} ignored: a later checkpoint is intact")
   ckpt.check(start, abstract)
-  saved_by = ckpt.progress(start).get("process_count", pcount)
-  if saved_by != pcount:
-    raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} was written by "
-                     f"{saved_by} processes, this run has {pcount}: each process's data "
-                     "position is saved for its own slice, so resume with the same number")
-  state, progress = ckpt.restore(start, abstract, train_iter)
-  return state, start, progress
+  saved = ckpt.progress(start)
+  batch = saved.get("config", {}).get("data", {}).get("batch_size", config.data.batch_size)
+  if batch != config.data.batch_size:
+    raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} was trained with "
+                     f"data.batch_size={batch}, this run has {config.data.batch_size}: the train "
+                     "order and the step count depend on it, so resume with the same global batch")
+  saved_by = saved.get("process_count", pcount)
+  if saved_by == pcount:
+    return start, saved.get("data_from", 0), True
+  _log(f"the checkpoint at step {start} was written by {saved_by} process(es), this run has "
+       f"{pcount}: the input restarts at step {start} in each process's new slice")
+  return start, start, False
 
 
 def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
@@ -166,8 +177,6 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
   graphdef, init = state_lib.create_state(config, data.taxonomy.parents)
   repl = sharding.replicated(mesh)
   abstract, state_sharding = state_lib.abstract_state(init, tx, mesh, config)
-  train_ds = pipeline.train_dataset(data, config, total, pidx, pcount)
-  train_iter = iter(train_ds)
   # Compiled before any state or checkpoint exists, so that a batch too big for the device
   # stops here, with the numbers.
   batch_sharding = sharding.batch_sharding(mesh)
@@ -188,7 +197,12 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
                                keep_top_n=sched.checkpoint.keep_top_n, best_mode=es_mode)
   cleanup.callback(ckpt.close)  # waits for the asynchronous saves
   prog = {"early_stop": early_stopping.init_state(), "stopped_at": None}
-  state, start, progress = _resume(ckpt, config, abstract, train_iter, pcount)
+  start, data_from, same_layout = _resume_point(ckpt, config, abstract, pcount)
+  train_iter = iter(pipeline.train_dataset(data, config, total, pidx, pcount, data_from))
+  state, progress = None, {}
+  if start is not None:
+    state, progress = ckpt.restore(start, abstract, train_iter if same_layout else None)
+  start = start or 0
   state_lib.write_assets(workdir, config, data)
   if state is not None:
     prog.update({k: progress[k] for k in prog if k in progress})
@@ -224,7 +238,9 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
     mib = lambda n: f"{n / 2**20:,.1f} MiB"
     print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}; train state "
           f"{mib(sum(x.nbytes for x in leaves))}, "
-          f"{mib(sum(x.addressable_shards[0].data.nbytes for x in leaves))} per device", flush=True)
+          f"{mib(sum(x.addressable_shards[0].data.nbytes for x in leaves))} per device, "
+          f"{mib(sum(s.data.nbytes for x in leaves for s in x.addressable_shards))} in this "
+          "process", flush=True)
 
   eval_steps = {}  # one compiled eval step per set of phases
 
@@ -265,7 +281,7 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
            f"{_last_good(ckpt)}")
       return
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
-                                        "process_count": pcount, **prog, "last_val": last_val,
+                                        "process_count": pcount, "data_from": data_from, **prog, "last_val": last_val,
                                         "config": config_record}, metric, provisional)
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)

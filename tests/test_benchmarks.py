@@ -32,3 +32,39 @@ def test_accelerator_script_dry_run_measures_every_section(tmp_path):
   assert search["bytes"] <= search["budget"] and search["batch"] % 2 == 0
   md = (tmp_path / "accelerator.md").read_text()
   assert "## Train step" in md and "## Largest batch" in md
+
+
+def _cost_model():
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import cost_model  # pylint: disable=g-import-not-at-top
+  return cost_model
+
+
+def test_cost_model_counts_collective_bytes_of_hlo_by_hand():
+  hlo = """
+  %all-reduce.1 = (f32[500]{0}, f32[200,2]{1,0}, /*index=2*/f32[100]{0}) all-reduce(%p, %q, %r)
+  %ag.2 = bf16[4,256]{1,0} all-gather(bf16[1,256]{1,0} %x), dimensions={0}
+  %rs.3 = (f32[250]{0}, f32[10]{0}) reduce-scatter(f32[1000]{0} %g, f32[40]{0} %h)
+  %add.4 = f32[1000]{0} add(f32[1000]{0} %p, f32[1000]{0} %p)
+  """
+  got = _cost_model().hlo_collectives(hlo, 4)
+  # Ring on 4 devices: all-reduce 2 x 3/4 x 4000 B; all-gather 3/4 x 2048 B of result;
+  # reduce-scatter 3 x the 1040 B shard each device keeps.
+  assert got == {"all-reduce": 6000.0, "all-gather": 1536.0, "reduce-scatter": 3120.0}
+
+
+def test_cost_model_shards_the_state_as_the_mesh_does():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, np.float32)
+  params = {"w": f32(8, 64), "b": f32(3)}  # w: 512 elements, split 4 ways; b: too small
+  state = {"params": params, "mu": params, "nu": params}
+  cm = _cost_model()
+  data = cm.paper(params, state, "data", 4, min_size=64)
+  assert data["state"] == 3 * (2048 + 12)
+  assert data["all-reduce"] == 2 * 3 / 4 * (2048 + 12) and data["all-gather"] == 0
+  fsdp = cm.paper(params, state, "fsdp", 4, min_size=64)
+  assert fsdp["state"] == 3 * (2048 / 4 + 12)
+  assert fsdp["all-gather"] == 2 * 3 / 4 * 2048  # forward and backward
+  assert fsdp["reduce-scatter"] == 3 / 4 * 2048 and fsdp["all-reduce"] == 2 * 3 / 4 * 12

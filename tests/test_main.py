@@ -8,11 +8,13 @@ device, made once for the module.
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,7 +35,7 @@ from conftest import all_dynamics, tiny_config
 def get_config():
   c = all_dynamics(tiny_config({data!r}, steps={steps}))
   c.schedule.checkpoint.interval_steps = 5
-  c.schedule.checkpoint.keep_last_n = 3
+  c.schedule.checkpoint.keep_last_n = 4  # 5, 10, 15, 20: hops resume at 5 and 10
   return c
 """
 
@@ -245,44 +247,97 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_of_two_devices_match_one_device(config_file, reference, tmp_path):
-  """Gloo collectives between 2 local processes; the same global batch of 16. SIGTERM to one
-  process (a preemption notice to one host) stops both at the same step with a checkpoint;
-  rerunning both finishes the run."""
-  def launch():
+def _copy_at(workdir, dest, step):
+  """A copy of `workdir` whose latest checkpoint is `step` (the later ones deleted): a run on it
+  resumes there, as if stopped right after that checkpoint."""
+  shutil.copytree(workdir, dest)
+  for s in os.listdir(dest / "checkpoints"):
+    if int(s.split(".")[0]) > step:
+      shutil.rmtree(dest / "checkpoints" / s)
+  lines = (dest / "metrics.jsonl").read_text().splitlines(keepends=True)
+  (dest / "metrics.jsonl").write_text("".join(l for l in lines if json.loads(l)["step"] <= step))
+  return dest
+
+
+def _state_mib(out):
+  """(total, per device, this process) from the 'train state ... in this process' line."""
+  line = out.split("train state ")[1].split(" in this process")[0]
+  return [float(v.split()[0].replace(",", "")) for v in line.split(", ")]
+
+
+def _assert_losses_match(workdir, ref, first):
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  steps = range(first, STEPS + 1)
+  np.testing.assert_allclose([losses[s] for s in steps], [ref[s] for s in steps],
+                             rtol=2e-5, atol=2e-5)
+
+
+FSDP4 = ("--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=64")
+
+
+def test_two_processes_resume_from_one_device_change_mesh_and_go_back(config_file, reference,
+                                                                      tmp_path):
+  """Gloo collectives between 2 local processes of 2 devices, the global batch of 16 the same.
+  1 device -> fsdp=4 across both processes (from step 5); SIGTERM to one process (a preemption
+  notice to one host) stops both at the same step with a checkpoint; rerun as data=2 x fsdp=2;
+  then the checkpoint of step 10, written by both processes, goes back to 1 device. Every hop
+  equals the uninterrupted 1-device run."""
+  ref_dir, ref = reference
+
+  def launch(workdir, *flags):
     port = _free_port()
-    return [_launch(config_file, tmp_path, f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
-  procs = launch()
-  _wait_for_step(procs[0], tmp_path, 8)
+    return [_launch(config_file, workdir, f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}", *flags, devices=2)
+            for i in range(2)]
+  run = _copy_at(Path(ref_dir), tmp_path / "run", 5)
+  procs = launch(run, *FSDP4)
+  _wait_for_step(procs[0], run, 8)
   procs[1].send_signal(signal.SIGTERM)
   outs = [_finish(p) for p in procs]
-  last = _train_records(tmp_path)[-1]["step"]
+  assert "written by 1 process(es), this run has 2" in outs[0], outs[0][-3000:]
+  total, per_device, per_process = _state_mib(outs[0])
+  assert "mesh data=1 x fsdp=4" in outs[0] and per_device < 0.35 * total, outs[0][-3000:]
+  assert per_process == pytest.approx(2 * per_device, rel=0.01)
+  last = _train_records(run)[-1]["step"]
   assert last < STEPS and f"SIGTERM: saved the checkpoint at step {last}" in outs[0]
-  with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as m:
+  with ocp.CheckpointManager(str(run / "checkpoints")) as m:
     assert m.latest_step() == last
-  outs = [_finish(p) for p in launch()]
+
+  outs = [_finish(p) for p in launch(run, "--config.mesh.fsdp=2", FSDP4[1])]
   assert "on 4 device(s)" in outs[0] and f"resumed from step {last} " in outs[0]
-  losses = _losses(tmp_path)
-  assert sorted(losses) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses],
-                             rtol=2e-5, atol=2e-5)
-  # Both processes wrote their iterator state into every checkpoint; only process 0 logged.
-  data_dir = tmp_path / "checkpoints" / str(STEPS) / "data"
-  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+  assert "mesh data=2 x fsdp=2" in outs[0] and "process(es)" not in outs[0]
+  _assert_losses_match(run, ref, 6)
+  # Both processes wrote their iterator state and their shards; only process 0 logged.
+  step_dir = run / "checkpoints" / str(STEPS)
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir / "state"))
   assert "top-1 per rank" in outs[0] and "top-1 per rank" not in outs[1]
 
+  back = _copy_at(run, tmp_path / "back", 10)
+  out = _finish(_launch(config_file, back))
+  assert "written by 2 process(es), this run has 1" in out and "resumed from step 10 " in out
+  _assert_losses_match(back, ref, 11)
 
-def test_fsdp_shards_the_state_and_matches_one_device(config_file, reference, tmp_path):
-  proc = _launch(config_file, tmp_path, "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64",
-                 devices=4)
-  out = _finish(proc)
-  state_mib = out.split("train state ")[1].split(" per device")[0]  # "X MiB, Y MiB"
-  total, per_device = (float(v.split()[0].replace(",", "")) for v in state_mib.split(", "))
-  assert "mesh data=2 x fsdp=2" in out and per_device < 0.6 * total, out
-  losses = _losses(tmp_path)
-  np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses],
-                             rtol=2e-5, atol=2e-5)
+
+def test_checkpoints_move_between_fsdp_and_data_meshes(config_file, reference, tmp_path):
+  """One process of 4 devices: fsdp=4 from scratch; its step 5 resumed as data=4; that run's
+  step 10 resumed as fsdp=4 again. Orbax reshards on restore; the losses equal 1 device's."""
+  ref = reference[1]
+  fsdp = tmp_path / "fsdp"
+  out = _finish(_launch(config_file, fsdp, *FSDP4, devices=4))
+  total, per_device, per_process = _state_mib(out)
+  assert "mesh data=1 x fsdp=4" in out and per_device < 0.35 * total, out
+  assert per_process == pytest.approx(4 * per_device, rel=0.01)
+  _assert_losses_match(fsdp, ref, 1)
+  data = _copy_at(fsdp, tmp_path / "data", 5)
+  out = _finish(_launch(config_file, data, devices=4))
+  assert "mesh data=4 x fsdp=1" in out and "resumed from step 5 " in out
+  _assert_losses_match(data, ref, 6)
+  back = _copy_at(data, tmp_path / "back", 10)
+  out = _finish(_launch(config_file, back, *FSDP4, devices=4))
+  assert "mesh data=1 x fsdp=4" in out and "resumed from step 10 " in out
+  _assert_losses_match(back, ref, 11)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -44,6 +44,51 @@ def test_processes_read_disjoint_slices_of_the_global_batch(data_and_config):
     assert local == glob
 
 
+def _process_epoch(config, process_index, process_count):
+  """In its own OS process: one epoch of this process's local batches, as (image digest,
+  example_mask, group_id, pair_ok) per slot."""
+  import hashlib
+  data = labels.load(config)
+  steps = pipeline.steps_per_epoch(pipeline.train_groups(data, config), config.data.batch_size)
+  out = []
+  for b in pipeline.train_dataset(data, config, steps, process_index, process_count):
+    out.append([(hashlib.sha1(im.tobytes()).hexdigest(), bool(m), int(g), bool(ok)) for im, m, g, ok
+                in zip(b["image"], b["example_mask"], b["group_id"], b["pair_ok"])])
+  return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_every_row_once_per_epoch_across_processes(data_and_config, n):
+  """N real processes each read their slice of an epoch; by image, every train row is seen
+  exactly once in all, the padding fills only the last global batch, and partners (slot ^ 1)
+  stay in the same process and group."""
+  import concurrent.futures, hashlib, multiprocessing
+  data, c = data_and_config
+  reader = pipeline._reader(c, data.train_images)
+  digest = [hashlib.sha1(reader(int(r), i).tobytes()).hexdigest()
+            for r, i in zip(data.train.raw_row, data.train.image_id)]
+  assert len(set(digest)) == len(digest)  # images identify rows
+  row_of = {d: r for r, d in enumerate(digest)}
+  with concurrent.futures.ProcessPoolExecutor(n, multiprocessing.get_context("spawn")) as pool:
+    per_process = list(pool.map(_process_epoch, [c] * n, range(n), [n] * n))
+  steps = pipeline.steps_per_epoch(pipeline.train_groups(data, c), c.data.batch_size)
+  assert [len(p) for p in per_process] == [steps] * n
+  seen, padding_steps = [], set()
+  for batches in per_process:
+    for step, slots in enumerate(batches):
+      assert len(slots) == c.data.batch_size // n
+      for k, (d, real, group, ok) in enumerate(slots):
+        if real:
+          seen.append(row_of[d])
+        else:
+          padding_steps.add(step)
+        if ok:  # the partner is in this process's batch, a real row of the same group
+          assert slots[k ^ 1][1] and slots[k ^ 1][2] == group
+  assert sorted(seen) == list(range(len(data.train)))
+  assert padding_steps <= {steps - 1}
+  assert sum(ok for b in per_process for s in b for *_, ok in s) > len(data.train) // 2
+
+
 def test_batch_contents(data_and_config):
   data, c = data_and_config
   it = iter(pipeline.train_dataset(data, c, num_steps=3))
@@ -74,6 +119,16 @@ def test_iterator_state_resumes_at_the_next_batch(data_and_config):
   it2.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(it2)["labels"]["taxa_L10"], e)
+
+
+def test_a_dataset_from_a_later_step_gives_that_steps_batches(data_and_config):
+  """What a resume on another process count uses instead of the saved iterator state."""
+  data, c = data_and_config
+  whole = [b["labels"]["taxa_L10"] for b in pipeline.train_dataset(data, c, num_steps=6)]
+  later = [b["labels"]["taxa_L10"] for b in pipeline.train_dataset(data, c, 6, first_step=4)]
+  assert len(later) == 2
+  for a, b in zip(whole[4:], later):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_eval_covers_every_row_once_with_padding(data_and_config):

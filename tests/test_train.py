@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -189,3 +190,16 @@ def test_gradnorm_reforward_handles_nulls_as_the_train_loss(null_dataset, tmp_pa
   rec = _train_records(tmp_path)[1]
   for t in c.data.task_keys_h5:
     np.testing.assert_allclose(rec[f"gradnorm/loss/{t}"], rec[f"loss/{t}"], rtol=1e-5, err_msg=t)
+
+
+def test_resuming_with_another_global_batch_is_refused(small_dataset, trained_workdir, tmp_path):
+  """The train order is a function of the step and the global batch: another batch would
+  skip or repeat examples, so the run stops naming both batches and touches nothing."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  c = tiny_config(small_dataset[0], steps=40)
+  c.data.batch_size = 8
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  with pytest.raises(ValueError, match=r"trained with data.batch_size=16, this run has 8"):
+    train.run(c, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before

@@ -151,14 +151,16 @@ def _finish(ds: grain.MapDataset, config, local_batch: int, split: str) -> grain
 
 
 def train_dataset(data: labels_lib.Dataset, config, num_steps: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """`num_steps` local batches of this process; iterate with `iter()`, checkpoint its state."""
+                  process_count: int = 1, first_step: int = 0) -> grain.IterDataset:
+  """This process's local batches of steps [first_step, num_steps); iterate with `iter()`,
+  checkpoint its state."""
   gb = config.data.batch_size
   lb = gb // process_count
   fn = TrainRecords(data.train, _reader(config, data.train_images), data.task_keys,
                     train_groups(data, config), gb, lb, process_index, config.misc.seed,
                     config.aug.autoaug.policy)
-  return _finish(grain.MapDataset.range(num_steps * lb).map(fn), config, lb, "train")
+  return _finish(grain.MapDataset.range(first_step * lb, num_steps * lb).map(fn), config, lb,
+                 "train")
 
 
 def eval_dataset(data: labels_lib.Dataset, config, process_index: int = 0,

@@ -119,33 +119,48 @@ class Predictor:
       out.append({t: np.asarray(p)[:m] for t, p in probs.items()})
     return {t: np.concatenate([o[t] for o in out]) for t in self.tasks}
 
+  def prepare(self, image, metadata: dict | None = None):
+    """One sample, decoded and encoded (thread-safe, no device work): (uint8 image, {component:
+    vector}, valid, warnings, error or None); an unreadable image gives zeros and its error."""
+    try:
+      image_u8, error = preprocessing.to_rgb_uint8(image, self.size), None
+    except Exception as e:  # pylint: disable=broad-except  (any undecodable input)
+      image_u8 = np.zeros((self.size, self.size, 3), np.uint8)
+      error = f"image could not be read: {type(e).__name__}: {e}"
+    if metadata is not None and not isinstance(metadata, dict):
+      meta, valid, _ = preprocessing.encode_metadata(self.layout, None)
+      warnings = [f"metadata is not an object: {metadata!r}; all components invalid"]
+    else:
+      meta, valid, warnings = encode_metadata(self.layout, metadata)
+    return image_u8, meta, valid, warnings, error
+
+  def stack(self, samples: Sequence[tuple]):
+    """`prepare`d samples -> (uint8 images (B, S, S, 3), {component: (B, dim)}, valid (B, C))."""
+    names = [c["name"] for c in self.layout]
+    if not samples:
+      return (np.zeros((0, self.size, self.size, 3), np.uint8),
+              {k: np.zeros((0, c["dim"]), np.float32) for k, c in zip(names, self.layout)},
+              np.zeros((0, len(names)), bool))
+    return (np.stack([s[0] for s in samples]), {k: np.stack([s[1][k] for s in samples])
+                                                for k in names},
+            np.stack([s[2] for s in samples]))
+
   def preprocess(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None):
-    """(uint8 images, meta, valid, per-sample warnings, per-sample errors) of the usable ones."""
+    """(uint8 images, meta, valid, per-sample warnings, per-sample errors) of all samples."""
     metadata = list(metadata) if metadata is not None else [None] * len(images)
     if len(metadata) != len(images):
       raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
-    imgs, metas, valids, warnings, errors = [], [], [], [], []
-    for img, md in zip(images, metadata):
-      try:
-        imgs.append(preprocessing.to_rgb_uint8(img, self.size))
-        errors.append(None)
-      except Exception as e:  # pylint: disable=broad-except  (any undecodable input)
-        imgs.append(np.zeros((self.size, self.size, 3), np.uint8))
-        errors.append(f"image could not be read: {type(e).__name__}: {e}")
-      if md is not None and not isinstance(md, dict):
-        m, v, w = preprocessing.encode_metadata(self.layout, None)
-        w = [f"metadata is not an object: {md!r}; all components invalid"]
-      else:
-        m, v, w = encode_metadata(self.layout, md)
-      metas.append(m)
-      valids.append(v)
-      warnings.append(w)
-    names = [c["name"] for c in self.layout]
-    meta = {k: np.stack([m[k] for m in metas]) if metas else np.zeros((0, 1), np.float32)
-            for k in names}
-    valid = np.stack(valids) if valids else np.zeros((0, len(names)), bool)
-    images_u8 = np.stack(imgs) if imgs else np.zeros((0, self.size, self.size, 3), np.uint8)
-    return images_u8, meta, valid, warnings, errors
+    samples = [self.prepare(img, md) for img, md in zip(images, metadata)]
+    return (*self.stack(samples), [s[3] for s in samples], [s[4] for s in samples])
+
+  def result(self, name: str, probs: dict | None, warnings: list, error: str | None,
+             top_k: int | None = None) -> dict:
+    """The record of one sample from its probabilities {task: (C,)} (None: `error`)."""
+    res = {"image": name, "ranks": [], "warnings": warnings, "error": error}
+    if error is None:
+      res["ranks"] = self.consistent([(t, probs[t]) for t in self.coarse_to_fine],
+                                     top_k or self.top_k, res["warnings"])
+    return res
 
   def predict(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None,
               top_k: int | None = None) -> list[dict]:
@@ -155,20 +170,13 @@ class Predictor:
     `images`: paths, bytes, PIL images or HxWx3 arrays; `metadata`: dicts with any of `lat`,
     `lon`, `datetime_utc` (ISO string or datetime), `elevation_m`.
     """
-    k = top_k or self.top_k
     images_u8, meta, valid, warnings, errors = self.preprocess(images, metadata)
     ok = [i for i, e in enumerate(errors) if e is None]
     probs = self.probs_batch(images_u8[ok], {n: v[ok] for n, v in meta.items()}, valid[ok])
     row = {i: j for j, i in enumerate(ok)}
-    results = []
-    for i, image in enumerate(images):
-      res = {"image": _name(image, i), "ranks": [], "warnings": warnings[i], "error": errors[i]}
-      if errors[i] is None:
-        j = row[i]
-        res["ranks"] = self.consistent([(t, probs[t][j]) for t in self.coarse_to_fine], k,
-                                       res["warnings"])
-      results.append(res)
-    return results
+    return [self.result(_name(image, i), {t: p[row[i]] for t, p in probs.items()}
+                        if i in row else None, warnings[i], errors[i], top_k)
+            for i, image in enumerate(images)]
 
   # --------------------------------------------------------------------------- consistency
 

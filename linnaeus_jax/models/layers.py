@@ -109,7 +109,10 @@ def _depthwise_bwd(res, g):
   g = g.astype(x.dtype)
   dx = _shifted_sum(g, kernel[::-1, ::-1])
   xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-  dk = jax.lax.platform_dependent(xp, g, cpu=_kernel_grad_blocked, default=_kernel_grad_full)
+  # The blocked loop slices the batch, which makes XLA gather a sharded batch onto every device
+  # (and then run the whole backward replicated): only with one device.
+  blocked = _kernel_grad_blocked if jax.device_count() == 1 else _kernel_grad_full
+  dk = jax.lax.platform_dependent(xp, g, cpu=blocked, default=_kernel_grad_full)
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
