@@ -15,6 +15,7 @@ config file. Nothing here imports jax, so that checking a config is cheap.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -308,6 +309,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.metrics = dict(taxa_subsets=(), rarity_percentiles=(1, 5, 25, 50, 75, 90, 95, 99))
   # auto_choices: ours, filled by training: what each 'auto' setting became, and why.
   c.misc = dict(seed=42, auto_choices=())
+  # Ours (docs/training.md#weights--biases): mirror TensorBoard's scalars and plots to a W&B run
+  # (pip install -e '.[wandb]'). mode: '' (W&B's default, WANDB_MODE), 'online' or 'offline'.
+  c.logging = dict(wandb=dict(enabled=False, project="linnaeus_jax", entity="", name="",
+                              mode="", tags=()))
   # docs/distributed.md. data x fsdp = all devices (of all processes); data=-1: the rest. fsdp > 1
   # splits every state array of >= fsdp_min_size elements along its largest divisible dimension.
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
@@ -317,7 +322,6 @@ def base_config() -> ml_collections.ConfigDict:
 def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
   """`get_config(*args)` of the config file `name` in `config_file`'s folder: config files that
   build on another (configs/inat21.py on sm.py) call it with their `__file__`."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
   spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], path)
   module = importlib.util.module_from_spec(spec)
@@ -504,9 +508,12 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
       ("data.hybrid.missing_image_policy", d.hybrid.missing_image_policy,
        ("error", "skip", "placeholder")),
       ("data.sampler.type", d.sampler.type, ("grouped", "standard")),
-      ("data.taxonomy.multi_parent", d.taxonomy.multi_parent, ("error", "majority"))):
+      ("data.taxonomy.multi_parent", d.taxonomy.multi_parent, ("error", "majority")),
+      ("logging.wandb.mode", config.logging.wandb.mode, ("", "online", "offline"))):
     if value not in allowed:
       problems.append(f"{key} {value!r} not in {allowed}")
+  if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+    problems.append("logging.wandb.enabled needs the wandb package: pip install -e '.[wandb]'")
   if (problem := autoaug_policy_problem(config.aug.autoaug.policy)):
     problems.append(problem)
   er = config.aug.random_erase

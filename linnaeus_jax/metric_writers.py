@@ -1,7 +1,8 @@
-"""Where metrics go: TensorBoard (tensorboardX), `metrics.jsonl` and a console progress line.
+"""Where metrics go: TensorBoard (tensorboardX), `metrics.jsonl`, a console progress line and,
+with `logging.wandb.enabled`, a Weights & Biases run.
 
 Only process 0 writes. Each metrics.jsonl line is {"step": int, "phase": str, "<metric>": value}.
-Tags in TensorBoard are `<phase>/<metric>` (for example `val/acc1/taxa_L10`).
+Tags in TensorBoard and W&B are `<phase>/<metric>` (for example `val/acc1/taxa_L10`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 
 import jax
 from tensorboardX import SummaryWriter
@@ -47,8 +49,9 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None,
-               redo_eval_at_resume: bool = False):
+               redo_eval_at_resume: bool = False, wandb_config=None, run_config: dict | None = None):
     self.enabled = jax.process_index() == 0
+    self.wandb = None
     if self.enabled:
       path = os.path.join(workdir, "metrics.jsonl")
       purge = None
@@ -57,25 +60,53 @@ class MetricWriter:
         purge = resume_step + 1  # TensorBoard hides the old events from this step on
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
       self.jsonl = open(path, "a", encoding="utf-8")
+      if wandb_config is not None and wandb_config.enabled:
+        self.wandb = wandb_run(workdir, wandb_config, run_config)
 
   def write(self, step: int, phase: str, metrics: dict) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}
-    for k, v in clean.items():
-      if not isinstance(v, str):
-        self.tb.add_scalar(f"{phase}/{k}", v, step)
+    scalars = {f"{phase}/{k}": v for k, v in clean.items() if not isinstance(v, str)}
+    for tag, v in scalars.items():
+      self.tb.add_scalar(tag, v, step)
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=int(step))
     self.jsonl.write(json.dumps({"step": int(step), "phase": phase, **clean}) + "\n")
     self.jsonl.flush()
 
   def image(self, step: int, tag: str, image_HxWx3) -> None:
     if self.enabled:
       self.tb.add_image(tag, image_HxWx3, step, dataformats="HWC")
+      if self.wandb is not None:
+        import wandb  # pylint: disable=g-import-not-at-top
+        self.wandb.log({tag: wandb.Image(image_HxWx3)}, step=int(step))
 
   def close(self) -> None:
     if self.enabled:
       self.tb.close()
       self.jsonl.close()
+      if self.wandb is not None:
+        self.wandb.finish()
+
+
+def wandb_run(workdir: str, cfg, run_config: dict | None):
+  """The W&B run of this workdir: the same run again on resume (its id is kept in
+  DIR/wandb_run_id), in DIR/wandb/. W&B drops steps at or below the last one it holds, so after
+  a resume the records the interrupted run wrote past its checkpoint stay as they were there."""
+  import wandb  # pylint: disable=g-import-not-at-top
+  id_path = os.path.join(workdir, "wandb_run_id")
+  if os.path.exists(id_path):
+    with open(id_path, encoding="utf-8") as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    with open(id_path, "w", encoding="utf-8") as f:
+      f.write(run_id)
+  return wandb.init(project=cfg.project, entity=cfg.entity or None,
+                    name=cfg.name or os.path.basename(os.path.abspath(workdir)),
+                    tags=list(cfg.tags) or None, id=run_id, resume="allow",
+                    mode=cfg.mode or None, dir=workdir, config=run_config)
 
 
 def _fmt_time(seconds: float) -> str:

@@ -227,8 +227,10 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
   n_params = state_lib.count_params(state.params)
   end = total if prog["stopped_at"] is None else prog["stopped_at"]
   # Records past the checkpoint (a run killed after it) are dropped: they are about to be redone.
-  writer = metric_writers.MetricWriter(workdir, resume_step=start,
-                                       redo_eval_at_resume=start == end)
+  config_record = json.loads(config_lib.to_json(config))
+  writer = metric_writers.MetricWriter(
+      workdir, resume_step=start, redo_eval_at_resume=start == end,
+      wandb_config=config.logging.wandb, run_config=config_record)
   cleanup.callback(writer.close)
   if pidx == 0:
     print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
@@ -271,7 +273,6 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
       write_plots(workdir, step, results, confusion["val"], data, writer)
     return results
 
-  config_record = json.loads(config_lib.to_json(config))
 
   def save(step, metric=None, provisional=True):
     """Checkpoints a finite state (else warns and keeps the last good one); a provisional one

@@ -1,9 +1,9 @@
 import io
 import json
 import os
-
 import struct
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from linnaeus_jax import metric_writers
@@ -67,3 +67,57 @@ def test_resuming_drops_records_past_the_checkpoint(tmp_path):
   metric_writers.truncate(str(tmp_path / "metrics.jsonl"), 20, keep_eval_at_step=False)
   recs = [(r["step"], r["phase"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
   assert recs == [(10, "train"), (10, "val"), (20, "train")]
+
+
+def _wandb_history(run_dir):
+  """{step: {key: value}} from an offline W&B run's .wandb file (a log of records in 32 KiB
+  blocks after a 7-byte header, each record checksum, length, type, then a protobuf Record)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+    data, pos, buf = open(path, "rb").read(), 7, b""
+    while pos + 7 <= len(data):
+      if 32768 - pos % 32768 < 7:
+        pos += 32768 - pos % 32768
+        continue
+      n, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+      buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+      if kind in (1, 4):  # a whole record, or the last piece of one
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(buf)
+        buf = b""
+        if rec.WhichOneof("record_type") == "history":
+          items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                   for i in rec.history.item}
+          out.setdefault(items["_step"], {}).update(
+              {k: v for k, v in items.items() if not k.startswith("_")})
+  return out
+
+
+def test_wandb_offline_mirrors_the_scalars_and_plots_and_resumes_the_same_run(tmp_path,
+                                                                              monkeypatch):
+  pytest.importorskip("wandb")
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  cfg = ml_collections.ConfigDict(dict(enabled=True, project="test", entity="", name="",
+                                       mode="offline", tags=("ci",)))
+  w = metric_writers.MetricWriter(str(tmp_path), wandb_config=cfg, run_config={"seed": 3})
+  w.write(1, "train", {"loss": 2.5, "lr": 1e-3, "note": "text is not a scalar"})
+  w.write(2, "val", {"acc1/taxa_L10": 50.0})
+  w.image(2, "plots/confusion", np.zeros((4, 6, 3), np.uint8))
+  w.close()
+  run_id = (tmp_path / "wandb_run_id").read_text()
+  w = metric_writers.MetricWriter(str(tmp_path), resume_step=2, wandb_config=cfg)
+  w.write(3, "train", {"loss": 2.0})
+  w.close()
+  assert (tmp_path / "wandb_run_id").read_text() == run_id  # the same W&B run
+  history = _wandb_history(str(tmp_path))
+  assert history[1] == {"train/loss": 2.5, "train/lr": 1e-3}
+  assert history[2]["val/acc1/taxa_L10"] == 50.0
+  assert history[2]["plots/confusion/_type"] == "image-file"
+  assert (history[2]["plots/confusion/width"], history[2]["plots/confusion/height"]) == (6, 4)
+  assert history[3] == {"train/loss": 2.0}
+  runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+  assert len(runs) == 2  # one folder per process start, both of run `run_id`

@@ -95,7 +95,18 @@ class Dataset:
         "num_classes.json": json.dumps(self.num_classes, indent=1),
         "taxonomy_tree.json": self.taxonomy.to_json(),
         "class_label_counts.json": json.dumps({"train": counts}),
+        "data_summary.json": json.dumps(self.facts(), indent=1),
     }
+
+  def facts(self) -> dict:
+    """Rows per split, classes per rank (null included) and, per metadata component, the
+    fraction of rows where it is valid: the data section of a model card."""
+    valid = lambda t: {n: round(float(t.meta_valid[:, c].mean()), 4) if len(t) else None
+                       for c, (n, _) in enumerate(self.components)}
+    return {"rows": {"train": len(self.train), "val": len(self.val), "total": self.rows_total},
+            "dropped": {k: int(v) for k, v in self.dropped.items()},
+            "classes": dict(self.num_classes),
+            "metadata_valid_fraction": {"train": valid(self.train), "val": valid(self.val)}}
 
 
 def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:

@@ -9,6 +9,8 @@ Our layout (docs/inference.md), all paths relative to the folder:
   taxonomy.json          the class tree (the original's TaxonomyTree v1.0 format)
   class_index_map.json   {task: {"<class index>": taxon id}} (the original's flat format)
   model.jax_exported     the forward pass, `jax.export`-serialised for any batch size
+  card.json, README.md   the model card (card.py): model, data, training, final validation of
+                         every phase, intended use and limits; GET /info of the server serves it
 
 `read` also accepts an original bundle folder (`inference_config.yaml`, `taxonomy.json`,
 `class_index_map.json`) together with parameters converted by `tools/convert_torch.py`.
@@ -29,7 +31,7 @@ from linnaeus_jax import config as config_lib
 SEP = "/"
 FORMAT, VERSION = "linnaeus_jax.bundle", 1
 FILES = ("bundle.json", "config.json", "params.npz", "preprocessing.json", "taxonomy.json",
-         "class_index_map.json", "model.jax_exported")
+         "class_index_map.json", "model.jax_exported", "card.json", "README.md")
 
 
 class BundleError(ValueError):
@@ -110,8 +112,9 @@ def class_index_map(class_maps: dict) -> dict:
 
 
 def write(out: str, config, variables: dict, record: dict, class_maps: dict, taxonomy_json: str,
-          info: dict, exported: bytes | None) -> None:
-  """Writes the bundle folder `out` (a new folder; assembled beside it, then renamed)."""
+          info: dict, exported: bytes | None, card: dict | None = None) -> None:
+  """Writes the bundle folder `out` (a new folder; assembled beside it, then renamed), with
+  the model `card` as card.json and README.md when given."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
   tmp = out.rstrip("/") + ".partial"
@@ -131,6 +134,9 @@ def write(out: str, config, variables: dict, record: dict, class_maps: dict, tax
            "preprocessing.json": json.dumps(record, indent=1),
            "taxonomy.json": taxonomy_json,
            "class_index_map.json": json.dumps(class_index_map(class_maps), indent=1)}
+  if card is not None:
+    from linnaeus_jax.inference import card as card_lib  # pylint: disable=g-import-not-at-top
+    files.update({"card.json": json.dumps(card, indent=1), "README.md": card_lib.markdown(card)})
   for name, text in files.items():
     with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
       f.write(text)

@@ -12,6 +12,8 @@ class map, the preprocessing record and `model.jax_exported`: the forward pass s
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import os
 
 import jax
@@ -21,6 +23,7 @@ from flax import nnx
 
 from linnaeus_jax import models, preprocessing
 from linnaeus_jax.inference import bundle as bundle_lib
+from linnaeus_jax.inference import card as card_lib
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -59,10 +62,17 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   from linnaeus_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   w = predictor.load_workdir(workdir, step)
   exported = export_forward(w["config"], w["variables"], w["preprocessing"], platforms)
+  info = {"source_workdir": os.path.abspath(workdir), "step": int(w["step"]),
+          "platforms": list(platforms)}
+  facts_path = os.path.join(workdir, "assets", "data_summary.json")
+  facts = bundle_lib.read_json(facts_path, dict) if os.path.exists(facts_path) else None
+  card = card_lib.build(
+      w["config"], w["preprocessing"], w["variables"], facts,
+      card_lib.final_validation(os.path.join(workdir, "metrics.jsonl"), int(w["step"])),
+      {**info, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"), "linnaeus_jax": importlib.metadata.version("linnaeus_jax"), "jax": jax.__version__})
   bundle_lib.write(out, w["config"], w["variables"], w["preprocessing"], w["class_maps"],
-                   w["taxonomy_json"], {"source_workdir": os.path.abspath(workdir),
-                                        "step": int(w["step"]), "platforms": list(platforms)},
-                   bytes(exported.serialize()))
+                   w["taxonomy_json"], info, bytes(exported.serialize()), card)
   return out
 
 
