@@ -51,10 +51,11 @@ def test_inconsistent_values_all_reported(small_dataset):
   c.data.batch_size = 10
   c.schedule.meta_masking.end_fraction = -1.0
   c.model.rope_mode = "spin"
+  c.logging.wandb.mode = "cloud"
   msg = _problems(c, num_devices=4)
   for needle in ("multiple of 32", "must equal model.convnext_stages.dims[2:]",
                  "strictly ascending", "multiple of the 4 devices", "has no end",
-                 "model.rope_mode 'spin'"):
+                 "model.rope_mode 'spin'", "logging.wandb.mode 'cloud' not in"):
     assert needle in msg, needle
 
 

@@ -213,10 +213,13 @@ async def parse_multipart(request, body: bytes):
 
 class Batcher:
   """One thread that runs the device: samples submitted from any thread are gathered into one
-  `probs_batch` call of up to `max_batch`, waiting at most `max_wait_s` after the first."""
+  `probs_batch` call of up to `max_batch`. After the first it waits for more, at most
+  `max_wait_s`, and only while `coming()` (samples being decoded) says more are on their way: a
+  lone request runs at once."""
 
-  def __init__(self, predictor, max_batch: int, max_wait_s: float):
+  def __init__(self, predictor, max_batch: int, max_wait_s: float, coming=lambda: 1):
     self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_s
+    self.coming = coming
     self.queue = queue.Queue()
     self.batches = self.samples = 0
     self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
@@ -235,11 +238,16 @@ class Batcher:
   def _gather(self, first):
     items, deadline = [first], time.monotonic() + self.max_wait_s
     while len(items) < self.max_batch:
-      try:  # what is already queued is taken even after the deadline
-        item = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0)) \
-          if time.monotonic() < deadline else self.queue.get_nowait()
+      try:  # what is already queued is always taken
+        item = self.queue.get_nowait()
       except queue.Empty:
-        break
+        left = deadline - time.monotonic()
+        if left <= 0 or not self.coming():
+          break
+        try:
+          item = self.queue.get(timeout=min(left, 0.001))
+        except queue.Empty:
+          continue
       if item is None:
         self.queue.put(None)  # close after this batch
         break
@@ -283,7 +291,9 @@ class Server:
     self.max_body, self.max_pixels = int(max_body_mb * 2**20), int(max_pixels)
     Image.MAX_IMAGE_PIXELS = self.max_pixels  # PIL refuses twice that already when opening
     self.max_instances = 8 * max_batch
-    self.batcher = Batcher(self.predictor, max_batch, max_wait_ms / 1000)
+    self.decoding = 0  # samples of accepted requests not yet submitted to the batcher
+    self.batcher = Batcher(self.predictor, max_batch, max_wait_ms / 1000,
+                           coming=lambda: self.decoding)
     self.pool = concurrent.futures.ThreadPoolExecutor(decode_threads or os.cpu_count() or 2,
                                                       thread_name_prefix="decode")
     self.ready, self.requests, self.compile_s = False, 0, None
@@ -317,14 +327,19 @@ class Server:
       raise RequestError(415, [f"content type {ctype or 'none'!r} is not accepted: send "
                                "application/json or multipart/form-data"])
     loop = asyncio.get_running_loop()
-    samples = await asyncio.gather(*(loop.run_in_executor(self.pool, self.prepare, img, meta)
-                                     for img, _, meta in instances))
-    problems = [f"{name}: {s if isinstance(s, str) else s[4]}"
-                for (_, name, _), s in zip(instances, samples)
-                if isinstance(s, str) or s[4] is not None]
-    if problems:
-      raise RequestError(422, problems)
-    probs = await asyncio.gather(*(asyncio.wrap_future(self.batcher.submit(s)) for s in samples))
+    self.decoding += len(instances)
+    try:
+      samples = await asyncio.gather(*(loop.run_in_executor(self.pool, self.prepare, img, meta)
+                                       for img, _, meta in instances))
+      problems = [f"{name}: {s if isinstance(s, str) else s[4]}"
+                  for (_, name, _), s in zip(instances, samples)
+                  if isinstance(s, str) or s[4] is not None]
+      if problems:
+        raise RequestError(422, problems)
+      futures = [asyncio.wrap_future(self.batcher.submit(s)) for s in samples]
+    finally:
+      self.decoding -= len(instances)
+    probs = await asyncio.gather(*futures)
     self.requests += 1
     return {"predictions": [self.predictor.result(name, p, s[3], None, top_k)
                             for (_, name, _), s, p in zip(instances, samples, probs)]}
