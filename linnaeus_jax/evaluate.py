@@ -4,7 +4,9 @@
 
 restores DIR's checkpoint (the latest, or step N) with the run's config (DIR/config.json unless
 --config is given), runs every pass (val, val_mask_meta, the whitelisted and the exhaustive
-combinations) on the validation split and writes DIR/eval/step_<N>.json: {phase: {metric: value}}.
+combinations) on the validation split and writes DIR/eval/step_<N>.json: {phase: {metric: value}}
+(the `val` phase also with "per_class": {task: [per-class top-1, precision, support, ...]}) and
+DIR/eval/step_<N>_per_class.csv, and prints each rank's worst classes.
 
 A phase is (name, components masked). `val` masks nothing, `val_mask_meta` everything, a
 `val_mask_<A>_<B>` phase the listed components: their validity flags, never value slices
@@ -15,6 +17,7 @@ which do not see metadata, run once per batch. No augmentation, no random maskin
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -62,7 +65,8 @@ def phases(config, *, mask_meta=True, partial=False, exhaustive=False) -> tuple:
 
 
 def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ()),)):
-  """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank)}.
+  """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank,
+  {task: per-class counts (3, C)})} (`metrics.class_counts`).
 
   `variables`: (params, buffers) of the train state; `consts` from `state.loss_constants`. Pixels
   are normalised as in training (`cfg.image_mean/std`). The losses and counts are the train
@@ -83,10 +87,11 @@ def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ())
       c = logits[coarse].shape[-1]
       true_BxC = jax.nn.one_hot(batch["labels"][coarse], c) * batch["example_mask"][:, None]
       pred_BxC = jax.nn.one_hot(jnp.argmax(logits[coarse], -1), c)
-      return counts, jnp.einsum("bi,bj->ij", true_BxC, pred_BxC)
-    counts, confusion_KxCxC = jax.vmap(forward)(valid_KxBxC)
-    return {name: (jax.tree.map(lambda x, k=k: x[k], counts), confusion_KxCxC[k])
-            for k, (name, _) in enumerate(phase_list)}
+      per_class = {t: metrics.class_counts(batch["labels"][t], logits[t], batch["example_mask"])
+                   for t in cfg.tasks}
+      return counts, jnp.einsum("bi,bj->ij", true_BxC, pred_BxC), per_class
+    out = jax.vmap(forward)(valid_KxBxC)
+    return {name: jax.tree.map(lambda x, k=k: x[k], out) for k, (name, _) in enumerate(phase_list)}
   return step
 
 
@@ -100,27 +105,74 @@ def jit_step(graphdef, cfg, phase_list, state_sharding, mesh):
 
 
 def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None,
-        task_weights=None) -> dict:
+        task_weights=None, class_counts=None) -> dict:
   """{phase: metrics} of `variables` (params, buffers) over `dataset`: counts summed over
   batches, then finalized; `loss` weighted by `task_weights` (the train state's), as the train
   loss is.
 
-  `confusion`, a dict, receives {phase: (C, C) counts} of the coarsest rank (rows: true class).
+  `confusion`, a dict, receives {phase: (C, C) counts} of the coarsest rank (rows: true class);
+  `class_counts` {phase: {task: (3, C)}} (`metrics.class_counts`).
   """
-  totals, conf, consts = {}, {}, consts or {}
+  totals, conf, per_class, consts = {}, {}, {}, consts or {}
   for batch in dataset:
     out = eval_step(variables, sharding.global_batch(batch, mesh), consts)
-    totals = {p: metrics.accumulate(totals.get(p), c) for p, (c, _) in out.items()}
-    conf = {p: conf.get(p, 0) + np.asarray(m, np.int64) for p, (_, m) in out.items()}
+    totals = {p: metrics.accumulate(totals.get(p), c) for p, (c, _, _) in out.items()}
+    conf = {p: conf.get(p, 0) + np.asarray(m, np.int64) for p, (_, m, _) in out.items()}
+    per_class = {p: {t: per_class.get(p, {}).get(t, 0) + np.asarray(x, np.int64)
+                     for t, x in pc.items()} for p, (_, _, pc) in out.items()}
   if confusion is not None:
     confusion.update(conf)
+  if class_counts is not None:
+    class_counts.update(per_class)
   if task_weights is not None:
     task_weights = np.asarray(jax.device_get(task_weights))
   return {p: metrics.finalize(t, tasks, task_weights) for p, t in totals.items()}
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
-  """(step, {phase: metrics}) of DIR's checkpoint at `step` (default: the latest)."""
+def per_class_rows(counts: dict, data) -> dict:
+  """{task: `metrics.per_class` rows} from one phase's summed class counts, with each class's
+  taxon id (0: null) and training count."""
+  out = {}
+  for j, t in enumerate(data.task_keys):
+    ids = {i: (0 if k == "null" else int(k)) for k, i in data.class_to_idx[t].items()}
+    c = counts[t].shape[1]
+    out[t] = metrics.per_class(counts[t], [ids.get(i, -1) for i in range(c)],
+                               np.bincount(data.train.labels[:, j], minlength=c))
+  return out
+
+
+def write_eval(workdir: str, step: int, results: dict, rows: dict | None = None) -> str:
+  """DIR/eval/step_<N>.json ({phase: metrics}, the `val` phase with "per_class": {task: rows})
+  and, with `rows`, DIR/eval/step_<N>_per_class.csv (one line per task and class)."""
+  folder = os.path.join(workdir, "eval")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"step_{step}.json")
+  out = {p: dict(r) for p, r in results.items()}
+  if rows is not None:
+    out["val"]["per_class"] = rows
+    fields = ["task", "class", "taxon_id", "train_count", "support", "correct", "predicted",
+              "top1", "precision"]
+    with open(os.path.join(folder, f"step_{step}_per_class.csv"), "w", newline="",
+              encoding="utf-8") as fh:
+      w = csv.DictWriter(fh, fields)
+      w.writeheader()
+      for task, task_rows in rows.items():
+        w.writerows({"task": task, **r} for r in task_rows)
+  with open(path, "w", encoding="utf-8") as fh:
+    json.dump(out, fh, indent=1, sort_keys=True)
+  return path
+
+
+def worst_summary(rows: dict, k: int = 5) -> list[str]:
+  """Console lines: each rank's `k` worst classes on `val` (top-1, val and train examples)."""
+  return [f"  {t:<10} " + "; ".join(f"{r['taxon_id']} {r['top1']:.0f}% of {r['support']} "
+                                    f"(train {r['train_count']})" for r in metrics.worst(tr, k))
+          for t, tr in rows.items()]
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None):
+  """(step, {phase: metrics}, {task: per-class rows of `val`}) of DIR's checkpoint at `step`
+  (default: the latest)."""
   config, data = state_lib.resolve(config, jax.device_count())
   if not len(data.val):
     raise ValueError("the configuration has no validation rows to evaluate")
@@ -131,9 +183,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> tuple[
   eval_step = jit_step(graphdef, train_step.StepConfig.from_config(config), plist,
                        state_sharding, mesh)
   ds = pipeline.eval_dataset(data, config, jax.process_index(), jax.process_count())
-  return step, run(eval_step, (state.params, state.buffers), ds, mesh, data.task_keys,
-                   state_lib.loss_constants(config, data),
-                   task_weights=state.gradnorm["weights"])
+  counts = {}
+  results = run(eval_step, (state.params, state.buffers), ds, mesh, data.task_keys,
+                state_lib.loss_constants(config, data), task_weights=state.gradnorm["weights"],
+                class_counts=counts)
+  return step, results, per_class_rows(counts["val"], data)
 
 
 def read_run_config(path: str):
@@ -164,17 +218,16 @@ def main(argv):
   config = f.config  # without --config: the run's own (DIR/config.json)
   if config is None:
     config = cli.call(read_run_config, os.path.join(f.workdir, "config.json"))
-  step, results = cli.call(evaluate_checkpoint, config, f.workdir, f.step)
-  path = os.path.join(f.workdir, "eval", f"step_{step}.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as fh:
-    json.dump(results, fh, indent=1, sort_keys=True)
+  step, results, rows = cli.call(evaluate_checkpoint, config, f.workdir, f.step)
+  path = write_eval(f.workdir, step, results, rows)
   tasks = list(config.data.task_keys_h5)
   print(f"step {step}: top-1 per rank ({', '.join(tasks)})")
   for phase, r in sorted(results.items()):
     print(f"  {phase:<28} loss {r['loss']:.4f}  " +
           "  ".join(f"{r[f'acc1/{t}']:6.1f}" for t in tasks))
-  print(f"wrote {path}")
+  print("worst classes on val (taxon id, top-1 of its val examples, its train examples):")
+  print("\n".join(worst_summary(rows)))
+  print(f"wrote {path} and its _per_class.csv")
 
 
 if __name__ == "__main__":

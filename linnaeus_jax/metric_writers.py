@@ -82,6 +82,10 @@ class MetricWriter:
         import wandb  # pylint: disable=g-import-not-at-top
         self.wandb.log({tag: wandb.Image(image_HxWx3)}, step=int(step))
 
+  def text(self, step: int, tag: str, markdown: str) -> None:
+    if self.enabled:
+      self.tb.add_text(tag, markdown, step)
+
   def close(self) -> None:
     if self.enabled:
       self.tb.close()

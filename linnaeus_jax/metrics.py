@@ -261,3 +261,36 @@ def finalize(total: dict, task_keys, task_weights=None) -> dict:
             total[f"subset_correct1/{m.group(1)}/{t}"], total[key], 100.0)
   out["num_examples"] = int(total["n"])
   return out
+
+
+# ----------------------------------------------------------------------------- per class
+
+
+def class_counts(labels_B, logits_BxC, mask_B):
+  """(3, C) float32 of one task: per class its support (real examples labelled with it), its
+  correct top-1 predictions and the real examples predicted as it. Summed over batches and
+  devices like the other counts; the null class (0) is a class like any other."""
+  c = logits_BxC.shape[-1]
+  m = mask_B.astype(jnp.float32)
+  pred_B = jnp.argmax(logits_BxC, -1)
+  zeros = jnp.zeros(c, jnp.float32)
+  return jnp.stack([zeros.at[labels_B].add(m), zeros.at[labels_B].add(m * (pred_B == labels_B)),
+                    zeros.at[pred_B].add(m)])
+
+
+def per_class(counts_3xC, taxon_ids, train_counts) -> list[dict]:
+  """One row per class from summed `class_counts`: top-1 (= recall: correct / support) and
+  precision (correct / predicted) in percent, None where the denominator is 0."""
+  support, correct, predicted = (np.asarray(x, np.int64) for x in counts_3xC)
+  pct = lambda a, b: round(100.0 * a / b, 4) if b else None
+  return [{"class": i, "taxon_id": int(taxon_ids[i]), "train_count": int(train_counts[i]),
+           "support": int(support[i]), "correct": int(correct[i]),
+           "predicted": int(predicted[i]), "top1": pct(correct[i], support[i]),
+           "precision": pct(correct[i], predicted[i])} for i in range(len(support))]
+
+
+def worst(rows: list[dict], k: int = 5) -> list[dict]:
+  """The `k` classes with the lowest top-1 among those with validation examples (more
+  examples first among equals: a class wrong on 10 of 10 before one wrong on 1 of 1)."""
+  seen = [r for r in rows if r["support"] > 0]
+  return sorted(seen, key=lambda r: (r["top1"], -r["support"], r["class"]))[:k]

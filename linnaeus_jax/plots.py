@@ -1,4 +1,5 @@
-"""Evaluation figures: metadata-ablation bar chart and confusion matrices.
+"""Evaluation figures: metadata-ablation bar chart, confusion matrices and per-class accuracy
+against training count.
 
 Each plot saves a PNG and returns the same image as an (H, W, 3) uint8 array, ready for
 TensorBoard's `add_image(..., dataformats="HWC")`. Figure sizes are capped, so any number of
@@ -148,5 +149,28 @@ def confusion_matrix(counts_CxC: np.ndarray, class_names: list[str], path: str,
         v = norm[i, j]
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v > 0.5 else "black")
+  fig.tight_layout()
+  return _finish(fig, path)
+
+
+def class_accuracy_vs_count(rows: list[dict], path: str, title: str) -> np.ndarray:
+  """Per-class top-1 on validation against the class's training examples (log scale), a point
+  per class with validation examples, its area growing with them: where the long tail fails.
+
+  `rows`: `metrics.per_class` rows of one rank.
+  """
+  seen = [r for r in rows if r["support"] > 0]
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=_DPI)
+  if seen:
+    x = np.array([max(r["train_count"], 1) for r in seen], float)
+    y = np.array([r["top1"] for r in seen], float)
+    ax.scatter(x, y, s=8 + 40 * np.sqrt(np.array([r["support"] for r in seen]) /
+                                      max(r["support"] for r in seen)), alpha=0.5)
+    ax.set_xscale("log")
+  ax.set_xlabel("training examples of the class (log)")
+  ax.set_ylabel("top-1 on its validation examples, %")
+  ax.set_ylim(-3, 103)
+  ax.set_title(f"{title} ({len(seen)} classes with validation examples)")
+  ax.grid(True, alpha=0.3)
   fig.tight_layout()
   return _finish(fig, path)

@@ -26,8 +26,10 @@ from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
 
 
-def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, writer) -> None:
-  """DIR/plots/meta_ablation.png and the coarsest rank's confusion matrix, also to TensorBoard."""
+def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, writer,
+                per_class=None) -> None:
+  """DIR/plots/meta_ablation.png, the coarsest rank's confusion matrix and the finest rank's
+  per-class accuracy against training count, also to TensorBoard."""
   tasks, coarse = data.task_keys, data.task_keys[-1]
   names = {v: str(k) for k, v in data.class_to_idx[coarse].items()}
   images = {"meta_ablation": plots.meta_ablation(
@@ -35,6 +37,11 @@ def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, wri
   images[f"confusion/{coarse}"] = plots.confusion_matrix(
       confusion_CxC, [names.get(i, str(i)) for i in range(len(confusion_CxC))],
       os.path.join(workdir, "plots", f"confusion_{coarse}.png"), f"{coarse}, step {step}")
+  if per_class is not None:
+    fine = tasks[0]
+    images[f"class_accuracy_vs_count/{fine}"] = plots.class_accuracy_vs_count(
+        per_class[fine], os.path.join(workdir, "plots", f"class_accuracy_vs_count_{fine}.png"),
+        f"{fine}, step {step}")
   for tag, image in images.items():
     writer.image(step, f"val/{tag}", image)
 
@@ -257,9 +264,10 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
         exhaustive=final and vs.final_epoch.exhaustive_partial_meta_validation)
     if plist not in eval_steps:
       eval_steps[plist] = evaluate.jit_step(graphdef, step_cfg, plist, state_sharding, mesh)
-    t0, confusion = time.time(), {}
+    t0, confusion, class_counts = time.time(), {}, {}
     results = evaluate.run(eval_steps[plist], (state.params, state.buffers), ds, mesh, tasks,
-                           consts, confusion, task_weights=state.gradnorm["weights"])
+                           consts, confusion, task_weights=state.gradnorm["weights"],
+                           class_counts=class_counts)
     if pidx == 0:
       progress_bar.newline()
       print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 per rank:", flush=True)
@@ -270,7 +278,13 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
         accs = "  ".join(f"{result[f'acc1/{t}']:6.1f}" for t in tasks)
         print(f"  {phase:<28} loss {result['loss']:.4f}  {accs}", flush=True)
     if final and pidx == 0:
-      write_plots(workdir, step, results, confusion["val"], data, writer)
+      rows = evaluate.per_class_rows(class_counts["val"], data)
+      evaluate.write_eval(workdir, step, results, rows)
+      worst = evaluate.worst_summary(rows)
+      print("worst classes on val (taxon id, top-1 of its val examples, its train examples):\n"
+            + "\n".join(worst), flush=True)
+      writer.text(step, "val/worst_classes", "\n\n".join(w.strip() for w in worst))
+      write_plots(workdir, step, results, confusion["val"], data, writer, rows)
     return results
 
 

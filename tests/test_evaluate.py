@@ -45,7 +45,7 @@ def test_the_eval_step_standardises_with_the_configs_mean_and_std(small_dataset)
   consts = state_lib.loss_constants(c, data)
   batch = jax.tree.map(jnp.asarray, next(iter(pipeline.eval_dataset(data, c))))
   cfg = train_step.StepConfig.from_config(c)
-  got, _ = jax.jit(evaluate.make_eval_step(graphdef, cfg))(variables, batch, consts)["val"]
+  got, _, _ = jax.jit(evaluate.make_eval_step(graphdef, cfg))(variables, batch, consts)["val"]
 
   @jax.jit
   def by_hand(image):  # the model on an image normalised here, then the shared loss and counts
@@ -105,8 +105,16 @@ def test_evaluate_a_checkpoint_reproduces_the_final_validation(small_dataset, tm
   c = tiny_config(small_dataset[0], steps=10)
   c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL"]]
   train.run(c, str(tmp_path))
-  step, results = evaluate.evaluate_checkpoint(c, str(tmp_path))
+  step, results, rows = evaluate.evaluate_checkpoint(c, str(tmp_path))
   assert step == 10 and len(results) == 1 + 1 + (2 ** 3 - 2)  # val, mask_meta, exhaustive
+  n = results["val"]["num_examples"]
+  heads = json.load(open(tmp_path / "config.json"))["model"]["classification"]["heads"]
+  for t, task_rows in rows.items():  # per class, adding up to the aggregate top-1
+    assert len(task_rows) == heads[t]["num_classes"]
+    assert sum(r["support"] for r in task_rows) == n
+    assert 100 * sum(r["correct"] for r in task_rows) / n == pytest.approx(
+        results["val"][f"acc1/{t}"], rel=1e-9)
+    assert sum(r["predicted"] for r in task_rows) == n
   logged = {r["phase"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
             if r["phase"] != "train"}
   for phase in ("val", "val_mask_meta"):
@@ -122,6 +130,11 @@ def test_evaluate_a_checkpoint_reproduces_the_final_validation(small_dataset, tm
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-3000:]
   written = json.load(open(tmp_path / "eval" / "step_10.json"))
-  assert set(written) == set(results)
+  assert set(written) == set(results) and written["val"]["per_class"] == rows
+  assert "worst classes on val" in r.stdout
+  import csv  # pylint: disable=g-import-not-at-top
+  lines = list(csv.DictReader(open(tmp_path / "eval" / "step_10_per_class.csv")))
+  assert len(lines) == sum(len(v) for v in rows.values())
+  assert lines[0]["task"] == "taxa_L10" and int(lines[0]["support"]) == rows["taxa_L10"][0]["support"]
   for phase in results:
     assert written[phase]["loss"] == pytest.approx(results[phase]["loss"], rel=1e-5), phase

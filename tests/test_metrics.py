@@ -332,3 +332,22 @@ def test_subset_accuracy_and_rarity_bins_by_hand():
   assert out["subset_acc1/rarity_1/fine"] == pytest.approx(50.0)
   assert out["subset_acc1/rarity_0/fine"] == pytest.approx(100.0)
   assert out["subset_acc1/f3/fine"] == pytest.approx(100.0)  # row 2 right, row 3 padding
+
+
+def test_per_class_counts_and_rates_by_hand():
+  """labels 0 1 1 2 (2 masked), predictions 0 2 1 2 (0): per class support 1 2 1, correct
+  1 1 1, predicted 1 1 2 -> top-1 100 50 100, precision 100 100 50."""
+  labels = jnp.array([0, 1, 1, 2, 2])
+  logits = jax.nn.one_hot(jnp.array([0, 2, 1, 2, 0]), 3)
+  mask = jnp.array([True, True, True, True, False])
+  counts = np.asarray(metrics.class_counts(labels, logits, mask))
+  np.testing.assert_array_equal(counts, [[1, 2, 1], [1, 1, 1], [1, 1, 2]])
+  rows = metrics.per_class(counts * 2, [0, 101, 102], [5, 7, 0])  # two such batches
+  assert [(r["support"], r["correct"], r["predicted"]) for r in rows] == [(2, 2, 2), (4, 2, 2),
+                                                                         (2, 2, 4)]
+  assert [(r["top1"], r["precision"]) for r in rows] == [(100.0, 100.0), (50.0, 100.0),
+                                                        (100.0, 50.0)]
+  assert [r["taxon_id"] for r in rows] == [0, 101, 102] and rows[1]["train_count"] == 7
+  assert [r["class"] for r in metrics.worst(rows, 2)] == [1, 0]
+  unseen = metrics.per_class(np.zeros((3, 2)), [0, 1], [3, 0])
+  assert unseen[0]["top1"] is None and metrics.worst(unseen) == []

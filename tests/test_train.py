@@ -53,8 +53,16 @@ def test_end_to_end_learns(small_dataset, tmp_path):
   assert os.listdir(tmp_path / "tensorboard")
   phases = {json.loads(l)["phase"] for l in open(tmp_path / "metrics.jsonl")}
   assert phases == {"train", "val", "val_mask_meta"}  # the final validation masks metadata too
-  for name in ("meta_ablation.png", "confusion_taxa_L40.png"):
+  for name in ("meta_ablation.png", "confusion_taxa_L40.png", "class_accuracy_vs_count_taxa_L10.png"):
     assert os.path.getsize(tmp_path / "plots" / name) > 0
+  # The final validation's per-class report adds up to its aggregate top-1.
+  report = json.load(open(tmp_path / "eval" / "step_80.json"))
+  for t in ("taxa_L10", "taxa_L40"):
+    rows = report["val"]["per_class"][t]
+    assert sum(r["support"] for r in rows) == val["num_examples"]
+    assert 100 * sum(r["correct"] for r in rows) / val["num_examples"] == pytest.approx(
+        val[f"acc1/{t}"], rel=1e-9)
+  assert (tmp_path / "eval" / "step_80_per_class.csv").exists()
   # The measured masked fraction follows the logged schedule (16 samples a step, 80 steps).
   recs = _train_records(tmp_path)
   p = np.array([recs[s]["schedule/meta_mask_prob"] for s in range(1, 81)])
