@@ -165,7 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
           img_size=64, max_samples_per_species=200, min_samples_per_species=40,
           zipf_exponent=0.5, null_species_rate=0.04, null_genus_rate=0.02,
           missing_temporal_rate=0.05, missing_spatial_rate=0.05, missing_elevation_rate=0.05,
-          out_of_region_rate=0.05, temporal_hours=False, image_format="jpeg", seed=0)),
+          out_of_region_rate=0.05, temporal_hours=False, image_format="jpeg", seed=0,
+          pixel_confusion=0.0, metadata_spread=1.0, label_noise_rate=0.0)),
   )
   c.model = dict(
       name="mFormerV1",

@@ -68,3 +68,48 @@ def test_cost_model_shards_the_state_as_the_mesh_does():
   assert fsdp["state"] == 3 * (2048 / 4 + 12)
   assert fsdp["all-gather"] == 2 * 3 / 4 * 2048  # forward and backward
   assert fsdp["reduce-scatter"] == 3 / 4 * 2048 and fsdp["all-reduce"] == 2 * 3 / 4 * 12
+
+
+TINY = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+
+def get_config():
+  c = tiny_config({data!r}, steps=4)
+  c.schedule.validation.partial_mask_meta.enabled = True
+  c.schedule.validation.partial_mask_meta.whitelist = (("SPATIAL",),)
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_experiments_runner_tabulates_a_tiny_suite_and_does_not_rerun(small_dataset, tmp_path):
+  """Two variants, one seed, 4 steps: the table holds each run's final validation as written
+  in its report; run again, nothing is retrained and the table is the same."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import experiments  # pylint: disable=g-import-not-at-top
+  config = tmp_path / "tiny.py"
+  config.write_text(TINY.format(tests=os.path.join(ROOT, "tests"), data=small_dataset[0]))
+  variants = {"learned token": [], "zeros": ["--config.model.meta_missing=zeros"]}
+  metrics = [("val", "acc1/taxa_L10"), ("val_mask_SPATIAL", "acc1/taxa_L10"),
+             ("val_mask_meta", "loss")]
+  args = ("tiny", variants, metrics, ("val", "acc1/taxa_L10"), str(config), 1,
+          str(tmp_path / "runs"), str(tmp_path / "out"))
+  numbers = experiments.run_suite(*args)
+  table = (tmp_path / "out" / "tiny.md").read_text()
+  for variant in variants:
+    report = experiments.report_of(str(tmp_path / "runs" / "tiny" / experiments.slug(variant) /
+                                       "seed_0"))
+    for p, m in metrics:
+      assert numbers[variant][f"{p}/{m}"] == [report[p][m]]
+    row = [l for l in table.splitlines() if l.startswith(f"| {variant} |")][0]
+    assert row == f"| {variant} | " + " | ".join(f"{report[p][m]:.1f}" for p, m in metrics) + " |"
+  assert numbers["learned token"] != numbers["zeros"]  # the variants did differ
+  assert (tmp_path / "out" / "tiny.png").stat().st_size > 0
+  mtimes = sorted((p, p.stat().st_mtime) for p in (tmp_path / "runs").rglob("step_*.json"))
+  assert experiments.run_suite(*args) == numbers
+  assert (tmp_path / "out" / "tiny.md").read_text().splitlines()[4:] == table.splitlines()[4:]
+  assert sorted((p, p.stat().st_mtime) for p in (tmp_path / "runs").rglob("step_*.json")) == mtimes
+  assert experiments.mean_std([1.0, 2.0, 3.0]) == "2.0 ± 1.0"

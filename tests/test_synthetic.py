@@ -164,3 +164,34 @@ def test_cli_takes_absl_flags(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: "), r.stderr
     assert len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
   assert not (tmp_path / "b").exists()
+
+
+def test_harder_variants_confuse_pixels_spread_metadata_and_noise_labels(small_dataset, tmp_path):
+  """At their defaults the variants change nothing (the fixture's data, its cache folder); set,
+  they relabel about label_noise_rate of the rows with another species' whole lineage, redraw
+  about pixel_confusion x (1 - 1/siblings) of the images, and widen the spread of lat by
+  metadata_spread."""
+  opts = dataclasses.replace(SMALL, pixel_confusion=0.5, metadata_spread=2.0,
+                             label_noise_rate=0.1)
+  assert opts.fingerprint() != SMALL.fingerprint()
+  assert SMALL.fingerprint() == dataclasses.replace(SMALL, metadata_spread=1.0).fingerprint()
+  synthetic.generate(str(tmp_path), opts, verbose=False)
+  with h5py.File(os.path.join(small_dataset[0], "labels.h5")) as a, \
+       h5py.File(tmp_path / "labels.h5") as b:
+    order_a, order_b = a["taxa_L40"][()], b["taxa_L40"][()]
+    fam_a, fam_b = a["taxa_L30"][()], b["taxa_L30"][()]
+    n = len(order_a)
+    relabelled = np.mean(fam_a != fam_b)  # a random other species is of another family 3/4 times
+    assert 0.1 * 0.5 < relabelled < 0.1 * 1.0
+    # every relabelled row carries a consistent lineage: its family's order, as elsewhere
+    fam_to_order = dict(zip(fam_a, order_a))
+    assert all(fam_to_order[f] == o for f, o in zip(fam_b, order_b))
+    lat_a, lat_b = a["raw_lat"][()], b["raw_lat"][()]
+    species = a["taxa_L10"][()]
+    dev = lambda lat: np.nanmean([np.nanstd(lat[species == s]) for s in set(species) - {0}])
+    assert 1.6 < dev(lat_b) / dev(lat_a) < 2.4
+  names = sorted(os.listdir(os.path.join(small_dataset[0], "images")))
+  changed = np.mean([open(os.path.join(small_dataset[0], "images", f), "rb").read()
+                     != open(tmp_path / "images" / f, "rb").read() for f in names])
+  assert 0.5 * 0.5 * 0.5 < changed < 0.5 * 0.9  # redrawn as itself 1/siblings of the time
+  assert n == len(names)

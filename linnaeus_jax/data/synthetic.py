@@ -39,6 +39,7 @@ ELEVATION_SOURCE = "elevation_broadrange_2"
 # Sibling k of a genus lives around REGIONS[(k + genus) % 4] (lat, lon in degrees).
 REGIONS = ((48.0, -105.0), (45.0, 15.0), (-22.0, -58.0), (-25.0, 135.0))
 ELEVATION_BANDS_M = (150.0, 800.0, 1600.0, 2800.0)
+HARDER = ("pixel_confusion", "metadata_spread", "label_noise_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,13 @@ class SyntheticOptions:
   elevation_scales: tuple[float, ...] = (100.0, 500.0, 1000.0, 2000.0, 5000.0)
   image_format: str = "jpeg"  # 'jpeg' (a folder of files) or 'h5' (images.h5)
   seed: int = 0
+  # Harder variants (0 / 1: the original task, the same bytes): the share of rows drawn with a
+  # sibling genus's shape and a sibling family's colour (coarse ranks confusable from pixels); a
+  # factor on the spread of location, season and elevation around each species' own (ranges
+  # overlap); the share of rows whose labels are those of another random species (label noise).
+  pixel_confusion: float = 0.0
+  metadata_spread: float = 1.0
+  label_noise_rate: float = 0.0
 
   def validate(self) -> None:
     problems = []
@@ -72,11 +80,14 @@ class SyntheticOptions:
     if self.min_samples_per_species > self.max_samples_per_species:
       problems.append("min_samples_per_species exceeds max_samples_per_species")
     for name in ("null_species_rate", "null_genus_rate", "missing_temporal_rate",
-                 "missing_spatial_rate", "missing_elevation_rate", "out_of_region_rate"):
+                 "missing_spatial_rate", "missing_elevation_rate", "out_of_region_rate",
+                 "pixel_confusion", "label_noise_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
         problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
     if self.null_species_rate + self.null_genus_rate >= 1.0:
       problems.append("null_species_rate + null_genus_rate must be < 1")
+    if not self.metadata_spread > 0:
+      problems.append(f"metadata_spread must be > 0, got {self.metadata_spread}")
     if self.img_size < 16:
       problems.append(f"img_size must be >= 16, got {self.img_size}")
     if self.image_format not in ("jpeg", "h5"):
@@ -87,8 +98,13 @@ class SyntheticOptions:
       raise ValueError("Invalid synthetic dataset options:\n  " + "\n  ".join(problems))
 
   def fingerprint(self) -> str:
-    """Short hash naming the cache folder of these options."""
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    """Short hash naming the cache folder of these options (the harder variants' fields count
+    only when set, so the original task keeps its folder)."""
+    fields = dataclasses.asdict(self)
+    for f in dataclasses.fields(self):
+      if f.name in HARDER and fields[f.name] == f.default:
+        del fields[f.name]
+    blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -201,22 +217,35 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
   u = rng.random(n)
   null_genus = u < opts.null_genus_rate
   null_species = null_genus | (u < opts.null_genus_rate + opts.null_species_rate)
+  # The harder variants draw from their own generator: the original stream stays the same.
+  hard = np.random.default_rng([opts.seed, 7])
+  noisy = hard.random(n) < opts.label_noise_rate  # labelled as another species, lineage and all
+  sp_lab = np.where(noisy, (sp + hard.integers(1, max(n_species, 2), n)) % n_species, sp)
+  g_lab = tax.species_genus[sp_lab]
+  f_lab = tax.genus_family[g_lab]
   labels = {
-      "taxa_L10": np.where(null_species, 0, tax.species[sp]).astype(np.uint32),
-      "taxa_L20": np.where(null_genus, 0, tax.genus[g]).astype(np.uint32),
-      "taxa_L30": tax.family[f].astype(np.uint32),
-      "taxa_L40": tax.order[o].astype(np.uint32),
+      "taxa_L10": np.where(null_species, 0, tax.species[sp_lab]).astype(np.uint32),
+      "taxa_L20": np.where(null_genus, 0, tax.genus[g_lab]).astype(np.uint32),
+      "taxa_L30": tax.family[f_lab].astype(np.uint32),
+      "taxa_L40": tax.order[tax.family_order[f_lab]].astype(np.uint32),
   }
+  # Confusable rows look like a sibling genus (same family) in a sibling family's colour (same
+  # order): the shape and colour no longer pin the genus and family down.
+  confused = hard.random(n) < opts.pixel_confusion
+  gpf, fpo = opts.genera_per_family, opts.families_per_order
+  g_img = np.where(confused, f * gpf + (g + hard.integers(0, gpf, n)) % gpf, g)
+  f_img = np.where(confused, o * fpo + (f + hard.integers(0, fpo, n)) % fpo, f)
 
   # Metadata: each sibling has its own region, season and elevation band.
+  k = opts.metadata_spread
   region = np.array(REGIONS)[(sibling + g) % len(REGIONS)]
-  lat = np.clip(region[:, 0] + rng.normal(0, 6, n), -89, 89)
-  lon = (region[:, 1] + rng.normal(0, 10, n) + 180) % 360 - 180
-  month = ((3 * sibling + g + np.round(rng.normal(0, 1.0, n))) % 12 + 1).astype(np.int64)
+  lat = np.clip(region[:, 0] + k * rng.normal(0, 6, n), -89, 89)
+  lon = (region[:, 1] + k * rng.normal(0, 10, n) + 180) % 360 - 180
+  month = ((3 * sibling + g + np.round(k * rng.normal(0, 1.0, n))) % 12 + 1).astype(np.int64)
   day = rng.integers(1, 29, n)
   hour = rng.integers(0, 24, n)
   elev = np.maximum(np.array(ELEVATION_BANDS_M)[(sibling + 2 * g) % len(ELEVATION_BANDS_M)]
-                    + rng.normal(0, 120, n), 1.0)
+                    + k * rng.normal(0, 120, n), 1.0)
   miss_t = rng.random(n) < opts.missing_temporal_rate
   miss_s = rng.random(n) < opts.missing_spatial_rate
   miss_e = rng.random(n) < opts.missing_elevation_rate
@@ -273,7 +302,7 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
     os.makedirs(images_dir, exist_ok=True)
   for i in range(n):
     img_rng = np.random.default_rng([opts.seed, i])
-    img = render(opts, int(g[i]), int(f[i]), int(o[i]), int(sibling[i]), img_rng)
+    img = render(opts, int(g_img[i]), int(f_img[i]), int(o[i]), int(sibling[i]), img_rng)
     if h5img is not None:
       dset[i] = img
     else:
