@@ -95,13 +95,25 @@ def all_dynamics(c):
 
 @pytest.fixture(scope="session")
 def trained_workdir(small_dataset, tmp_path_factory):
-  """A tiny model trained for 20 steps (one checkpoint at the end), for inference tests."""
+  """A tiny model trained for 20 steps (one checkpoint at the end), for inference tests; made
+  once per test run and shared by the xdist workers (the first trains it, the others wait on
+  a lock), read-only: tests that change it copy it first."""
+  import fcntl  # pylint: disable=g-import-not-at-top
   from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  c = tiny_config(small_dataset[0], steps=20)
-  c.schedule.checkpoint.interval_steps = 0
-  train.run(c, workdir)
-  return workdir
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    root = tmp_path_factory.mktemp("trained_root")
+  else:  # the run's base folder, above the workers' own
+    root = tmp_path_factory.getbasetemp().parent
+  workdir = root / "trained"
+  with open(root / "trained.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / "trained.done").exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      c = tiny_config(small_dataset[0], steps=20)
+      c.schedule.checkpoint.interval_steps = 0
+      train.run(c, str(workdir))
+      (root / "trained.done").touch()
+  return str(workdir)
 
 
 @pytest.fixture(scope="session", autouse=True)

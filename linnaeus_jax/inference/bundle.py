@@ -112,9 +112,9 @@ def class_index_map(class_maps: dict) -> dict:
 
 
 def write(out: str, config, variables: dict, record: dict, class_maps: dict, taxonomy_json: str,
-          info: dict, exported: bytes | None, card: dict | None = None) -> None:
+          info: dict, exported: bytes | None, extra_files: dict | None = None) -> None:
   """Writes the bundle folder `out` (a new folder; assembled beside it, then renamed), with
-  the model `card` as card.json and README.md when given."""
+  `extra_files` {name: text} (the model card's card.json and README.md)."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
   tmp = out.rstrip("/") + ".partial"
@@ -134,9 +134,7 @@ def write(out: str, config, variables: dict, record: dict, class_maps: dict, tax
            "preprocessing.json": json.dumps(record, indent=1),
            "taxonomy.json": taxonomy_json,
            "class_index_map.json": json.dumps(class_index_map(class_maps), indent=1)}
-  if card is not None:
-    from linnaeus_jax.inference import card as card_lib  # pylint: disable=g-import-not-at-top
-    files.update({"card.json": json.dumps(card, indent=1), "README.md": card_lib.markdown(card)})
+  files.update(extra_files or {})
   for name, text in files.items():
     with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
       f.write(text)

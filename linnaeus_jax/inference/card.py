@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from linnaeus_jax import config as config_lib
+from linnaeus_jax.inference import bundle as bundle_lib
 
 VERSION = 1
 _KEEP = ("loss", "acc1/", "acc5/", "chain_accuracy", "mistake_severity")
@@ -154,7 +155,6 @@ def read_or_build(bundle: str) -> dict:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  from linnaeus_jax.inference import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   b = bundle_lib.read(bundle)
   info = b.get("info") or {}
   return build(b["config"], b["preprocessing"], b["variables"], None, {},

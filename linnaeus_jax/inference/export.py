@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 
 import jax
@@ -72,7 +73,8 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
       {**info, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"), "linnaeus_jax": importlib.metadata.version("linnaeus_jax"), "jax": jax.__version__})
   bundle_lib.write(out, w["config"], w["variables"], w["preprocessing"], w["class_maps"],
-                   w["taxonomy_json"], info, bytes(exported.serialize()), card)
+                   w["taxonomy_json"], info, bytes(exported.serialize()),
+                   {"card.json": json.dumps(card, indent=1), "README.md": card_lib.markdown(card)})
   return out
 
 
