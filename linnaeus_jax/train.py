@@ -77,6 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config, data = state_lib.resolve(config, jax.device_count())
   steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
   config.misc.auto_choices = tuple(_resolve_auto(config, data, mesh, workdir, bool(steps)))
+  _check_same_batch(config, workdir, steps)
   sharding.check_process_rows(mesh, config.data.batch_size)
   if steps and not config.train.auto_resume:
     raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[-1]}) and "
@@ -98,6 +99,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if created and jax.process_index() == 0 and os.listdir(workdir) == [workdir_lock.NAME]:
       shutil.rmtree(workdir)  # failed before writing anything (e.g. a batch too big)
     raise
+
+
+def _check_same_batch(config, workdir: str, steps: list[int]) -> None:
+  """A run resumes with the global batch its checkpoints were trained with (the train order
+  and the step count depend on it); checked before anything is compiled or written."""
+  path = os.path.join(workdir, "config.json")
+  if steps and os.path.exists(path):
+    batch = config_lib.read_json(path).data.batch_size
+    if batch != config.data.batch_size:
+      raise ValueError(f"the checkpoints in {workdir} (latest step {steps[-1]}) were trained with "
+                       f"data.batch_size={batch}, this run has {config.data.batch_size}: the "
+                       "train order and the step count depend on it, so resume with the same "
+                       "global batch")
 
 
 def _resolve_auto(config, data, mesh, workdir: str, resuming: bool) -> list[str]:
@@ -141,11 +155,6 @@ def _resume_point(ckpt, config, abstract, pcount: int):
       _log(f"train.resume_step={n} ignored: a later checkpoint is intact")
   ckpt.check(start, abstract)
   saved = ckpt.progress(start)
-  batch = saved.get("config", {}).get("data", {}).get("batch_size", config.data.batch_size)
-  if batch != config.data.batch_size:
-    raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} was trained with "
-                     f"data.batch_size={batch}, this run has {config.data.batch_size}: the train "
-                     "order and the step count depend on it, so resume with the same global batch")
   saved_by = saved.get("process_count", pcount)
   if saved_by == pcount:
     return start, saved.get("data_from", 0), True

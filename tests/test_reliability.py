@@ -56,7 +56,7 @@ def test_a_diverging_run_never_replaces_its_last_good_checkpoint(small_dataset, 
     out = capsys.readouterr().out
     assert "resumed from step 4 " in out and "no checkpoint: the train state" in out, out
     assert _steps(wd) == [2, 4], attempt
-  step, results = evaluate.evaluate_checkpoint(diverge, wd)
+  step, results, _ = evaluate.evaluate_checkpoint(diverge, wd)
   assert step == 4 and np.isfinite(results["val"]["loss"]), results["val"]["loss"]
   fresh = str(tmp_path / "fresh")
   capsys.readouterr()

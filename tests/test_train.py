@@ -208,6 +208,7 @@ def test_resuming_with_another_global_batch_is_refused(small_dataset, trained_wo
   c = tiny_config(small_dataset[0], steps=40)
   c.data.batch_size = 8
   before = sorted(os.listdir(workdir / "checkpoints"))
-  with pytest.raises(ValueError, match=r"trained with data.batch_size=16, this run has 8"):
+  with pytest.raises(ValueError, match=r"\(latest step 20\) were trained with "
+                                       r"data.batch_size=16, this run has 8"):
     train.run(c, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == before

@@ -24,6 +24,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import datetime as dt
 import io
 import json
 import math
@@ -92,7 +93,7 @@ def check_metadata(fields: dict, where: str, problems: list[str]) -> dict:
       problems.append(f"{where}.datetime_utc must be an ISO 8601 string, got {json.dumps(value)}")
     else:
       try:
-        __import__("datetime").datetime.fromisoformat(value.replace("Z", "+00:00"))
+        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         meta["datetime_utc"] = value
       except ValueError:
         problems.append(f"{where}.datetime_utc is not an ISO 8601 date-time: {value!r}")
