@@ -57,6 +57,7 @@ def _process_epoch(config, process_index, process_count):
   return out
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_row_once_per_epoch_across_processes(data_and_config, n):
   """N real processes each read their slice of an epoch; by image, every train row is seen
