@@ -4,10 +4,12 @@ validation of every run tabulated as mean +- std over the seeds (docs/experiment
     python benchmarks/experiments.py --suite=metadata [--seeds=3] [--steps=0]
         [--config=configs/demo_hard.py] [--runs=runs/experiments] [--out=docs/experiments]
 
-Runs go one after another into RUNS/<suite>/<variant>/seed_<k> (`python -m linnaeus_jax.main
---config.misc.seed=k` plus the variant's overrides). A run whose final validation report
-(eval/step_<N>.json) exists is not run again, and an interrupted one resumes from its last
-checkpoint, so rerunning a suite only does what is missing. OUT/<suite>.md gets the table (and the
+Runs go one after another into RUNS/<key>/seed_<k> (`python -m linnaeus_jax.main
+--config.misc.seed=k` plus the variant's overrides), the key a hash of the config file, the
+overrides and the steps (RUNS/<key>/variant.json says which): a variant the same as another
+suite's (each suite's baseline is the config as it is) shares its runs. A run whose final
+validation report (eval/step_<N>.json) exists is not run again, and an interrupted one resumes
+from its last checkpoint, so rerunning a suite only does what is missing. OUT/<suite>.md gets the table (and the
 command, machine, seeds and wall time), OUT/<suite>.json the numbers of every run, OUT/<suite>.png
 the suite's headline metric per variant with its spread.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -58,7 +61,7 @@ SUITES = {
          ("val_mask_ELEVATION", "acc1/taxa_L10"), ("val_mask_meta", "acc1/taxa_L10")],
         ("val", "acc1/taxa_L10")),
     "missing_token": (
-        {"learned token": ["--config.model.meta_missing=learned_token"],
+        {"learned token": [],  # the default
          "zeros": ["--config.model.meta_missing=zeros"]},
         [("val", "acc1/taxa_L10"), ("val_mask_TEMPORAL", "acc1/taxa_L10"),
          ("val_mask_ELEVATION", "acc1/taxa_L10"), ("val_mask_meta", "acc1/taxa_L10")],
@@ -83,10 +86,6 @@ SUITES = {
 }
 
 
-def slug(name: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
 def report_of(workdir: str) -> dict | None:
   """The final validation report of a finished run (its highest eval/step_<N>.json)."""
   paths = glob.glob(os.path.join(workdir, "eval", "step_*.json"))
@@ -95,6 +94,17 @@ def report_of(workdir: str) -> dict | None:
   with open(max(paths, key=lambda p: int(re.findall(r"step_(\d+)", p)[-1])),
             encoding="utf-8") as f:
     return json.load(f)
+
+
+def run_dir(runs: str, config: str, overrides: list[str], steps: int) -> str:
+  """RUNS/<key>: the runs of one configuration (config file, overrides, steps), any suite's."""
+  what = {"config": os.path.relpath(config, ROOT), "overrides": sorted(overrides), "steps": steps}
+  key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+  folder = os.path.join(runs, key)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "variant.json"), "w", encoding="utf-8") as f:
+    json.dump(what, f, indent=1)
+  return folder
 
 
 def run_one(config: str, workdir: str, seed: int, overrides: list[str], steps: int) -> float:
@@ -136,7 +146,7 @@ def run_suite(name: str, variants: dict, metrics: list, headline: tuple, config:
   for variant, overrides in variants.items():
     numbers[variant] = {f"{p}/{m}": [] for p, m in metrics}
     for seed in range(seeds):
-      workdir = os.path.join(runs, name, slug(variant), f"seed_{seed}")
+      workdir = os.path.join(run_dir(runs, config, overrides, steps), f"seed_{seed}")
       print(f"{name} / {variant} / seed {seed}", flush=True)
       run_one(config, workdir, seed, overrides, steps)
       wall_path = os.path.join(workdir, "wall_s.txt")

@@ -49,7 +49,8 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None,
-               redo_eval_at_resume: bool = False, wandb_config=None, run_config: dict | None = None):
+               redo_eval_at_resume: bool = False, wandb_config=None,
+               run_config: dict | None = None):
     self.enabled = jax.process_index() == 0
     self.wandb = None
     if self.enabled:

@@ -305,8 +305,9 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
            f"{_last_good(ckpt)}")
       return
     ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
-                                        "process_count": pcount, "data_from": data_from, **prog, "last_val": last_val,
-                                        "config": config_record}, metric, provisional)
+                                        "process_count": pcount, "data_from": data_from, **prog,
+                                        "last_val": last_val, "config": config_record},
+              metric, provisional)
 
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   last_val, acc_sum = {}, None

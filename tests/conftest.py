@@ -13,10 +13,14 @@ import tempfile
 # imported, here and in every subprocess a test starts; results are the same up to rounding.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Many tests (and the subprocesses they start) compile the same programs: JAX's persistent
-# compilation cache, one folder per test run shared by the xdist workers, compiles each once.
+# compilation cache, one folder per test run (made by the controller, inherited by the xdist
+# workers and every subprocess), compiles each once. A cache hit is the same executable, so
+# results are unchanged.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="linnaeus_jax_xla_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
 
@@ -31,11 +35,31 @@ SMALL = synthetic.SyntheticOptions(num_orders=2, families_per_order=2, genera_pe
                                    min_samples_per_species=30, seed=3)
 
 
+def once_per_run(tmp_path_factory, name: str, build) -> str:
+  """The folder `name`, filled by `build(folder)` once per test run and shared by the xdist
+  workers (the first builds it, the others wait on a lock); read-only for tests."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    root = tmp_path_factory.mktemp(f"{name}_root")
+  else:  # the run's base folder, above the workers' own
+    root = tmp_path_factory.getbasetemp().parent
+  folder = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / f"{name}.done").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(str(folder))
+      (root / f"{name}.done").touch()
+  return str(folder)
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("synthetic"))
-  paths = synthetic.generate(out, SMALL, verbose=False)
-  return out, paths
+  paths = {}
+  out = once_per_run(tmp_path_factory, "synthetic",
+                     lambda d: paths.update(synthetic.generate(d, SMALL, verbose=False)))
+  return out, paths or synthetic.generate(out, SMALL, verbose=False)
 
 
 def tiny_config(dataset_dir: str, **train):
@@ -96,35 +120,14 @@ def all_dynamics(c):
 @pytest.fixture(scope="session")
 def trained_workdir(small_dataset, tmp_path_factory):
   """A tiny model trained for 20 steps (one checkpoint at the end), for inference tests; made
-  once per test run and shared by the xdist workers (the first trains it, the others wait on
-  a lock), read-only: tests that change it copy it first."""
-  import fcntl  # pylint: disable=g-import-not-at-top
+  once per test run (`once_per_run`), read-only: tests that change it copy it first."""
   from linnaeus_jax import train  # pylint: disable=g-import-not-at-top
-  if not os.environ.get("PYTEST_XDIST_WORKER"):
-    root = tmp_path_factory.mktemp("trained_root")
-  else:  # the run's base folder, above the workers' own
-    root = tmp_path_factory.getbasetemp().parent
-  workdir = root / "trained"
-  with open(root / "trained.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / "trained.done").exists():
-      shutil.rmtree(workdir, ignore_errors=True)
-      c = tiny_config(small_dataset[0], steps=20)
-      c.schedule.checkpoint.interval_steps = 0
-      train.run(c, str(workdir))
-      (root / "trained.done").touch()
-  return str(workdir)
 
-
-@pytest.fixture(scope="session", autouse=True)
-def jax_compilation_cache(tmp_path_factory):
-  """One persistent compilation cache per test session, so that tests which build the same
-  executable (the tiny config's steps) compile it once. Results are unchanged: a cache hit is the
-  same executable."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  def build(workdir):
+    c = tiny_config(small_dataset[0], steps=20)
+    c.schedule.checkpoint.interval_steps = 0
+    train.run(c, workdir)
+  return once_per_run(tmp_path_factory, "trained", build)
 
 
 def pytest_collection_modifyitems(items):

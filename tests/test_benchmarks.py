@@ -86,9 +86,9 @@ def get_config():
 @pytest.mark.slow
 def test_experiments_runner_tabulates_a_tiny_suite_and_does_not_rerun(small_dataset, tmp_path):
   """Two variants, one seed, 4 steps: the table holds each run's final validation as written
-  in its report; run again, nothing is retrained and the table is the same. The variants differ
-  in what does not change the computation (so the second reuses the first's compilations), and
-  give the same numbers."""
+  in its report; run again, nothing is retrained and the table is the same, and another suite's
+  variant of the same configuration reuses the runs. The variants differ in what does not change
+  the computation (so the second reuses the first's compilations), and give the same numbers."""
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import experiments  # pylint: disable=g-import-not-at-top
@@ -101,21 +101,24 @@ def test_experiments_runner_tabulates_a_tiny_suite_and_does_not_rerun(small_data
           str(tmp_path / "runs"), str(tmp_path / "out"))
   numbers = experiments.run_suite(*args)
   table = (tmp_path / "out" / "tiny.md").read_text()
+  run = {v: os.path.join(experiments.run_dir(str(tmp_path / "runs"), str(config), o, 0), "seed_0")
+         for v, o in variants.items()}
   for variant in variants:
-    report = experiments.report_of(str(tmp_path / "runs" / "tiny" / experiments.slug(variant) /
-                                       "seed_0"))
+    report = experiments.report_of(run[variant])
     for p, m in metrics:
       assert numbers[variant][f"{p}/{m}"] == [report[p][m]]
     row = [l for l in table.splitlines() if l.startswith(f"| {variant} |")][0]
     assert row == f"| {variant} | " + " | ".join(f"{report[p][m]:.1f}" for p, m in metrics) + " |"
   assert numbers["keep 2"] == numbers["keep 1"]  # the same seed, the same computation
-  runs = tmp_path / "runs" / "tiny"
-  keep = lambda v: json.load(open(runs / v / "seed_0" / "config.json"))["schedule"]["checkpoint"][
-      "keep_last_n"]
-  assert (keep("keep_2"), keep("keep_1")) == (2, 1)  # each variant's overrides were applied
+  keep = lambda v: json.load(open(os.path.join(run[v], "config.json")))["schedule"][
+      "checkpoint"]["keep_last_n"]
+  assert (keep("keep 2"), keep("keep 1")) == (2, 1)  # each variant's overrides were applied
   assert (tmp_path / "out" / "tiny.png").stat().st_size > 0
   mtimes = sorted((p, p.stat().st_mtime) for p in (tmp_path / "runs").rglob("step_*.json"))
   assert experiments.run_suite(*args) == numbers
+  # Another suite's variant with the same configuration reuses its runs: nothing is trained.
+  other = experiments.run_suite("other", {"baseline": []}, metrics[:1], metrics[0], *args[4:])
+  assert other["baseline"] == {"val/acc1/taxa_L10": numbers["keep 2"]["val/acc1/taxa_L10"]}
   assert (tmp_path / "out" / "tiny.md").read_text().splitlines()[4:] == table.splitlines()[4:]
   assert sorted((p, p.stat().st_mtime) for p in (tmp_path / "runs").rglob("step_*.json")) == mtimes
   assert experiments.mean_std([1.0, 2.0, 3.0]) == "2.0 ± 1.0"

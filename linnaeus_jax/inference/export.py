@@ -67,11 +67,12 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
           "platforms": list(platforms)}
   facts_path = os.path.join(workdir, "assets", "data_summary.json")
   facts = bundle_lib.read_json(facts_path, dict) if os.path.exists(facts_path) else None
+  now = datetime.datetime.now(datetime.timezone.utc)
   card = card_lib.build(
       w["config"], w["preprocessing"], w["variables"], facts,
       card_lib.final_validation(os.path.join(workdir, "metrics.jsonl"), int(w["step"])),
-      {**info, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"), "linnaeus_jax": importlib.metadata.version("linnaeus_jax"), "jax": jax.__version__})
+      {**info, "created": now.isoformat(timespec="seconds"),
+       "linnaeus_jax": importlib.metadata.version("linnaeus_jax"), "jax": jax.__version__})
   bundle_lib.write(out, w["config"], w["variables"], w["preprocessing"], w["class_maps"],
                    w["taxonomy_json"], info, bytes(exported.serialize()),
                    {"card.json": json.dumps(card, indent=1), "README.md": card_lib.markdown(card)})
