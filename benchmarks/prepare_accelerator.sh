@@ -14,6 +14,7 @@ PY_VERSION="${PY_VERSION:-3.12}"
 # their own requirements that the image lacks.
 WHEELS=(grain==0.2.18 ml-collections==1.1.0 tensorboardX==2.6.5 array-record==0.8.6
         portpicker==1.6.0 importlib_resources==7.1.0
+        starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34  # benchmarks/serve.py
         yacs==0.1.8)  # yacs: the original's config system (the side-by-side run)
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" \

@@ -39,11 +39,12 @@ def demo_bundle(tmp: str) -> tuple[str, str]:
   """(bundle, images folder) of configs/demo.py trained for 20 steps in `tmp`."""
   workdir, bundle = os.path.join(tmp, "run"), os.path.join(tmp, "bundle")
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  platform = {"gpu": "cuda"}.get(env["JAX_PLATFORMS"], env["JAX_PLATFORMS"])  # of the forward
   for cmd in (["linnaeus_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
                "--config.train.steps=20", "--config.schedule.validation.interval_steps=0",
                f"--config.data.synthetic.cache_dir={os.path.join(tmp, 'data')}"],
               ["linnaeus_jax.export", f"--workdir={workdir}", f"--out={bundle}",
-               "--platforms=cpu"]):
+               f"--platforms={platform}"]):
     print("$ python -m " + " ".join(cmd), flush=True)
     subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL)
