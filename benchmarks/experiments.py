@@ -64,12 +64,16 @@ SUITES = {
         {"learned token": [],  # the default
          "zeros": ["--config.model.meta_missing=zeros"]},
         [("val", "acc1/taxa_L10"), ("val_mask_TEMPORAL", "acc1/taxa_L10"),
-         ("val_mask_ELEVATION", "acc1/taxa_L10"), ("val_mask_meta", "acc1/taxa_L10")],
+         ("val_mask_SPATIAL", "acc1/taxa_L10"), ("val_mask_ELEVATION", "acc1/taxa_L10"),
+         ("val_mask_meta", "acc1/taxa_L10")],
         ("val", "acc1/taxa_L10")),
     "heads": (
         {"Linear": [], "HierarchicalSoftmax": _heads("HierarchicalSoftmax"),
+         # soft routing at temperature 1 is HierarchicalSoftmax's computation: the same numbers
          "ConditionalClassifier (soft)": _heads("ConditionalClassifier",
-                                                "routing_strategy=soft")},
+                                                "routing_strategy=soft"),
+         "ConditionalClassifier (gumbel)": _heads("ConditionalClassifier",
+                                                  "routing_strategy=gumbel")},
         [("val", f"acc1/{t}") for t in TASKS] + [
             ("val", "chain_accuracy"), ("val", "mistake_severity/taxa_L10"),
             ("val", "hier_dist1/taxa_L10")],
@@ -79,7 +83,8 @@ SUITES = {
          "phase-1 null masking": ["--config.train.phase1_mask_null_loss=true"],
          "phase-1 + scheduled null inclusion": [
              "--config.train.phase1_mask_null_loss=true",
-             "--config.schedule.null_masking.enabled=true"]},
+             "--config.schedule.null_masking.enabled=true",
+             "--config.schedule.null_masking.end_fraction=0.5"]},
         [("val", "acc1/taxa_L10"), ("val", "acc1_non_null/taxa_L10"),
          ("val", "acc1_null/taxa_L10"), ("val", "acc1/taxa_L20")],
         ("val", "acc1_non_null/taxa_L10")),
@@ -105,6 +110,22 @@ def run_dir(runs: str, config: str, overrides: list[str], steps: int) -> str:
   with open(os.path.join(folder, "variant.json"), "w", encoding="utf-8") as f:
     json.dump(what, f, indent=1)
   return folder
+
+
+def check_variants(config: str, variants: dict, steps: int) -> None:
+  """Every variant's config validated (with its data, as training would) before anything is
+  trained: a suite does not stop on a bad variant an hour in. Raises naming every bad one."""
+  problems = []
+  for variant, overrides in variants.items():
+    cmd = [sys.executable, "-m", "linnaeus_jax.tools.inspect_dataset", f"--config={config}",
+           *overrides, *([f"--config.train.steps={steps}"] if steps else [])]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+      last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+      problems.append(f"{variant}: {last}")
+  if problems:
+    raise ValueError("variants with an invalid config (nothing was trained):\n  "
+                     + "\n  ".join(problems))
 
 
 def run_one(config: str, workdir: str, seed: int, overrides: list[str], steps: int) -> float:
@@ -142,6 +163,7 @@ def run_suite(name: str, variants: dict, metrics: list, headline: tuple, config:
               seeds: int, runs: str, out: str, steps: int = 0) -> dict:
   """Runs every (variant, seed) not yet done; writes OUT/<name>.md, .json, .png; returns the
   numbers {variant: {"phase/metric": [value per seed]}}."""
+  check_variants(config, variants, steps)
   numbers, wall = {}, 0.0
   for variant, overrides in variants.items():
     numbers[variant] = {f"{p}/{m}": [] for p, m in metrics}

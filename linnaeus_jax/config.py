@@ -628,11 +628,6 @@ def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
   if t.steps <= 0 and t.epochs <= 0:
     problems.append("set train.steps or train.epochs to a positive number")
   problems += _optimizer_problems(config)  # optimizer.*, lr_scheduler.*, parameter groups
-  mm = config.schedule.meta_masking
-  if mm.enabled:
-    if mm.end_steps <= 0 and mm.end_fraction < 0 and mm.start_prob != mm.end_prob:
-      problems.append("schedule.meta_masking is enabled with start_prob != end_prob but has no "
-                      "end: set end_steps or end_fraction")
   problems += _training_dynamics_problems(config, tasks)
   if config.schedule.checkpoint.keep_last_n < 1:
     problems.append("schedule.checkpoint.keep_last_n must be >= 1")
@@ -737,6 +732,10 @@ def _training_dynamics_problems(config, tasks) -> list[str]:
     for key in ("start_prob", "end_prob"):
       if node.enabled and not 0.0 <= node[key] <= 1.0:
         problems.append(f"{name}.{key} must be in [0, 1], got {node[key]}")
+    if (node.enabled and name != "schedule.meta_masking.partial"  # its end: below
+        and node.start_prob != node.end_prob and node.end_steps <= 0 and node.end_fraction <= 0):
+      problems.append(f"{name} ramps {node.start_prob} -> {node.end_prob} but has no end: set "
+                      "end_steps or end_fraction")
   if pm.enabled:
     if not pm.whitelist:
       problems.append("schedule.meta_masking.partial is enabled with an empty whitelist")

@@ -122,3 +122,19 @@ def test_experiments_runner_tabulates_a_tiny_suite_and_does_not_rerun(small_data
   assert (tmp_path / "out" / "tiny.md").read_text().splitlines()[4:] == table.splitlines()[4:]
   assert sorted((p, p.stat().st_mtime) for p in (tmp_path / "runs").rglob("step_*.json")) == mtimes
   assert experiments.mean_std([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
+
+
+@pytest.mark.slow
+def test_experiments_runner_refuses_a_suite_with_a_bad_variant_before_training(small_dataset,
+                                                                               tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import experiments  # pylint: disable=g-import-not-at-top
+  config = tmp_path / "tiny.py"
+  config.write_text(TINY.format(tests=os.path.join(ROOT, "tests"), data=small_dataset[0]))
+  variants = {"fine": [], "no end": ["--config.schedule.null_masking.enabled=true"]}
+  with pytest.raises(ValueError, match=r"\n  no end: error: Invalid config: schedule.null_masking "
+                                       r"ramps 0.0 -> 1.0 but has no end"):
+    experiments.run_suite("bad", variants, [("val", "loss")], ("val", "loss"), str(config), 1,
+                          str(tmp_path / "runs"), str(tmp_path / "out"))
+  assert not list((tmp_path / "runs").rglob("checkpoints")) and not (tmp_path / "out").exists()

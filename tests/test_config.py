@@ -52,9 +52,12 @@ def test_inconsistent_values_all_reported(small_dataset):
   c.schedule.meta_masking.end_fraction = -1.0
   c.model.rope_mode = "spin"
   c.logging.wandb.mode = "cloud"
+  c.schedule.null_masking.enabled = True  # ramps 0 -> 1 with no end either
   msg = _problems(c, num_devices=4)
   for needle in ("multiple of 32", "must equal model.convnext_stages.dims[2:]",
-                 "strictly ascending", "multiple of the 4 devices", "has no end",
+                 "strictly ascending", "multiple of the 4 devices",
+                 "schedule.meta_masking ramps 0.5 -> 0.0 but has no end",
+                 "schedule.null_masking ramps 0.0 -> 1.0 but has no end",
                  "model.rope_mode 'spin'", "logging.wandb.mode 'cloud' not in"):
     assert needle in msg, needle
 
