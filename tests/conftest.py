@@ -56,10 +56,11 @@ def once_per_run(tmp_path_factory, name: str, build) -> str:
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
-  paths = {}
+  """(folder, paths) of the SMALL synthetic dataset, made once per test run."""
   out = once_per_run(tmp_path_factory, "synthetic",
-                     lambda d: paths.update(synthetic.generate(d, SMALL, verbose=False)))
-  return out, paths or synthetic.generate(out, SMALL, verbose=False)
+                     lambda d: synthetic.generate(d, SMALL, verbose=False))
+  return out, {"labels_path": os.path.join(out, "labels.h5"),
+               "images_dir": os.path.join(out, "images")}
 
 
 def tiny_config(dataset_dir: str, **train):
