@@ -9,9 +9,10 @@ Runs go one after another into RUNS/<key>/seed_<k> (`python -m linnaeus_jax.main
 overrides and the steps (RUNS/<key>/variant.json says which): a variant the same as another
 suite's (each suite's baseline is the config as it is) shares its runs. A run whose final
 validation report (eval/step_<N>.json) exists is not run again, and an interrupted one resumes
-from its last checkpoint, so rerunning a suite only does what is missing. OUT/<suite>.md gets the table (and the
-command, machine, seeds and wall time), OUT/<suite>.json the numbers of every run, OUT/<suite>.png
-the suite's headline metric per variant with its spread.
+from its last checkpoint, so rerunning a suite only does what is missing. Every variant's config
+is checked before anything trains. OUT/<suite>.md gets the table (and the command, machine, seeds
+and wall time), OUT/<suite>.json the numbers of every run, OUT/<suite>.png the suite's headline
+metric per variant with its spread.
 """
 
 from __future__ import annotations
