@@ -17,6 +17,7 @@ import sys
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
 
@@ -202,6 +203,20 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """Closes; when the run is already failing, a failure to close (Orbax's executor shut
+    down) is logged, not raised over the error that ended the run."""
+    if exc_type is None:
+      self.close()
+      return
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("closing the checkpointer after an error: %s", e)
 
 
 def _abandoned_read(exc) -> bool:

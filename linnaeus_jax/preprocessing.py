@@ -16,6 +16,10 @@ Pixel values to 8 bits (`to_rgb_uint8`, the same for files, PIL images and array
 - grey (1, L, I, F, LA) is replicated to the 3 channels; palettes (P, PA) are expanded.
 - alpha (RGBA, LA, PA, P with a transparent colour) is dropped, not composited: the stored
   colour is kept, as PIL's convert('RGB') and OpenCV's default imread do.
+
+Orientation: an EXIF Orientation tag (2-8, phone photos) is applied once, here, so an image
+reaches the model as it displays, in training, evaluation, predict, serve and the dataset
+builder's re-encode alike (`upright`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import io
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from linnaeus_jax.data import encoders
 
@@ -76,6 +80,18 @@ def _rgb_image(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
+def upright(img: Image.Image) -> Image.Image:
+  """`img` turned as its EXIF Orientation tag says it displays (a new, loaded image), or `img`
+  itself when the tag is absent or 1. Call after `draft`: a reduced DCT scale keeps the tag."""
+  try:
+    orientation = img.getexif().get(0x0112, 1)
+  except Exception:  # pylint: disable=broad-except  (a corrupt EXIF block: shown as stored)
+    return img
+  if orientation not in range(2, 9):
+    return img
+  return ImageOps.exif_transpose(img)
+
+
 def _draft(img: Image.Image, size: int) -> None:
   """Lets a JPEG at least twice `size` on both sides decode at a reduced DCT scale (1/2, 1/4 or
   1/8, the largest that keeps both sides >= size); the BOX resize then finishes the job. Must
@@ -85,7 +101,8 @@ def _draft(img: Image.Image, size: int) -> None:
 
 
 def to_rgb_uint8(img, size: int, draft: bool = True) -> np.ndarray:
-  """PIL image (any mode), HWC array, encoded bytes or a path -> (size, size, 3) uint8 RGB.
+  """PIL image (any mode), HWC array, encoded bytes or a path -> (size, size, 3) uint8 RGB,
+  upright as its EXIF orientation says (`upright`).
 
   draft: encoded JPEGs (bytes, paths) at least 2 * size on both sides are decoded at a reduced
   scale first (`_draft`); False decodes them at full size. PIL images and arrays are unaffected.
@@ -94,12 +111,15 @@ def to_rgb_uint8(img, size: int, draft: bool = True) -> np.ndarray:
     img = Image.open(io.BytesIO(img))
     if draft:
       _draft(img, size)
+    img = upright(img)
   elif isinstance(img, str):
     with Image.open(img) as f:
       if draft:
         _draft(f, size)
       f.load()
-      img = f
+      img = upright(f)
+  elif isinstance(img, Image.Image):
+    img = upright(img)
   elif isinstance(img, np.ndarray):
     img = _rgb_array(img)
     if img.shape[:2] == (size, size):
@@ -174,12 +194,14 @@ _EXAMPLE = {"unit_sphere": (0.0, 0.0), "cyclic_date": dt.datetime(2000, 1, 1), "
 
 
 def record(config) -> dict:
-  """{"image": ..., "metadata": [component, ...]} for `config` and its labels.h5; the image's
-  "mean"/"std" are data.image_mean/std as lists, None when not set."""
+  """{"image": ..., "metadata": [component, ...]} for `config` and its labels file (the one
+  file, or the training file in two-file mode); the image's "mean"/"std" are
+  data.image_mean/std as lists, None when not set."""
   import h5py  # pylint: disable=g-import-not-at-top
   from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   comps = []
-  with h5py.File(config.data.h5.labels_path, "r") as h5:
+  h5_paths = config.data.h5
+  with h5py.File(h5_paths.labels_path or h5_paths.train_labels_path, "r") as h5:
     for name, comp in config_lib.enabled_components(config):
       encoder, names, scales = _source_columns(name, h5[comp.source])
       columns = list(comp.columns) or names

@@ -65,19 +65,29 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
 
 def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
   """config.json and the dataset's assets (class maps, taxonomy, counts, split, missing images,
-  and the image/metadata layout that inference reproduces)."""
+  and the image/metadata layout that inference reproduces). Everything is computed before the
+  first file is written, and each file is replaced whole (`_write_atomic`): a failure leaves
+  the earlier files, never a half-written one."""
   if jax.process_index() != 0:
     return
-  data.write_assets(os.path.join(workdir, "assets"))
-  with open(os.path.join(workdir, "assets", "preprocessing.json"), "w", encoding="utf-8") as f:
-    json.dump(preprocessing.record(config), f, indent=1)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(config))
+  assets = os.path.join(workdir, "assets")
+  texts = {os.path.join(assets, "preprocessing.json"):
+           json.dumps(preprocessing.record(config), indent=1),
+           os.path.join(workdir, "config.json"): config_lib.to_json(config)}
   if data.missing_images:
     path = config.data.hybrid.verify_images.report_path or os.path.join(
-        workdir, "assets", "missing_images.json")
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(data.missing_images, f, indent=1)
+        assets, "missing_images.json")
+    texts[path] = json.dumps(data.missing_images, indent=1)
+  data.write_assets(assets)
+  for path, text in texts.items():
+    _write_atomic(path, text)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def loss_constants(config, data: labels_lib.Dataset) -> dict:

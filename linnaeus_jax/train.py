@@ -96,9 +96,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # cleanup: checkpoints, logs, signals
       return _train(config, data, mesh, workdir, cleanup, init_weights)
   except Exception:
-    if created and jax.process_index() == 0 and os.listdir(workdir) == [workdir_lock.NAME]:
-      shutil.rmtree(workdir)  # failed before writing anything (e.g. a batch too big)
+    if created and jax.process_index() == 0 and not _has_results(workdir):
+      shutil.rmtree(workdir)  # failed before a checkpoint or a metric (a batch too big, bad data)
     raise
+
+
+def _has_results(workdir: str) -> bool:
+  """Whether a run left anything worth keeping: a checkpoint or a metrics record."""
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  return bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))) or (
+      os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0)
 
 
 def _check_same_batch(config, workdir: str, steps: list[int]) -> None:
@@ -208,10 +215,9 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
   es = config.train.early_stop
   es_mode = early_stopping.direction(es.metric, es.mode)
   track_best = es.active or sched.checkpoint.keep_top_n > 0
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               sched.checkpoint.keep_last_n,
-                               keep_top_n=sched.checkpoint.keep_top_n, best_mode=es_mode)
-  cleanup.callback(ckpt.close)  # waits for the asynchronous saves
+  ckpt = cleanup.enter_context(ckpt_lib.Checkpointer(  # closing waits for asynchronous saves
+      os.path.join(workdir, "checkpoints"), sched.checkpoint.keep_last_n,
+      keep_top_n=sched.checkpoint.keep_top_n, best_mode=es_mode))
   prog = {"early_stop": early_stopping.init_state(), "stopped_at": None}
   start, data_from, same_layout = _resume_point(ckpt, config, abstract, pcount)
   train_iter = iter(pipeline.train_dataset(data, config, total, pidx, pcount, data_from))
