@@ -26,9 +26,9 @@ INPUT_ERRORS = (ValueError, OSError)
 
 
 def start(argv, verbosity=logging.WARNING) -> None:
-  """Refuses positional arguments; Orbax and Grain log every step at INFO through absl."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  """Quiets library logs (Orbax and Grain log every step at INFO through absl); positional
+  arguments were refused by `parse_flags`."""
+  del argv
   logging.set_verbosity(verbosity)
 
 
@@ -72,6 +72,9 @@ def parse_flags(argv, flag_values=flags.FLAGS) -> list[str]:
     if flag.present and not isinstance(flag.value, ml_collections.ConfigDict):
       # config_flags defers a file that fails to load (OSError) until the config is used.
       fail(_config_problem(argv, flag_values) or f"--{name}: no config")
+  if len(rest) > 1:  # one line, not absl's usage text
+    fail(f"unexpected argument(s) {' '.join(rest[1:])}: options are --name=value "
+         f"(--help lists them)")
   return rest
 
 

@@ -64,9 +64,13 @@ def phases(config, *, mask_meta=True, partial=False, exhaustive=False) -> tuple:
   return tuple(named.items())
 
 
+CONFUSION_MAX_CLASSES = 64  # larger ranks are not plotted as a confusion matrix
+
+
 def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ()),)):
-  """step(variables, batch, consts) -> {phase: (counts, confusion counts of the coarsest rank,
-  {task: per-class counts (3, C)})} (`metrics.class_counts`).
+  """step(variables, batch, consts) -> {phase: (counts, {task: (C, C) confusion counts} of the
+  ranks with at most CONFUSION_MAX_CLASSES classes, {task: per-class counts (3, C)})}
+  (`metrics.class_counts`).
 
   `variables`: (params, buffers) of the train state; `consts` from `state.loss_constants`. Pixels
   are normalised as in training (`cfg.image_mean/std`). The losses and counts are the train
@@ -75,8 +79,6 @@ def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ())
   """
   masks_KxC = np.array([[n in masked for n in cfg.components] for _, masked in phase_list],
                        bool).reshape(len(phase_list), len(cfg.components))
-  coarse = cfg.tasks[-1]  # confusion counts of the coarsest rank, for the plots
-
   def step(variables, batch, consts):
     image = preprocessing.normalize(batch["image"], cfg.image_mean, cfg.image_std)
     valid_KxBxC = batch["meta_valid"][None] & ~jnp.asarray(masks_KxC)[:, None, :]
@@ -84,12 +86,15 @@ def make_eval_step(graphdef, cfg: train_step.StepConfig, phase_list=(("val", ())
     def forward(valid_BxC):
       logits = nnx.merge(graphdef, *variables)(image, batch["meta"], valid_BxC, train=False)
       _, counts = train_step.losses_and_counts(cfg, logits, batch, consts, train=False)
-      c = logits[coarse].shape[-1]
-      true_BxC = jax.nn.one_hot(batch["labels"][coarse], c) * batch["example_mask"][:, None]
-      pred_BxC = jax.nn.one_hot(jnp.argmax(logits[coarse], -1), c)
+      confusion = {}
+      for t in cfg.tasks:  # for the plots: ranks small enough to show as a matrix
+        if (c := logits[t].shape[-1]) <= CONFUSION_MAX_CLASSES:
+          true_BxC = jax.nn.one_hot(batch["labels"][t], c) * batch["example_mask"][:, None]
+          pred_BxC = jax.nn.one_hot(jnp.argmax(logits[t], -1), c)
+          confusion[t] = jnp.einsum("bi,bj->ij", true_BxC, pred_BxC)
       per_class = {t: metrics.class_counts(batch["labels"][t], logits[t], batch["example_mask"])
                    for t in cfg.tasks}
-      return counts, jnp.einsum("bi,bj->ij", true_BxC, pred_BxC), per_class
+      return counts, confusion, per_class
     out = jax.vmap(forward)(valid_KxBxC)
     return {name: jax.tree.map(lambda x, k=k: x[k], out) for k, (name, _) in enumerate(phase_list)}
   return step
@@ -110,14 +115,16 @@ def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None,
   batches, then finalized; `loss` weighted by `task_weights` (the train state's), as the train
   loss is.
 
-  `confusion`, a dict, receives {phase: (C, C) counts} of the coarsest rank (rows: true class);
+  `confusion`, a dict, receives {phase: {task: (C, C) counts}} (rows: true class) of the ranks
+  with at most CONFUSION_MAX_CLASSES classes;
   `class_counts` {phase: {task: (3, C)}} (`metrics.class_counts`).
   """
   totals, conf, per_class, consts = {}, {}, {}, consts or {}
   for batch in dataset:
     out = eval_step(variables, sharding.global_batch(batch, mesh), consts)
     totals = {p: metrics.accumulate(totals.get(p), c) for p, (c, _, _) in out.items()}
-    conf = {p: conf.get(p, 0) + np.asarray(m, np.int64) for p, (_, m, _) in out.items()}
+    conf = {p: {t: conf.get(p, {}).get(t, 0) + np.asarray(x, np.int64) for t, x in m.items()}
+            for p, (_, m, _) in out.items()}
     per_class = {p: {t: per_class.get(p, {}).get(t, 0) + np.asarray(x, np.int64)
                      for t, x in pc.items()} for p, (_, _, pc) in out.items()}
   if confusion is not None:
@@ -138,6 +145,8 @@ def per_class_rows(counts: dict, data) -> dict:
     c = counts[t].shape[1]
     out[t] = metrics.per_class(counts[t], [ids.get(i, -1) for i in range(c)],
                                np.bincount(data.train.labels[:, j], minlength=c))
+    for row in out[t]:
+      row["name"] = data.name(t, row["class"])
   return out
 
 
@@ -150,7 +159,7 @@ def write_eval(workdir: str, step: int, results: dict, rows: dict | None = None)
   out = {p: dict(r) for p, r in results.items()}
   if rows is not None:
     out["val"]["per_class"] = rows
-    fields = ["task", "class", "taxon_id", "train_count", "support", "correct", "predicted",
+    fields = ["task", "class", "taxon_id", "name", "train_count", "support", "correct", "predicted",
               "top1", "precision"]
     with open(os.path.join(folder, f"step_{step}_per_class.csv"), "w", newline="",
               encoding="utf-8") as fh:
@@ -163,11 +172,31 @@ def write_eval(workdir: str, step: int, results: dict, rows: dict | None = None)
   return path
 
 
+WORST_HEADER = "worst taxa on val (top-1 of its val examples, its train examples):"
+
+
 def worst_summary(rows: dict, k: int = 5) -> list[str]:
-  """Console lines: each rank's `k` worst classes on `val` (top-1, val and train examples)."""
-  return [f"  {t:<10} " + "; ".join(f"{r['taxon_id']} {r['top1']:.0f}% of {r['support']} "
-                                    f"(train {r['train_count']})" for r in metrics.worst(tr, k))
-          for t, tr in rows.items()]
+  """Console lines: each rank's `k` worst taxa on `val` by name (top-1, val and train
+  examples), coarse to fine; the null class is left out."""
+  out = []
+  for t, task_rows in reversed(rows.items()):
+    taxa = metrics.worst([r for r in task_rows if r["taxon_id"] != 0], k)
+    out.append(f"  {t:<10} " + "; ".join(
+        f"{r.get('name', r['taxon_id'])} {r['top1']:.0f}% of {r['support']} "
+        f"(train {r['train_count']})" for r in taxa))
+  return out
+
+
+def results_table(results: dict, tasks: list[str]) -> list[str]:
+  """Console lines of validation results: a header naming the ranks coarse to fine (the model
+  card's order), then one line per phase with its loss and top-1 per rank."""
+  coarse_first = list(reversed(tasks))
+  width = max([28] + [len(p) for p in results])
+  lines = [f"  {'phase':<{width}} {'loss':>9}  " + "  ".join(f"{t:>9}" for t in coarse_first)]
+  for phase, r in results.items():
+    lines.append(f"  {phase:<{width}} {r['loss']:9.4f}  "
+                 + "  ".join(f"{r[f'acc1/{t}']:9.1f}" for t in coarse_first))
+  return lines
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None):
@@ -221,11 +250,9 @@ def main(argv):
   step, results, rows = cli.call(evaluate_checkpoint, config, f.workdir, f.step)
   path = write_eval(f.workdir, step, results, rows)
   tasks = list(config.data.task_keys_h5)
-  print(f"step {step}: top-1 per rank ({', '.join(tasks)})")
-  for phase, r in sorted(results.items()):
-    print(f"  {phase:<28} loss {r['loss']:.4f}  " +
-          "  ".join(f"{r[f'acc1/{t}']:6.1f}" for t in tasks))
-  print("worst classes on val (taxon id, top-1 of its val examples, its train examples):")
+  print(f"step {step}: top-1 (%) per rank")
+  print("\n".join(results_table(dict(sorted(results.items())), tasks)))
+  print(WORST_HEADER)
   print("\n".join(worst_summary(rows)))
   print(f"wrote {path} and its _per_class.csv")
 

@@ -23,20 +23,22 @@ from linnaeus_jax import early_stopping, evaluate, hardware, memory, metric_writ
 from linnaeus_jax import plots, preemption, pretrained, sharding, train_step, workdir_lock
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import state as state_lib
+from linnaeus_jax.data import images as images_lib
 from linnaeus_jax.data import pipeline
 
 
-def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, writer,
+def write_plots(workdir: str, step: int, results: dict, confusion: dict, data, writer,
                 per_class=None) -> None:
-  """DIR/plots/meta_ablation.png, the coarsest rank's confusion matrix and the finest rank's
+  """DIR/plots/meta_ablation.png, a confusion matrix (`confusion_rank`) and the finest rank's
   per-class accuracy against training count, also to TensorBoard."""
-  tasks, coarse = data.task_keys, data.task_keys[-1]
-  names = {v: str(k) for k, v in data.class_to_idx[coarse].items()}
+  tasks = data.task_keys
   images = {"meta_ablation": plots.meta_ablation(
       results, tasks, os.path.join(workdir, "plots", "meta_ablation.png"))}
-  images[f"confusion/{coarse}"] = plots.confusion_matrix(
-      confusion_CxC, [names.get(i, str(i)) for i in range(len(confusion_CxC))],
-      os.path.join(workdir, "plots", f"confusion_{coarse}.png"), f"{coarse}, step {step}")
+  if (task := confusion_rank(results["val"], confusion, tasks)) is not None:
+    matrix = confusion[task]
+    images[f"confusion/{task}"] = plots.confusion_matrix(
+        matrix, [data.name(task, i) for i in range(len(matrix))],
+        os.path.join(workdir, "plots", f"confusion_{task}.png"), f"{task}, step {step}")
   if per_class is not None:
     fine = tasks[0]
     images[f"class_accuracy_vs_count/{fine}"] = plots.class_accuracy_vs_count(
@@ -44,6 +46,14 @@ def write_plots(workdir: str, step: int, results: dict, confusion_CxC, data, wri
         f"{fine}, step {step}")
   for tag, image in images.items():
     writer.image(step, f"val/{tag}", image)
+
+
+def confusion_rank(val: dict, confusion: dict, tasks: list[str]) -> str | None:
+  """The rank whose confusion matrix says something: the finest of those small enough to plot
+  whose top-1 is below 100% (else the coarsest of them; None when none is small enough)."""
+  plotted = [t for t in tasks if t in confusion]
+  imperfect = [t for t in plotted if val[f"acc1/{t}"] < 100.0]
+  return (imperfect or plotted[::-1] or [None])[0]
 
 
 # ----------------------------------------------------------------------------- Loop
@@ -283,21 +293,18 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
     results = evaluate.run(eval_steps[plist], (state.params, state.buffers), ds, mesh, tasks,
                            consts, confusion, task_weights=state.gradnorm["weights"],
                            class_counts=class_counts)
-    if pidx == 0:
-      progress_bar.newline()
-      print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 per rank:", flush=True)
     for phase, result in results.items():
       result["duration_sec"] = time.time() - t0
       writer.write(step, phase, result)
-      if pidx == 0:
-        accs = "  ".join(f"{result[f'acc1/{t}']:6.1f}" for t in tasks)
-        print(f"  {phase:<28} loss {result['loss']:.4f}  {accs}", flush=True)
+    if pidx == 0:
+      progress_bar.newline()
+      print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 (%) per rank:\n"
+            + "\n".join(evaluate.results_table(results, tasks)), flush=True)
     if final and pidx == 0:
       rows = evaluate.per_class_rows(class_counts["val"], data)
       evaluate.write_eval(workdir, step, results, rows)
       worst = evaluate.worst_summary(rows)
-      print("worst classes on val (taxon id, top-1 of its val examples, its train examples):\n"
-            + "\n".join(worst), flush=True)
+      print(evaluate.WORST_HEADER + "\n" + "\n".join(worst), flush=True)
       writer.text(step, "val/worst_classes", "\n\n".join(w.strip() for w in worst))
       write_plots(workdir, step, results, confusion["val"], data, writer, rows)
     return results
@@ -363,7 +370,7 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
     if done != total and (_every(val_every, done) or _every(mask_every, done)
                           or _every(partial_every, done)):
       results = validate(done)
-      last_val = results["val"]
+      last_val = results.get("val", {})
       if track_best:
         value = early_stopping.lookup(results, es.metric)
         prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, done,
@@ -394,5 +401,21 @@ def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
     save(end, provisional=False)
   elif pidx == 0 and start == end:
     print(f"Training already finished at step {end}; running the final validation.")
-  last_val = validate(end, final=True)["val"]
+  last_val = validate(end, final=True).get("val", {})
+  if pidx == 0:
+    print(closing_lines(workdir, end, bool(last_val)), flush=True)
   return last_val
+
+
+def closing_lines(workdir: str, step: int, validated: bool) -> str:
+  """What the run wrote and how to look at it: the last lines a person reads."""
+  out = [f"done: step {step} in {workdir}: checkpoints/ (step {step}), metrics.jsonl, config.json,"
+         f" assets/" + (f", eval/step_{step}.json (+ _per_class.csv), plots/" if validated
+                        else "")]
+  if (bad := images_lib.unreadable_images()):
+    first = next(iter(bad.items()))
+    out.append(f"  {len(bad)} image(s) were unreadable and left out or zeroed "
+               f"(data.hybrid.missing_image_policy), first {first[0]}: {first[1]}")
+  out.append(f"  TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+  out.append(f"  export: python -m linnaeus_jax.export --workdir={workdir} --out=BUNDLE_DIR")
+  return "\n".join(out)

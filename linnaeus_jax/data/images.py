@@ -145,6 +145,26 @@ def verify(folder: str, image_ids, extension: str, opts, policy: str, split: str
   return missing
 
 
+_UNREADABLE: dict[str, str] = {}  # path -> reason: the unreadable images this process met
+
+
+def _note_unreadable(path: str, error: Exception, action: str) -> None:
+  """Warns about the first unreadable image this process meets; counts the others
+  (`unreadable_images`), so a bad file read every epoch does not flood the console."""
+  if path in _UNREADABLE:
+    return
+  _UNREADABLE[path] = str(error)
+  if len(_UNREADABLE) == 1:
+    logging.warning("image %s unreadable (%s); %s. Further unreadable images are counted and "
+                    "reported at the end of the run.", path, error, action)
+
+
+def unreadable_images() -> dict[str, str]:
+  """{path: reason} of the unreadable images this process has met (worker processes keep
+  their own)."""
+  return dict(_UNREADABLE)
+
+
 class ImageReader:
   """Reads one image by (raw row, identifier) from a folder, an `images.h5` file or a shard set.
 
@@ -182,13 +202,11 @@ class ImageReader:
       return preprocessing.to_rgb_uint8(data, self.img_size)
     except Exception as e:  # pylint: disable=broad-except  (missing or undecodable)
       path = self.shards.where(raw_row) if self.shards is not None else data
-      if self.policy == "placeholder":
-        logging.warning("image %s unreadable (%s); using a zero image", path, e)
-        return np.zeros((self.img_size, self.img_size, 3), np.uint8)
-      if self.policy == "skip":
-        logging.warning("image %s (row %d) unreadable (%s); skipped (missing_image_policy skip)",
-                        path, raw_row, e)
-        return None
+      if self.policy in ("placeholder", "skip"):
+        _note_unreadable(str(path), e, "using a zero image" if self.policy == "placeholder"
+                         else "skipped (missing_image_policy skip)")
+        return (np.zeros((self.img_size, self.img_size, 3), np.uint8)
+                if self.policy == "placeholder" else None)
       raise MissingImagesError(
           f"image {path!r} (row {raw_row}) cannot be read: {e}. Set "
           "data.hybrid.missing_image_policy to 'skip' (verify and exclude up front, skip what "

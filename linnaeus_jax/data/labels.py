@@ -69,6 +69,14 @@ class Dataset:
   # component -> rows (of the labels files, before filtering) whose validity source says valid
   # but whose encoded values hold NaN or inf; made invalid and zeroed
   nonfinite_meta: dict[str, int] = dataclasses.field(default_factory=dict)
+  # task -> {raw taxon id as str: name}, from the builder's taxa.json beside the (train) labels
+  # file; empty without one (taxa are then shown by id)
+  taxon_names: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+  def name(self, task: str, class_index: int) -> str:
+    """The taxon name of a class (its raw id without a name; 'null' for the null class)."""
+    raw = {v: k for k, v in self.class_to_idx[task].items()}.get(class_index, class_index)
+    return self.taxon_names.get(task, {}).get(str(raw), str(raw))
 
   def summary(self) -> str:
     drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items() if v)
@@ -96,6 +104,8 @@ class Dataset:
         "taxonomy_tree.json": self.taxonomy.to_json(),
         "class_label_counts.json": json.dumps({"train": counts}),
         "data_summary.json": json.dumps(self.facts(), indent=1),
+        **({"taxon_names.json": json.dumps(self.taxon_names, indent=1)}
+           if self.taxon_names else {}),
     }
 
   def facts(self) -> dict:
@@ -381,4 +391,17 @@ def load(config) -> Dataset:
                  components=[(n, c.dim) for n, c in components], class_to_idx=maps,
                  num_classes=num, taxonomy=tree, rows_total=rows_total,
                  dropped=dropped, missing_images=missing, train_images=image_paths[0],
-                 val_images=image_paths[-1], nonfinite_meta=nonfinite)
+                 val_images=image_paths[-1], nonfinite_meta=nonfinite,
+                 taxon_names=_taxon_names(label_paths[0], tasks))
+
+
+def _taxon_names(labels_path: str, tasks: list[str]) -> dict[str, dict[str, str]]:
+  """{task: {raw id: name}} from `taxa.json` beside the labels file (data/build.py writes it),
+  or {} when there is none."""
+  path = os.path.join(os.path.dirname(os.path.abspath(labels_path)), "taxa.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    taxa = json.load(f)
+  return {t: {k: v["name"] for k, v in taxa[t].items() if isinstance(v, dict) and "name" in v}
+          for t in tasks if isinstance(taxa.get(t), dict)}
