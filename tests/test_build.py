@@ -5,6 +5,7 @@ Every encoded value is checked against numbers computed here by hand (math, not 
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -14,8 +15,10 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from absl import flags
+from PIL import Image, ImageFile
 
-from linnaeus_jax import config as config_lib
+from linnaeus_jax import config as config_lib, preprocessing
 from linnaeus_jax.data import build, labels
 
 from conftest import ROOT
@@ -200,7 +203,7 @@ def test_loader_accepts_the_build(inat2021):
   # A tree for data.partial.levels=True (class 0 = unknown at every rank) on request.
   build.build(options(format="inat", source=str(inat2021 / "train.json"),
                       val_source=str(inat2021 / "val.json"), out=str(out),
-                      partial_levels="true"))
+                      partial_levels="true", overwrite=True))
   c = config_for(str(out), inat2021 / "images", TEMPORAL={"dim": 4})
   c.data.partial.levels = True
   data = labels.load(c)
@@ -417,9 +420,12 @@ def test_inat_bad_rows_and_missing_images(tmp_path):
   (tmp_path / "img").mkdir()
   for name in ("a.jpg", "c.jpg", "d.jpg"):
     (tmp_path / "img" / name).write_bytes(b"x")
+  # The cheap check: only whether the file exists (these one-byte files would not decode).
   report = build.build(options(format="inat", source=str(tmp_path / "t.json"),
                                out=str(tmp_path / "o"), images_root=str(tmp_path / "img"),
-                               check_images=True, on_bad_row="drop"))
+                               check_images=True, check_images_mode="exists",
+                               on_bad_row="drop"))
+  assert report["image_check"] == "exists"
   assert report["splits"]["train"]["dropped"] == {
       "duplicate_image": 1, "missing_image_file": 1, "no_annotation": 1,
       "unknown_category": 1, "annotation_unknown_image": 1}
@@ -428,9 +434,12 @@ def test_inat_bad_rows_and_missing_images(tmp_path):
                      (3, "unknown_category"), (None, "annotation_unknown_image")}
   data, _ = read(tmp_path / "o" / "labels.h5")
   assert [x.decode() for x in data["img_identifiers"]] == ["a.jpg"]
+  assert {d["detail"] for d in report["dropped_rows"] if d["row"] == 1} == {
+      f"image missing: {tmp_path / 'img' / 'b.jpg'} does not exist"}
   with pytest.raises(build.BuildError, match="5 bad rows"):
     build.build(options(format="inat", source=str(tmp_path / "t.json"), out=str(tmp_path / "p"),
-                        images_root=str(tmp_path / "img"), check_images=True))
+                        images_root=str(tmp_path / "img"), check_images=True,
+                        check_images_mode="exists"))
 
 
 def test_json_stream_across_buffer_boundaries(tmp_path):
@@ -557,6 +566,7 @@ def test_a_built_table_trains_the_same_from_the_folder_and_from_shards(tmp_path)
   assert len(losses["folder"]) == 20
   assert losses["folder"] == losses["shards"]
 
+
 def test_configs_inat21_reads_a_built_inat2021_dataset(inat2021):
   """configs/inat21.py with the three paths its docstring names reads a 2021 build."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -580,3 +590,225 @@ def test_configs_inat21_reads_a_built_inat2021_dataset(inat2021):
   assert data.num_classes == {"taxa_L10": 4, "taxa_L20": 4, "taxa_L30": 4, "taxa_L40": 3}
   assert [n for n, _ in config_lib.enabled_components(c)] == ["TEMPORAL", "SPATIAL"]
   np.testing.assert_array_equal(data.train.meta_valid, [[1, 1], [0, 0], [1, 1], [1, 0]])
+
+
+# ----------------------------------------------------------------------------- images, --out
+
+
+def write_images(folder):
+  """Tiny image files: {name: None for a good one, else (reason, start of the detail)}. The
+  good ones are smooth 60 x 80 pictures (re-encoded under --max_side=48) in RGB, CMYK and grey
+  JPEG and a PNG named .jpg; the bad ones missing, a folder, empty, cut short, not images."""
+  folder.mkdir()
+  y, x = np.mgrid[0:60, 0:80]
+  rgb = Image.fromarray(np.stack([3 * x, 4 * y, 60 + x + y], -1).astype(np.uint8))
+  rgb.save(folder / "rgb.jpg", quality=95)
+  rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+  rgb.convert("L").save(folder / "grey.jpg", quality=95)
+  rgb.save(folder / "png.jpg", format="PNG")
+  (folder / "empty.jpg").write_bytes(b"")
+  jpeg, png = (folder / "rgb.jpg").read_bytes(), (folder / "png.jpg").read_bytes()
+  (folder / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  (folder / "cut.png").write_bytes(png[:len(png) // 2])
+  (folder / "text.jpg").write_bytes(b"not an image at all")
+  (folder / "dir.jpg").mkdir()
+  bad = "unreadable_image"
+  return {"rgb.jpg": None, "empty.jpg": (bad, "image unreadable: zero-byte file"),
+          "cmyk.jpg": None,
+          "cut.jpg": (bad, "image unreadable: truncated (image file is truncated"),
+          "grey.jpg": None,
+          "gone.jpg": ("missing_image_file", f"image missing: {folder}/gone.jpg does not exist"),
+          "png.jpg": None, "cut.png": (bad, "image unreadable: truncated ("),
+          "text.jpg": (bad, "image unreadable: not an image format PIL can read"),
+          "dir.jpg": ("missing_image_file", f"image missing: {folder}/dir.jpg is not a file")}
+
+
+SPECIES_COLUMNS = (("image", "image"), ("species", "species"))
+
+
+def species_table(path, names, species="A a"):
+  """A table with the columns named like the keys (SPECIES_COLUMNS; the default of the command
+  line): image, species."""
+  with open(path, "w", newline="") as f:
+    csv.writer(f).writerows([["image", "species"]] + [[n, species] for n in names])
+  return str(path)
+
+
+def listing(folder):
+  """{name: sha256} of the files of `folder`."""
+  return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in os.listdir(folder)}
+
+
+def test_check_images_decodes_every_image(tmp_path):
+  expected = write_images(tmp_path / "img")
+  source = species_table(tmp_path / "obs.csv", list(expected))
+  good = [n for n, bad in expected.items() if bad is None]
+  kw = dict(format="table", source=source, columns=SPECIES_COLUMNS,
+            images_root=str(tmp_path / "img"), check_images=True)
+  report = build.build(options(out=str(tmp_path / "o"), on_bad_row="drop", **kw))
+  assert report["image_check"] == "decode"
+  assert report["splits"]["train"]["dropped"] == {"missing_image_file": 2, "unreadable_image": 4}
+  dropped = {d["image"]: (d["reason"], d["detail"]) for d in report["dropped_rows"]}
+  assert sorted(dropped) == sorted(n for n in expected if n not in good)
+  for name, (reason, detail) in dropped.items():
+    assert reason == expected[name][0] and detail.startswith(expected[name][1]), (name, detail)
+  data, _ = read(tmp_path / "o" / "labels.h5")
+  assert [x.decode() for x in data["img_identifiers"]] == good  # CMYK, grey, PNG as .jpg: good
+
+  with pytest.raises(build.BuildError) as e:  # by default: all listed at once, nothing written
+    build.build(options(out=str(tmp_path / "p"), **kw))
+  assert str(e.value).startswith("6 bad rows (train: missing_image_file 2, unreadable_image 4)")
+  assert all(f"({name}): {expected[name][0]}: {expected[name][1]}" in str(e.value)
+             for name in dropped)
+  assert not os.path.exists(tmp_path / "p")
+
+  # The old, cheap check: only the missing files.
+  report = build.build(options(out=str(tmp_path / "q"), on_bad_row="drop",
+                               check_images_mode="exists", **kw))
+  assert report["splits"]["train"]["dropped"] == {"missing_image_file": 2}
+
+
+def test_decoding_in_a_process_pool_gives_the_same_and_shows_progress(tmp_path, capsys,
+                                                                      monkeypatch):
+  expected = write_images(tmp_path / "img")
+  paths = [str(tmp_path / "img" / n) for n in expected]
+  want = {i: bad for i, bad in enumerate(expected.values()) if bad is not None}
+  done = []
+  pooled = build.decode_problems(paths, workers=2, chunk=3, on_progress=done.append)
+  assert pooled == build.decode_problems(paths, workers=1)
+  assert {i: (r, d[:len(want[i][1])]) for i, (r, d) in pooled.items()} == want
+  assert done == [3, 6, 9, 10]  # after each chunk, in order
+  split = build.read_table("train", species_table(tmp_path / "obs.csv", list(expected)),
+                           SPECIES_COLUMNS, str(tmp_path / "img"),
+                           build.Taxa(), build.Progress(False), {})
+  build.check_image_files(split, str(tmp_path / "img"), build.Progress(True), "decode",
+                          workers=2, chunk=4)
+  assert "build: train: decoded 10 images, 6 bad" in capsys.readouterr().err
+  assert build.bad_counts(split) == {"missing_image_file": 2, "unreadable_image": 4}
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # cut files would pass
+  with pytest.raises(build.BuildError, match="LOAD_TRUNCATED_IMAGES is on"):
+    build.decode_problems(paths)
+
+
+@pytest.mark.parametrize("max_side", [48, 0])
+def test_pack_images_makes_undecodable_images_bad_rows(tmp_path, max_side):
+  """Packing decodes every image first: bad ones are bad rows (all listed, nothing written, no
+  empty --out), or dropped from labels and shards alike; the packed rows read as the files."""
+  expected = write_images(tmp_path / "img")
+  good = [n for n, bad in expected.items() if bad is None]
+  kw = dict(format="table", source=species_table(tmp_path / "obs.csv", list(expected)),
+            columns=SPECIES_COLUMNS, images_root=str(tmp_path / "img"), pack_images=True,
+            shard_size=3,
+            max_side=max_side)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(build.BuildError, match=r"^6 bad rows \(train: missing_image_file 2, "
+                     r"unreadable_image 4\)"):
+    build.build(options(out=str(tmp_path / "o"), **kw))
+  assert sorted(os.listdir(tmp_path)) == before  # no --out, no temporary folder
+  report = build.build(options(out=str(tmp_path / "o"), on_bad_row="drop", **kw))
+  assert report["image_check"] == "decode" and report["shards"] == {
+      "images": ["images-00000-of-00002.h5", "images-00001-of-00002.h5"]}
+  assert report["splits"]["train"]["rows_written"] == 4
+  data, _ = read(tmp_path / "o" / "labels.h5")
+  assert [x.decode() for x in data["img_identifiers"]] == good
+  reader = pytest.importorskip("linnaeus_jax.data.shards").ShardReader(
+      str(tmp_path / "o" / "images-*.h5"))
+  assert len(reader) == len(good)
+  for row, name in enumerate(good):
+    packed = reader.encoded(row)
+    if max_side == 0:
+      assert packed == (tmp_path / "img" / name).read_bytes()
+    else:
+      assert Image.open(io.BytesIO(packed)).size == (64, 48)  # short side 60 -> 48
+    np.testing.assert_allclose(preprocessing.to_rgb_uint8(packed, 24, draft=False),
+                               preprocessing.to_rgb_uint8(str(tmp_path / "img" / name), 24,
+                                                          draft=False), atol=6, err_msg=name)
+
+
+def test_a_non_empty_out_is_refused_and_overwrite_replaces_the_whole_build(tmp_path):
+  write_images(tmp_path / "img")
+  out = tmp_path / "out"
+  build.build(options(format="table", source=species_table(tmp_path / "a.csv", [
+      "rgb.jpg", "cmyk.jpg", "grey.jpg"]), val_source=species_table(tmp_path / "v.csv", [
+          "png.jpg"]), columns=SPECIES_COLUMNS, out=str(out), images_root=str(tmp_path / "img"),
+      pack_images=True, shard_size=1))
+  (out / "notes.txt").write_text("kept by hand")
+  earlier = listing(out)
+  assert len(earlier) == 10 and "labels_val.h5" in earlier and "images-00002-of-00003.h5" in earlier
+  source = species_table(tmp_path / "b.csv", ["grey.jpg", "rgb.jpg"], species="B b")
+  cmd = [sys.executable, "-m", "linnaeus_jax.data.build", "--format=table", f"--source={source}",
+         f"--out={out}", f"--images_root={tmp_path / 'img'}", "--pack_images", "--shard_size=2",
+         "--noprogress"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1
+  assert r.stderr.splitlines() == [f"error: --out {out} is not empty (10 files, e.g. labels.h5); "
+                                   "pass --overwrite to replace the earlier build"]
+  assert listing(out) == earlier
+  r = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert sorted(os.listdir(out)) == ["build_report.json", "images-00000-of-00001.h5",
+                                     "labels.h5", "taxa.json", "taxonomy_tree.json"]
+  data, _ = read(out / "labels.h5")
+  assert [x.decode() for x in data["img_identifiers"]] == ["grey.jpg", "rgb.jpg"]
+  assert sorted(os.listdir(tmp_path)) == ["a.csv", "b.csv", "img", "out", "v.csv"]
+
+
+def test_a_failing_build_leaves_the_earlier_build_as_it_was(tmp_path, monkeypatch):
+  write_images(tmp_path / "img")
+  source = species_table(tmp_path / "a.csv", ["rgb.jpg", "grey.jpg"])
+  kw = dict(format="table", source=source, columns=SPECIES_COLUMNS,
+            images_root=str(tmp_path / "img"), pack_images=True)
+  build.build(options(out=str(tmp_path / "out"), **kw))
+  earlier = listing(tmp_path / "out")
+
+  def disk_full(opts, tables, files, out_dir):  # fails halfway through writing the shards
+    (tmp_path / "seen").write_text(out_dir)
+    with open(os.path.join(out_dir, "images-00000-of-00001.h5"), "wb") as f:
+      f.write(b"half")
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(build, "pack_images", disk_full)
+  for out in ("out", "new"):
+    with pytest.raises(OSError, match="No space left"):
+      build.build(options(out=str(tmp_path / out), overwrite=True, **kw))
+    work = (tmp_path / "seen").read_text()
+    assert os.path.dirname(work) == str(tmp_path) and not os.path.exists(work)
+  assert listing(tmp_path / "out") == earlier  # untouched, and no empty --out for a new one
+  assert sorted(os.listdir(tmp_path)) == ["a.csv", "img", "out", "seen"]
+
+
+def test_flags_check_modes_overwrite_and_out_checks(tmp_path):
+  source = species_table(tmp_path / "a.csv", ["x.jpg"])
+
+  def parse(*args):
+    fv = flags.FlagValues()
+    build.define_flags(fv)
+    fv(["build", "--format=table", f"--source={source}", f"--out={tmp_path / 'o'}", *args])
+    return build.options_from_flags(fv)
+  opts = parse("--check_images", f"--images_root={tmp_path}")
+  assert (opts.check_images, opts.check_images_mode, opts.overwrite) == (True, "decode", False)
+  assert build.image_check_mode(opts) == "decode"
+  opts = parse("--check_images", "--check_images_mode=exists", "--overwrite")
+  assert (opts.check_images_mode, opts.overwrite, build.image_check_mode(opts)) == (
+      "exists", True, "exists")
+  assert build.image_check_mode(parse()) == ""
+  # --pack_images decodes whatever the mode: a packed image must decode.
+  assert build.image_check_mode(parse("--pack_images", "--check_images_mode=exists",
+                                      "--check_images")) == "decode"
+  with pytest.raises(build.BuildError, match="--check_images_mode needs --check_images"):
+    parse("--check_images_mode=exists")
+  # --overwrite replaces --out as a whole: never a folder holding the sources or the images.
+  table = lambda out, **kw: options(format="table", source=source, columns=SPECIES_COLUMNS,
+                                    out=str(out), **kw)
+  with pytest.raises(build.BuildError, match=f"--out={tmp_path} holds --source={source}"):
+    build.build(table(tmp_path, overwrite=True))
+  (tmp_path / "x" / "img").mkdir(parents=True)
+  with pytest.raises(build.BuildError, match="holds --images_root"):
+    build.build(table(tmp_path / "x", images_root=str(tmp_path / "x" / "img"), overwrite=True))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(build.BuildError, match="is a file, not a folder"):
+    build.build(table(tmp_path / "file"))
+  (tmp_path / "o").mkdir()  # an empty --out is fine without --overwrite
+  build.build(table(tmp_path / "o"))
+  assert os.path.exists(tmp_path / "o" / "labels.h5")

@@ -9,8 +9,14 @@ missing values marked missing (raw columns: NaN / empty string) and never a vali
 
 Output in --out (docs/data.md#building-a-dataset): `labels.h5` (`labels_val.h5` with
 --val_source), `taxonomy_tree.json`, `taxa.json` (taxon id -> name and lineage),
-`build_report.json`, and with --pack_images the image shards. Everything is written under
-temporary names and renamed at the end, labels.h5 last: a failed build leaves no partial file.
+`build_report.json`, and with --pack_images the image shards. A non-empty --out is refused
+unless --overwrite. Everything is written into a temporary sibling folder of --out (same file
+system) that replaces --out as a whole at the end: a failed build leaves --out as it was, and a
+rebuild leaves no file of the earlier one.
+
+--check_images decodes every image fully (PIL, in a process per core), as training will, so
+missing, empty, truncated and undecodable files are bad rows before anything is written;
+--pack_images always does.
 
 Sources are read in bounded memory: the JSON value by value (json's C decoder over a sliding
 buffer, `JsonStream`), tables in batches (pyarrow); columns are kept as numpy arrays, not a
@@ -20,14 +26,20 @@ Python object per row.
 from __future__ import annotations
 
 import codecs
+import collections
 import dataclasses
 import datetime as dt
+import errno
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import posixpath
 import re
+import secrets
+import shutil
+import stat
 import sys
 import time
 from concurrent import futures
@@ -35,6 +47,7 @@ from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
+from PIL import Image, ImageFile
 
 from linnaeus_jax import taxonomy as taxonomy_lib
 from linnaeus_jax.data import encoders
@@ -47,13 +60,15 @@ DEFAULT_RANKS = (10, 20, 30, 40)  # the original's four tasks
 DEFAULT_ELEVATION_SCALES = (100.0, 500.0, 1000.0, 2000.0, 5000.0)
 ELEVATION_RANGE_M = (-11_000.0, 9_000.0)  # outside: a bad row (Mariana Trench to Everest)
 # Why a row is bad (a row keeps the first reason found; report order is this order).
-REASONS = ("bad_image_path", "duplicate_image", "missing_image_file", "no_annotation",
-           "multiple_annotations", "unknown_category", "bad_taxon", "bad_coordinates",
-           "bad_date", "bad_elevation", "annotation_unknown_image")
+REASONS = ("bad_image_path", "duplicate_image", "missing_image_file", "unreadable_image",
+           "no_annotation", "multiple_annotations", "unknown_category", "bad_taxon",
+           "bad_coordinates", "bad_date", "bad_elevation", "annotation_unknown_image")
 TABLE_KEYS = ("image", "latitude", "longitude", "date", "elevation") + LINEAGE + tuple(
     f"{r}_id" for r in LINEAGE)
 ERROR_LISTED = 20  # bad rows named in the error message
 _CHUNK = 1 << 16  # rows converted to numpy at a time
+_DECODE_CHUNK = 256  # images per decoding task of --check_images
+CHECK_MODES = ("decode", "exists")
 
 
 class BuildError(ValueError):
@@ -75,6 +90,7 @@ class Options:
   ranks: tuple = ()  # levels; () = those of DEFAULT_RANKS the source has
   on_bad_row: str = "error"
   check_images: bool = False
+  check_images_mode: str = "decode"  # decode: open and fully decode; exists: the file exists
   bbox: tuple = ()  # (min_lat, max_lat, min_lon, max_lon)
   elevation_scales: tuple = DEFAULT_ELEVATION_SCALES
   elevation_set: str = "broadrange_2"
@@ -83,6 +99,7 @@ class Options:
   pack_images: bool = False
   shard_size: int = 10_000
   max_side: int = 0
+  overwrite: bool = False  # replace a non-empty --out (the whole folder)
   progress: bool = True
 
   def validate(self) -> None:
@@ -105,6 +122,18 @@ class Options:
       problems.append(f"--images_root={self.images_root}: no such folder")
     if (self.check_images or self.pack_images) and not self.images_root:
       problems.append("--check_images and --pack_images need --images_root")
+    if self.check_images_mode not in CHECK_MODES:
+      problems.append(f"--check_images_mode must be 'decode' or 'exists', got "
+                      f"{self.check_images_mode!r}")
+    if os.path.exists(self.out) and not os.path.isdir(self.out):
+      problems.append(f"--out={self.out} is a file, not a folder")
+    out = os.path.realpath(self.out)
+    for name in ("source", "val_source", "locations", "val_locations", "categories",
+                 "images_root"):
+      path = getattr(self, name)
+      if path and os.path.commonpath([out, os.path.realpath(path)]) == out:
+        problems.append(f"--out={self.out} holds --{name}={path}: the build replaces --out as "
+                        "a whole")
     if self.bbox:
       a, b, c, d = self.bbox
       if not (-90 <= a <= b <= 90 and -180 <= c <= 180 and -180 <= d <= 180):
@@ -889,15 +918,120 @@ def check_duplicates(split: Split, earlier: np.ndarray | None = None) -> None:
                lambda r: f"{split.ident[r].decode()} is also in the train source")
 
 
-def check_image_files(split: Split, images_root: str, progress: Progress) -> None:
-  """Marks rows whose image file does not exist under `images_root` (threads: stat calls)."""
+def check_image_files(split: Split, images_root: str, progress: Progress, mode: str = "decode",
+                      workers: int = 0, chunk: int = _DECODE_CHUNK) -> None:
+  """Marks the good rows whose image under `images_root` is missing (`missing_image_file`) or,
+  with mode 'decode', cannot be fully decoded (`unreadable_image`; see `image_problem`).
+
+  'exists' only stats the files (threads); 'decode' decodes them in `workers` processes (0: one
+  per CPU), `chunk` images per task.
+  """
   rows = np.flatnonzero(split.reason == 0)
   names = [os.path.join(images_root, split.ident[r].decode()) for r in rows]
-  with futures.ThreadPoolExecutor(16) as pool:
-    exists = np.fromiter(pool.map(os.path.isfile, names, chunksize=1024), bool, len(names))
-  progress.show(f"{split.name}: checked {len(names):,} image files", force=True)
-  split.mark(rows[~exists], "missing_image_file",
-             lambda r: f"{os.path.join(images_root, split.ident[r].decode())} does not exist")
+  if mode == "exists":
+    with futures.ThreadPoolExecutor(16) as pool:
+      exists = np.fromiter(pool.map(os.path.isfile, names, chunksize=1024), bool, len(names))
+    progress.show(f"{split.name}: checked {len(names):,} image files", force=True)
+    split.mark(rows[~exists], "missing_image_file", lambda r: "image missing: " + os.path.join(
+        images_root, split.ident[r].decode()) + " does not exist")
+    return
+  show = lambda done: progress.show(f"{split.name}: decoded {done:,} of {len(names):,} images "
+                                    f"({100 * done / max(len(names), 1):.0f}%)")
+  found = decode_problems(names, workers, chunk, show)
+  progress.show(f"{split.name}: decoded {len(names):,} images, {len(found):,} bad", force=True)
+  for i in sorted(found):
+    split.mark([rows[i]], *found[i])
+
+
+def image_problem(path: str) -> tuple[str, str] | None:
+  """(reason, detail) when the image file at `path` is missing or PIL cannot open and fully
+  load it (as training decodes it: truncated data is an error, LOAD_TRUNCATED_IMAGES off);
+  None for a good image."""
+  try:
+    info = os.stat(path)
+  except FileNotFoundError:  # a dangling link too
+    return "missing_image_file", f"image missing: {path} does not exist"
+  except OSError as e:
+    return "unreadable_image", f"image unreadable: {e.strerror or e}"
+  if not stat.S_ISREG(info.st_mode):
+    return "missing_image_file", f"image missing: {path} is not a file"
+  if info.st_size == 0:
+    return "unreadable_image", "image unreadable: zero-byte file"
+  try:
+    with Image.open(path) as img:
+      img.load()
+  except Image.UnidentifiedImageError:
+    return "unreadable_image", "image unreadable: not an image format PIL can read"
+  except Exception as e:  # pylint: disable=broad-except  (whatever a damaged file raises)
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if "truncated" in msg.lower():
+      return "unreadable_image", f"image unreadable: truncated ({msg})"
+    return "unreadable_image", f"image unreadable: {type(e).__name__}: {msg}"
+  return None
+
+
+def _strict_pil() -> None:
+  """Decoding must fail on truncated data, as it does in training; refuse a process where
+  something turned PIL's LOAD_TRUNCATED_IMAGES on."""
+  if ImageFile.LOAD_TRUNCATED_IMAGES:
+    raise BuildError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process: truncated "
+                     "images would pass the image check")
+
+
+def _decode_chunk(paths: list[str]) -> list[tuple[int, str, str]]:
+  """(index, reason, detail) of the bad images of `paths` (one task of a decoding process)."""
+  _strict_pil()
+  return [(i, *p) for i, p in enumerate(map(image_problem, paths)) if p is not None]
+
+
+def decode_problems(paths: list[str], workers: int = 0, chunk: int = _DECODE_CHUNK,
+                    on_progress=None) -> dict[int, tuple[str, str]]:
+  """{index: (reason, detail)} of the images of `paths` that are missing or undecodable.
+
+  Decoding is CPU-bound: chunks of `chunk` paths go to a pool of `workers` processes (0: one
+  per CPU; spawned, so no forked copy of a multithreaded parent), a bounded window of tasks in
+  flight; one chunk or one worker is decoded here. `on_progress(images done)` after each chunk.
+  """
+  _strict_pil()
+  bounds = [(a, min(a + chunk, len(paths))) for a in range(0, len(paths), max(chunk, 1))]
+  workers = min(workers if workers > 0 else (os.cpu_count() or 1), len(bounds))
+  out, done = {}, 0
+
+  def collect(a, b, found):
+    nonlocal done
+    out.update({a + i: (reason, detail) for i, reason, detail in found})
+    done += b - a
+    if on_progress:
+      on_progress(done)
+
+  if workers <= 1:
+    for a, b in bounds:
+      collect(a, b, _decode_chunk(paths[a:b]))
+    return out
+  ctx = multiprocessing.get_context("spawn")
+  with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    pending = collections.deque()
+
+    def drain():
+      a, b, task = pending.popleft()
+      try:
+        found = task.result()
+      except futures.process.BrokenProcessPool as e:
+        raise BuildError(f"a decoding process died checking the images {paths[a]} .. "
+                         f"{paths[b - 1]} (a file that crashes the decoder?): {e}") from e
+      collect(a, b, found)
+
+    try:
+      for a, b in bounds:
+        pending.append((a, b, pool.submit(_decode_chunk, paths[a:b])))
+        if len(pending) >= 4 * workers:
+          drain()
+      while pending:
+        drain()
+    finally:
+      for *_, task in pending:
+        task.cancel()
+  return out
 
 
 def bad_rows(split: Split) -> list[dict]:
@@ -1064,9 +1198,74 @@ def _validity(tables: dict, hours: bool, has_elev: bool) -> dict:
   return {k: float(v.mean()) if len(v) else 0.0 for k, v in out.items()}
 
 
+def image_check_mode(opts: Options) -> str:
+  """How the images are checked: 'decode' with --pack_images (an image packed must decode) or
+  --check_images in decode mode, 'exists', or '' (not checked)."""
+  if opts.pack_images:
+    return "decode"
+  return opts.check_images_mode if opts.check_images else ""
+
+
+def out_not_empty(out: str) -> str:
+  """The one-line refusal of a non-empty `out` (without --overwrite), or '' when it is absent
+  or empty."""
+  try:
+    names = os.listdir(out)
+  except (FileNotFoundError, NotADirectoryError):
+    return ""
+  if not names:
+    return ""
+  example = next((n for n in ("labels.h5", "build_report.json") if n in names), min(names))
+  return (f"--out {out} is not empty ({len(names)} file{'s' if len(names) > 1 else ''}, e.g. "
+          f"{example}); pass --overwrite to replace the earlier build")
+
+
+def _new_folder(target: str) -> str:
+  """An empty hidden sibling folder of `target` (same file system: renamed into place), with
+  the mode of `target` when it exists."""
+  parent, base = os.path.split(target)
+  os.makedirs(parent, exist_ok=True)
+  path = os.path.join(parent, f".{base}.building-{os.getpid()}-{secrets.token_hex(4)}")
+  os.mkdir(path)
+  if os.path.isdir(target):
+    os.chmod(path, stat.S_IMODE(os.stat(target).st_mode))
+  return path
+
+
+def swap_in(work: str, opts: Options) -> None:
+  """Makes the complete build in folder `work` the folder --out. Absent or empty --out: one
+  atomic rename. Non-empty: refused without --overwrite; with it the earlier build is renamed
+  aside, `work` renamed in (the earlier one put back if that fails), then deleted."""
+  target = os.path.realpath(opts.out)
+  try:
+    os.replace(work, target)  # rename(2) replaces an empty folder, never a non-empty one
+    return
+  except OSError as e:
+    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+      raise
+  if not opts.overwrite:
+    raise BuildError(out_not_empty(opts.out) or f"--out {opts.out} is not empty")
+  parent, base = os.path.split(target)
+  old = os.path.join(parent, f".{base}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
+  os.rename(target, old)
+  try:
+    os.rename(work, target)
+  except BaseException:
+    os.rename(old, target)
+    raise
+  try:
+    shutil.rmtree(old)
+  except OSError as e:
+    print(f"build: warning: the earlier build, moved to {old}, could not be deleted: {e}",
+          file=sys.stderr)
+
+
 def build(opts: Options) -> dict:
-  """Reads the sources, checks every row, writes the dataset into opts.out; the report."""
+  """Reads the sources, checks every row, writes the dataset into a new folder that replaces
+  opts.out at the end (`swap_in`); the report."""
   opts.validate()
+  if not opts.overwrite and out_not_empty(opts.out):  # before the sources are read
+    raise BuildError(out_not_empty(opts.out))
   progress, hashes, taxa = Progress(opts.progress), {}, Taxa()
   splits = [_read(opts, "train", opts.source, opts.locations, taxa, progress, hashes)]
   if opts.val_source:
@@ -1082,9 +1281,10 @@ def build(opts: Options) -> dict:
   check_duplicates(splits[0])
   if len(splits) > 1:
     check_duplicates(splits[1], splits[0].ident[splits[0].reason == 0])
-  if opts.check_images:
+  mode = image_check_mode(opts)
+  if mode:
     for s in splits:
-      check_image_files(s, opts.images_root, progress)
+      check_image_files(s, opts.images_root, progress, mode)
   if any(np.any(s.reason) or bad_counts(s) for s in splits) and opts.on_bad_row == "error":
     progress.done()
     raise BuildError(bad_row_error(splits))
@@ -1104,20 +1304,17 @@ def build(opts: Options) -> dict:
       np.any(tb[t][0] == 0) for tb in tables for t in tasks))
   tree = taxonomy_tree(tables, ranks, partial)
 
-  os.makedirs(opts.out, exist_ok=True)
   files = ["labels.h5"] + (["labels_val.h5"] if len(splits) > 1 else [])
   meta = {"builder": "linnaeus_jax.data.build", "format": opts.format,
           "sources": {p: h[1] for p, h in hashes.items()}}
-  suffix = f".tmp{os.getpid()}"
-  temps: dict[str, str] = {}
+  work = _new_folder(os.path.realpath(opts.out))
   try:
     for name, table in zip(files, tables):
       progress.show(f"writing {name}", force=True)
-      temps[name] = os.path.join(opts.out, name + suffix)
-      write_labels(temps[name], table, meta)
+      write_labels(os.path.join(work, name), table, meta)
     shards = {}
     if opts.pack_images:
-      shards = pack_images(opts, tables, files)
+      shards = pack_images(opts, tables, files, work)
     used_ids = {t: set(np.unique(np.concatenate([tb[t][0] for tb in tables])).tolist())
                 for t in tasks}
     names = {f"taxa_L{r}": {str(i): taxa.names[r].get(i, {}) for i in sorted(used_ids[
@@ -1131,6 +1328,7 @@ def build(opts: Options) -> dict:
         "elevation": (f"elevation_{opts.elevation_set}" if has_elev else None),
         "partial_levels": bool(partial),
         "images_root": os.path.abspath(opts.images_root) if opts.images_root else "",
+        "image_check": mode or None,
         "splits": {s.name: {
             "file": f, "rows_read": len(s), "rows_written": int(len(k)),
             "dropped": bad_counts(s),
@@ -1146,30 +1344,28 @@ def build(opts: Options) -> dict:
     texts = {"taxonomy_tree.json": tree.to_json(), "taxa.json": json.dumps(names, indent=1),
              "build_report.json": json.dumps(report, indent=1)}
     for name, text in texts.items():
-      temps[name] = os.path.join(opts.out, name + suffix)
-      with open(temps[name], "w", encoding="utf-8") as f:
+      with open(os.path.join(work, name), "w", encoding="utf-8") as f:
         f.write(text)
-    for name in list(texts) + files[::-1]:  # labels.h5 last: it marks a complete build
-      os.replace(temps.pop(name), os.path.join(opts.out, name))
-  finally:
-    for path in temps.values():
-      if os.path.exists(path):
-        os.remove(path)
+    swap_in(work, opts)
+  except BaseException:
+    shutil.rmtree(work, ignore_errors=True)
+    raise
   progress.show(", ".join(f"{s.name} {len(k):,} of {len(s):,} rows" for s, k in
                           zip(splits, keeps)) + f" -> {opts.out}", force=True)
   progress.done()
   return report
 
 
-def pack_images(opts: Options, tables: list[dict], files: list[str]) -> dict:
-  """The images of each split as a shard set in opts.out (data/shards.py), rows in labels order."""
+def pack_images(opts: Options, tables: list[dict], files: list[str], out_dir: str) -> dict:
+  """The images of each split as a shard set in `out_dir` (data/shards.py), rows in labels
+  order."""
   from linnaeus_jax.data import shards  # pylint: disable=g-import-not-at-top
   out = {}
   for name, table in zip(files, tables):
     prefix = "images" if name == "labels.h5" else "images_val"
     paths = [os.path.join(opts.images_root, x.decode()) for x in table["img_identifiers"][0]]
-    written = shards.pack(paths, opts.out, prefix, opts.shard_size, opts.max_side,
-                          progress=opts.progress, overwrite=True)
+    written = shards.pack(paths, out_dir, prefix, opts.shard_size, opts.max_side,
+                          progress=opts.progress)
     out[prefix] = [os.path.basename(p) for p in written]
   return out
 
@@ -1179,7 +1375,7 @@ def pack_images(opts: Options, tables: list[dict], files: list[str]) -> dict:
 
 def define_flags(flag_values=None) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  fv = flag_values or flags.FLAGS
+  fv = flags.FLAGS if flag_values is None else flag_values  # an empty FlagValues is falsy
   flags.DEFINE_enum("format", None, ["inat", "table"], "Source format: iNat competition JSON "
                     "or a CSV/Parquet table.", flag_values=fv)
   flags.DEFINE_string("source", None, "Train source file (JSON, .csv, .parquet).", flag_values=fv)
@@ -1202,8 +1398,11 @@ def define_flags(flag_values=None) -> None:
                     flag_values=fv)
   flags.DEFINE_enum("on_bad_row", "error", ["error", "drop"], "Bad rows: stop listing them, "
                     "or drop them and list them in build_report.json.", flag_values=fv)
-  flags.DEFINE_bool("check_images", False, "Bad row when the image file is missing.",
-                    flag_values=fv)
+  flags.DEFINE_bool("check_images", False, "Bad row when the image file is missing or, in the "
+                    "default --check_images_mode=decode, cannot be fully decoded (one process "
+                    "per CPU). --pack_images always decodes.", flag_values=fv)
+  flags.DEFINE_enum("check_images_mode", "decode", list(CHECK_MODES), "--check_images: decode "
+                    "every image, or only check that the file exists (fast).", flag_values=fv)
   flags.DEFINE_list("bbox", [], "min_lat,max_lat,min_lon,max_lon: writes in_region.",
                     flag_values=fv)
   flags.DEFINE_list("elevation_scales", [f"{s:g}" for s in DEFAULT_ELEVATION_SCALES],
@@ -1220,6 +1419,9 @@ def define_flags(flag_values=None) -> None:
   flags.DEFINE_integer("shard_size", 10_000, "--pack_images: images per shard.", flag_values=fv)
   flags.DEFINE_integer("max_side", 0, "--pack_images: shrink images whose short side exceeds "
                        "this (0: copy the files).", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out as a whole (no file of the "
+                    "earlier build remains); without it a non-empty --out is refused.",
+                    flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress line on stderr.", flag_values=fv)
   flags.mark_flags_as_required(["format", "source", "out"], flag_values=fv)
 
@@ -1241,6 +1443,8 @@ def options_from_flags(fv) -> Options:
     raise BuildError("--bbox and --elevation_scales take comma-separated numbers") from None
   if bbox and len(bbox) != 4:
     raise BuildError("--bbox takes 4 numbers: min_lat,max_lat,min_lon,max_lon")
+  if fv["check_images_mode"].present and not fv.check_images:
+    raise BuildError("--check_images_mode needs --check_images")
   columns = parse_columns(fv.columns)
   if fv.format == "table" and not columns:
     columns = _default_columns(fv.source)
@@ -1248,10 +1452,12 @@ def options_from_flags(fv) -> Options:
                  images_root=fv.images_root, locations=fv.locations,
                  val_locations=fv.val_locations, categories=fv.categories, columns=columns,
                  ranks=tuple(dict.fromkeys(ranks)), on_bad_row=fv.on_bad_row,
-                 check_images=fv.check_images, bbox=bbox, elevation_scales=scales,
+                 check_images=fv.check_images, check_images_mode=fv.check_images_mode,
+                 bbox=bbox, elevation_scales=scales,
                  elevation_set=fv.elevation_set, temporal_hours=fv.temporal_hours,
                  partial_levels=fv.partial_levels, pack_images=fv.pack_images,
-                 shard_size=fv.shard_size, max_side=fv.max_side, progress=fv.progress)
+                 shard_size=fv.shard_size, max_side=fv.max_side, overwrite=fv.overwrite,
+                 progress=fv.progress)
 
 
 def _default_columns(path: str) -> tuple:

@@ -57,7 +57,9 @@ def shard_name(prefix: str, index: int, count: int) -> str:
 
 
 def _read_image(path: str, max_side: int) -> bytes:
-  """The encoded bytes to store for one file: as they are, or resized and re-encoded."""
+  """The encoded bytes to store for one file: as they are, or resized and re-encoded. The
+  re-encoded JPEG carries no EXIF, so its pixels are turned upright first (EXIF orientation,
+  `preprocessing.upright`): a reader sees the picture as the file displays either way."""
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -71,9 +73,10 @@ def _read_image(path: str, max_side: int) -> bytes:
       if min(w, h) <= max_side:
         return data
       img.load()
-      rgb = preprocessing._rgb_image(img)  # pylint: disable=protected-access  (the training rules)
+      rgb = preprocessing._rgb_image(preprocessing.upright(img))  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except  (any undecodable file)
     raise ShardError(f"image file {path!r} cannot be decoded: {e}") from e
+  w, h = rgb.size  # sides swapped by orientations 5-8
   size = ((max_side, max(1, round(h * max_side / w))) if w <= h else
           (max(1, round(w * max_side / h)), max_side))
   out = io.BytesIO()
@@ -212,9 +215,10 @@ def pack(image_paths: Sequence[str], out_dir: str, prefix: str = "images",
 
   `shard_size`: rows per shard (DEFAULT_SHARD_SIZE: ~1 GB at ~100 KB per image). `max_side` 0
   copies each file's bytes as they are; > 0 shrinks images whose short side exceeds it to that
-  short side (aspect kept, PIL BOX filter, alpha dropped as in training) and re-encodes them as
-  JPEG quality 95; smaller images are copied. `num_workers` reading threads (0: one per CPU),
-  each holding up to two batches of 64 images in memory.
+  short side (aspect kept, PIL BOX filter, alpha dropped as in training, turned upright as
+  their EXIF orientation says) and re-encodes them as JPEG quality 95 without EXIF; smaller
+  images are copied (readers apply their orientation). `num_workers` reading threads (0: one
+  per CPU), each holding up to two batches of 64 images in memory.
   Shards are written under temporary names and renamed at the end, so a failure leaves no
   partial set. An existing set with this prefix in `out_dir` is an error unless `overwrite`, which
   removes it once the new set is complete. Raises ShardError naming a file that cannot be read
