@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 
 import httpx
@@ -144,7 +146,7 @@ def test_a_corrupt_image_fails_only_its_own_request(server, predictor, images):
                               bodies))
   assert [r.status_code for r in responses] == [200] * 3 + [422] + [200] * 4
   assert responses[3].json()["problems"] == [
-      "#0: not an image that can be read (OSError: Truncated File Read)"]
+      "instances[0]: image: cannot decode (Truncated File Read)"]
   expected = predictor.predict(images, [META] * 8)
   for i, r in enumerate(responses):
     if i != 3:
@@ -166,7 +168,7 @@ def _png_header(w: int, h: int) -> bytes:
 
 HOSTILE = {
     "non-image bytes": (dict(json={"instances": [{"image_b64": _b64(b"not an image" * 10)}]}),
-                        422, "not an image that can be read"),
+                        422, "instances[0]: image: cannot decode (cannot identify image file)"),
     "20000x20000 PNG header": (dict(json={"instances": [{"image_b64": _b64(_png_header(
         20000, 20000))}]}), 422, "Image size (400000000 pixels) exceeds limit"),
     "body over the limit": (dict(content=b"x" * (5 * 2**20),
@@ -200,15 +202,91 @@ def test_hostile_inputs_are_4xx_naming_the_problem(server, name):
 
 
 def test_every_problem_of_a_request_is_named_at_once(server, images):
+  """Metadata and image problems together, each named by its instance's index; an image that
+  cannot be decoded is found also when the request is already refused for its metadata, and
+  its message carries PIL's reason without the repr of a BytesIO."""
   body = {"instances": [{"image_b64": _b64(images[0]), "lat": 95.0, "lon": 0.0},
                         {"image_b64": _b64(images[1]), "elevation_m": 20000,
-                         "datetime_utc": "yesterday"}]}
+                         "datetime_utc": "yesterday"},
+                        {"image_b64": _b64(images[2])},
+                        {"image_b64": "not base64!", "lat": 91.0, "lon": 0.0},
+                        {"image_b64": _b64(b"junk" * 10), "elevation_m": -600},
+                        {"image_b64": "data:text/plain;base64," + _b64(images[3])},
+                        {"image_b64": _b64(images[4])[:-4]}],
+          "top_k": 0}
   r = httpx.post(f"{server}/predict", json=body, timeout=60)
   assert r.status_code == 422
-  assert r.json()["problems"] == [
+  problems = r.json()["problems"]
+  assert problems[-1].startswith("instances[6]: image: cannot decode (image file is truncated")
+  assert problems[:-1] == [
+      "top_k must be an integer >= 1, got 0",
       "instances[0].lat must be within -90..90, got 95",
       "instances[1].datetime_utc is not an ISO 8601 date-time: 'yesterday'",
-      "instances[1].elevation_m 20000.0 is outside -500..9000 m"]
+      "instances[1].elevation_m 20000.0 is outside -500..9000 m",
+      "instances[3].lat must be within -90..90, got 91",
+      "instances[3].image_b64 is not valid base64 (Only base64 data is allowed)",
+      "instances[4].elevation_m -600.0 is outside -500..9000 m",
+      "instances[4]: image: cannot decode (cannot identify image file)",
+      "instances[5].image_b64: a data URL must start data:image/<type>;base64, (got "
+      "'data:text/plain;base64')"]
+  assert "object at 0x" not in r.text
+  # multipart: the form's fields and its file, at once
+  r = httpx.post(f"{server}/predict", files={"image": ("a.jpg", b"junk" * 10, "image/jpeg")},
+                 data={"lat": "95", "lon": "0"}, timeout=60)
+  assert r.status_code == 422
+  assert r.json()["problems"] == ["form.lat must be within -90..90, got 95",
+                                  "form: image: cannot decode (cannot identify image file)"]
+
+
+def test_base64_with_line_breaks_or_a_data_url_is_accepted(server, predictor, images):
+  """MIME's 76-character lines (\\n or \\r\\n) and data URLs of any image type give the same
+  predictions as plain base64."""
+  plain = _b64(images[0])
+  mime = "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76))
+  forms = [plain, mime + "\n", mime.replace("\n", "\r\n"), "data:image/jpeg;base64," + plain,
+           "data:image/png;base64," + mime.replace("\n", "\r\n")]
+  assert "\n" in forms[1].rstrip("\n")  # the image spans several lines
+  body = {"instances": [{"image_b64": b64, **META} for b64 in forms], "top_k": 3}
+  r = httpx.post(f"{server}/predict", json=body, timeout=60)
+  assert r.status_code == 200, r.text
+  expected = predictor.predict([images[0]] * len(forms), [META] * len(forms), top_k=3)
+  _assert_same(r.json()["predictions"], expected)
+
+
+@pytest.mark.parametrize("data", [b"x" * (5 * 2**20), iter([b"x" * 2**20] * 5)],
+                         ids=["content-length", "chunked"])
+def test_an_oversized_body_is_answered_413_not_reset(server, data):
+  """urllib sends the whole body before it reads the answer: the server reads (and drops) the
+  rest of a body over --max_body_mb, so the client gets the 413 and its reason instead of a
+  reset connection (a declared length and a chunked body alike)."""
+  request = urllib.request.Request(f"{server}/predict", data=data,
+                                   headers={"content-type": "application/json"})
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(request, timeout=60)
+  assert e.value.code == 413
+  assert "over this server's limit of 4 MiB (--max_body_mb)" in json.load(e.value)["error"]
+  assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_an_address_that_cannot_be_served_is_one_error_line(bundle_dir):
+  """A port outside 1..65535, an address not on this machine, a port in use: one `error:`
+  line and exit 1, before the model loads and without any 'serving' or 'ready' line (uvicorn
+  would have served port 99999 on 34463, its value mod 65536)."""
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = {("--port=99999",): "--port=99999 is not a TCP port (1..65535)",
+             ("--port=0",): "--port=0 is not a TCP port (1..65535)",
+             ("--host=203.0.113.1", "--port=8000"): "cannot listen on --host=203.0.113.1 "
+             "--port=8000: Cannot assign requested address (not an address of this machine)",
+             (f"--port={taken.getsockname()[1]}",): "Address already in use"}
+    for flags, needle in cases.items():
+      r = subprocess.run([sys.executable, "-m", "linnaeus_jax.serve", f"--bundle={bundle_dir}",
+                          *flags], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      assert r.returncode == 1, (flags, r.stdout, r.stderr)
+      assert r.stdout == "" and r.stderr.count("\n") == 1, (flags, r.stdout, r.stderr)
+      assert r.stderr.startswith("error: ") and needle in r.stderr, (flags, r.stderr)
 
 
 def test_sigterm_finishes_the_request_in_flight(bundle_dir, images):

@@ -1,11 +1,14 @@
-"""python -m linnaeus_jax.predict --bundle=BUNDLE --images=FILES_OR_DIR [--metadata=meta.jsonl]
-[--top_k=5] --out=preds.jsonl
+"""python -m linnaeus_jax.predict --bundle=BUNDLE --images=FILES_OR_DIRS [--recursive=true]
+[--metadata=meta.jsonl] [--top_k=5] --out=preds.jsonl
 
-meta.jsonl: one object per line, `image` (the file name or path as given) and any of `lat`, `lon`,
-`datetime_utc`, `elevation_m`. preds.jsonl: one object per image, in input order: `image`,
-`ranks` (coarse to fine, `{"task", "top_k": [[taxon_id, probability], ...]}`), `warnings`,
-`error` (null, or why the image could not be used). `--workdir=DIR` predicts from a training run
-instead of a bundle. `python -m linnaeus_jax.inference.predict` is the same command.
+Folders are searched below too (sorted, depth first) unless `--recursive=false`; finding no
+image at all is an error. meta.jsonl: one object per line, `image` (the path as given, the path
+relative to its --images folder, or the file name) and any of `lat`, `lon`, `datetime_utc`,
+`elevation_m`. preds.jsonl: one object per image, in input order: `image` (the path), `relpath`
+(images found in a folder: the path below it, e.g. `sub/a.jpg`), `ranks` (coarse to fine,
+`{"task", "top_k": [[taxon_id, probability], ...]}`), `warnings`, `error` (null, or why the
+image could not be used). `--workdir=DIR` predicts from a training run instead of a bundle.
+`python -m linnaeus_jax.inference.predict` is the same command.
 
 Every image gets its record, whatever fails: an unreadable or missing image, or a whole chunk of
 them, is its own `error` (ranks empty) and the run goes on, exits 0 and counts the errors. Bad
@@ -23,25 +26,54 @@ import time
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def list_images(spec: list[str]) -> list[str]:
-  """Files as given, and the image files of any folder (sorted); missing paths are kept (they
-  become per-image errors)."""
-  out = []
+def list_images(spec: list[str], recursive: bool = True
+                ) -> tuple[list[str], list[str | None], list[str]]:
+  """(paths, relative paths, folders without images) of `spec`: files as given (relative path
+  None; a missing path is kept, it becomes that image's error) and the image files of each
+  folder, below it too when `recursive`, in sorted order of their paths below the folder (a
+  folder's files and subfolders by name, depth first), relative paths joined with '/'."""
+  paths, rels, empty = [], [], []
   for item in spec:
-    if os.path.isdir(item):
-      out += sorted(os.path.join(item, f) for f in os.listdir(item)
-                    if f.lower().endswith(IMAGE_EXTENSIONS))
-    else:
-      out.append(item)
-  return out
+    if not os.path.isdir(item):
+      paths.append(item)
+      rels.append(None)
+      continue
+    found = []
+    for top, dirs, files in os.walk(item):
+      dirs[:] = sorted(dirs) if recursive else []
+      below = os.path.relpath(top, item)
+      parts = () if below == os.curdir else tuple(below.split(os.sep))
+      found += [parts + (f,) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    for parts in sorted(found):
+      paths.append(os.path.join(item, *parts))
+      rels.append("/".join(parts))
+    if not found:
+      empty.append(item)
+  return paths, rels, empty
 
 
-def read_metadata(path: str, images: list[str]
+def no_images(folders: list[str], recursive: bool) -> str:
+  """What to say of `folders` where `list_images` found no image (an error when that is all
+  of --images, else a warning), naming them and the extensions looked for."""
+  if not folders:
+    return "--images names no files or folders"
+  where = ", ".join(folders)
+  below = " or below" if recursive else " (subfolders not searched: --recursive=false)"
+  return (f"no image files in {where}{below}; looked for {' '.join(IMAGE_EXTENSIONS)} "
+          "(any case)")
+
+
+KINDS = ("path", "relative path", "file name")  # how a meta.jsonl line may name an image
+
+
+def read_metadata(path: str, images: list[str], relpaths: list[str | None] | None = None
                   ) -> tuple[list[dict | None], list[str], list[list[str]]]:
-  """Per image, its meta.jsonl object (matched by the path as given, else by file name);
-  problems for stderr (bad lines, entries that match no image, ambiguous names); per image,
-  warnings for its record: several lines for it (the last line, or the one naming its path,
-  wins)."""
+  """Per image, its meta.jsonl object, matched by the path as given, else by the path relative
+  to its --images folder (`relpaths`), else by file name; a relative path or file name that
+  names several images matches none of them (a line naming an image more precisely, e.g. by
+  its relative path, is not ambiguous because another image has that file name). Also problems
+  for stderr (bad lines, entries that match no image, ambiguous names) and, per image,
+  warnings for its record: several lines for it (the last line, or the most precise, wins)."""
   by_key, lines, problems = {}, {}, []
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
@@ -62,30 +94,47 @@ def read_metadata(path: str, images: list[str]
         continue
       by_key[rec["image"]] = rec
       lines.setdefault(rec["image"], []).append(n)
-  names = {}
-  for img in images:
-    names.setdefault(os.path.basename(img), []).append(img)
-  out, notes, used = [], [], set()
-  for img in images:
-    name, note = os.path.basename(img), []
-    key = img if img in by_key else name
-    rec = by_key.get(key)
-    if rec is not None and key == name and len(names[name]) > 1:
-      problem = f"{path}: {name!r} names {len(names[name])} images; give their paths"
-      problems += [problem] if problem not in problems else []
-      rec = None
-    if rec is not None:
-      used.add(key)
+  relpaths = relpaths or [None] * len(images)
+  keys = []  # per image, [(kind, key)] most precise first, each key once
+  owners = {}  # key -> {kind: [image index]}
+  for i, (img, rel) in enumerate(zip(images, relpaths)):
+    mine = []
+    for kind, key in enumerate((img, rel, os.path.basename(img))):
+      if key is not None and key not in (k for _, k in mine):
+        mine.append((kind, key))
+        owners.setdefault(key, {}).setdefault(kind, []).append(i)
+    keys.append(mine)
+  out, notes, used, ambiguous = [], [], set(), set()
+  for i in range(len(images)):
+    found = []
+    for kind, key in keys[i]:
+      if key not in by_key:
+        continue
+      best = min(owners[key])
+      if best != kind:
+        continue  # it names another image more precisely
+      if kind > 0 and len(owners[key][kind]) > 1:
+        ambiguous.add(key)
+        problem = f"{path}: {key!r} names {len(owners[key][kind])} images; give their paths"
+        problems += [problem] if problem not in problems else []
+        continue
+      found.append((kind, key))
+    note, rec = [], None
+    if found:
+      kind, key = found[0]
+      rec = by_key[key]
+      used.update(k for _, k in found)
       if len(lines[key]) > 1:
         note.append(f"metadata: {len(lines[key])} lines for {key!r} in {path} (lines "
                     f"{', '.join(map(str, lines[key]))}); the last, line {lines[key][-1]}, is used")
-      if key == img and name != img and name in by_key and len(names[name]) == 1:
-        used.add(name)
-        note.append(f"metadata: line {lines[key][-1]} names this image by its path and line "
-                    f"{lines[name][-1]} by its file name; line {lines[key][-1]} (the path) is used")
+      for other, k in found[1:]:
+        note.append(f"metadata: line {lines[key][-1]} names this image by its {KINDS[kind]} and "
+                    f"line {lines[k][-1]} by its {KINDS[other]}; line {lines[key][-1]} (the "
+                    f"{KINDS[kind]}) is used")
     out.append(rec)
     notes.append(note)
-  problems += [f"{path}: {k!r} matches no image" for k in by_key if k not in used]
+  problems += [f"{path}: {k!r} matches no image" for k in by_key
+               if k not in used and k not in ambiguous]
   return out, problems, notes
 
 
@@ -137,20 +186,26 @@ def predict_chunk(predictor, images: list, metadata: list, top_k: int) -> list[d
 
 
 def run(predictor, images: list[str], metadata: list[dict | None], out: str, top_k: int,
-        chunk: int, notes: list[list[str]] | None = None) -> dict:
+        chunk: int, notes: list[list[str]] | None = None,
+        relpaths: list[str | None] | None = None) -> dict:
   """Writes preds.jsonl, one record per image in input order, whichever images fail; `notes`:
-  per image, warnings to put first in its record. Creates the folder of `out`; writes to a
-  temporary name, renamed at the end (removed if the run stops). Returns counts."""
+  per image, warnings to put first in its record; `relpaths`: per image found in a folder, its
+  path below that folder, the record's `relpath` (None: no such key). Creates the folder of
+  `out`; writes to a temporary name, renamed at the end (removed if the run stops). Returns
+  counts."""
   t0, counts = time.time(), {"images": len(images), "errors": 0, "warnings": 0}
   notes = notes or [[] for _ in images]
+  relpaths = relpaths or [None] * len(images)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = out + ".partial"
   try:
     with open(tmp, "w", encoding="utf-8") as f:
       for a in range(0, len(images), chunk):
         results = predict_chunk(predictor, images[a:a + chunk], metadata[a:a + chunk], top_k)
-        for res, note in zip(results, notes[a:a + chunk]):
+        for res, note, rel in zip(results, notes[a:a + chunk], relpaths[a:a + chunk]):
           res["warnings"] = list(note) + res["warnings"]
+          if rel is not None:
+            res = {"image": res["image"], "relpath": rel, **res}
           counts["errors"] += res["error"] is not None
           counts["warnings"] += bool(res["warnings"])
           f.write(json.dumps(res) + "\n")
@@ -175,14 +230,15 @@ def main(argv):
     cli.fail(f"--top_k must be at least 1, got {f.top_k}")
   buckets = cli.call(parse_buckets, f.buckets)
   cli.call(check_out, f.out)
-  images = cli.call(list_images, f.images)
+  images, relpaths, empty = cli.call(list_images, f.images, f.recursive)
   if not images:
-    cli.fail(f"no images in {f.images}")
+    cli.fail(no_images(empty, f.recursive))
   metadata, problems, notes = [None] * len(images), [], None
   if f.metadata:
     if not os.path.exists(f.metadata):
       cli.fail(f"{f.metadata} not found")
-    metadata, problems, notes = cli.call(read_metadata, f.metadata, images)
+    metadata, problems, notes = cli.call(read_metadata, f.metadata, images, relpaths)
+  problems = [no_images([d], f.recursive) for d in empty] + problems
   for p in problems:
     print(f"warning: {p}", file=sys.stderr)
   # pylint: disable-next=g-import-not-at-top
@@ -190,7 +246,7 @@ def main(argv):
   kw = dict(consistency=f.consistency, buckets=buckets)
   pred = (cli.call(predictor_lib.Predictor.from_bundle, f.bundle, params=f.params, **kw)
           if f.bundle else cli.call(predictor_lib.Predictor.from_workdir, f.workdir, f.step, **kw))
-  counts = cli.call(run, pred, images, metadata, f.out, f.top_k, buckets[-1], notes)
+  counts = cli.call(run, pred, images, metadata, f.out, f.top_k, buckets[-1], notes, relpaths)
   print(f"wrote {f.out}: {counts['images']} images, {counts['errors']} with errors, "
         f"{counts['warnings']} with warnings")
 
@@ -205,6 +261,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A training workdir instead of a bundle.")
   flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default latest).")
   flags.DEFINE_list("images", None, "Image files and/or folders.")
+  flags.DEFINE_bool("recursive", True, "Search the subfolders of --images folders too.")
   flags.DEFINE_string("metadata", None, "meta.jsonl: {image, lat, lon, datetime_utc, "
                       "elevation_m} per line.")
   flags.DEFINE_integer("top_k", 5, "Classes per rank.")

@@ -12,7 +12,10 @@ Concurrent requests meet in one `Batcher`: their images, decoded on a thread poo
 one device call of up to `max_batch` (waiting at most `max_wait_ms` for more), and each request
 gets its own rows back. Every problem of a request (malformed JSON or multipart, unknown or
 missing fields, impossible metadata, an undecodable or oversized image, a body over the limit)
-is a 4xx naming all of them; other requests, in the same device call or not, are unaffected.
+is a 4xx naming all of them, each by its instance (`instances[2]: image: cannot decode (...)`);
+other requests, in the same device call or not, are unaffected. `image_b64` may have line breaks
+or be a data URL (`decode_b64`). The address is bound before the model loads (`bind`): one that
+cannot be served is an `error:` line and exit 1.
 SIGTERM stops accepting connections, finishes the requests in flight and then ends the process
 by that SIGTERM (uvicorn's way: supervisors see a terminated, not a failed, server).
 """
@@ -25,31 +28,52 @@ import binascii
 import concurrent.futures
 import contextlib
 import datetime as dt
+import errno
 import io
 import json
 import math
 import os
 import queue
+import re
+import socket
+import sys
 import threading
 import time
 
 import numpy as np
 from PIL import Image
 
+from linnaeus_jax import preprocessing
 from linnaeus_jax.inference import card as card_lib
 from linnaeus_jax.inference import predictor as predictor_lib
 
 META_FIELDS = ("lat", "lon", "datetime_utc", "elevation_m")
 IMAGE_FIELDS = ("image_b64", "image_path")
 BUCKETS = (1, 8, 32)
+# Most bytes of a body over --max_body_mb read (and dropped) to answer it: clients such as
+# urllib send the whole body before reading the answer, and a server that closes with the body
+# unread resets the connection, so they would see the reset instead of the 413. Past this the
+# 413 is sent at once and the connection closed.
+DISCARD_MAX = 256 * 2**20
 
 
 class RequestError(Exception):
-  """A request that cannot be served as sent: an HTTP status and every problem found."""
+  """A request that cannot be served as sent: an HTTP status and every problem found; `close`:
+  the connection is to be closed after the answer (its body was not read to the end)."""
 
-  def __init__(self, status: int, problems: list[str]):
+  def __init__(self, status: int, problems: list[str], close: bool = False):
     super().__init__("; ".join(problems))
-    self.status, self.problems = status, problems
+    self.status, self.problems, self.close = status, problems, close
+
+
+class Instance:
+  """One image of a request as parsed: the image (bytes, a path, or None when it could not be
+  had), its record's name, its checked metadata, where it is in the request (`instances[2]`,
+  `form`) and every problem found with it."""
+
+  def __init__(self, where: str, name: str = ""):
+    self.where, self.name, self.image, self.meta = where, name, None, {}
+    self.problems: list[str] = []
 
 
 # ----------------------------------------------------------------------------- checking requests
@@ -104,23 +128,54 @@ def check_metadata(fields: dict, where: str, problems: list[str]) -> dict:
   return meta
 
 
+def _message(e: Exception) -> str:
+  """`e`'s message without reprs of objects (PIL names a BytesIO `<_io.BytesIO object at
+  0x...>`), or its type's name when nothing is left."""
+  text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+  return text or type(e).__name__
+
+
 def image_problem(data: bytes, max_pixels: int) -> str | None:
   """Why `data` cannot be an image to decode here (from its header alone), or None."""
+  if not data:
+    return "empty (0 bytes)"
   try:
     with Image.open(io.BytesIO(data)) as im:
       w, h = im.size
   except Image.DecompressionBombError as e:
-    return f"image refused: {e}"
+    return f"refused ({_message(e)})"
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
-    return f"not an image that can be read ({type(e).__name__}: {e})"
+    return f"cannot decode ({_message(e)})"
   if w * h > max_pixels:
-    return (f"image is {w}x{h} ({w * h / 1e6:.1f} Mpx), over this server's limit of "
+    return (f"{w}x{h} ({w * h / 1e6:.1f} Mpx) is over this server's limit of "
             f"{max_pixels / 1e6:.1f} Mpx (--max_pixels)")
   return None
 
 
+def decode_b64(value, where: str, problems: list[str]) -> bytes | None:
+  """The bytes of an `image_b64`: plain base64, with line breaks (MIME's 76-character lines,
+  \\n or \\r\\n) or other whitespace anywhere, or a data URL `data:image/<type>;base64,...`;
+  else None and a problem."""
+  if not isinstance(value, str):
+    problems.append(f"{where}.image_b64 must be a base64 string, got {json.dumps(value)[:50]}")
+    return None
+  if value[:5].lower() == "data:":
+    head, comma, value = value.partition(",")
+    kind, *params = [p.strip().lower() for p in head[5:].split(";")]
+    if not comma or not kind.startswith("image/") or "base64" not in params:
+      problems.append(f"{where}.image_b64: a data URL must start data:image/<type>;base64, "
+                      f"(got {head[:60]!r})")
+      return None
+  try:
+    return base64.b64decode("".join(value.split()), validate=True)
+  except (binascii.Error, ValueError) as e:
+    problems.append(f"{where}.image_b64 is not valid base64 ({_message(e)})")
+    return None
+
+
 def parse_json(body: bytes, allow_paths: bool, max_instances: int):
-  """([(image bytes or path, name, metadata)], top_k) of a JSON request, or RequestError."""
+  """([Instance], top_k, problems of the request as a whole) of a JSON request; RequestError
+  when it has no instances to check (malformed, none, too many)."""
   try:
     obj = json.loads(body)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -139,35 +194,31 @@ def parse_json(body: bytes, allow_paths: bool, max_instances: int):
                              f"limit of {max_instances}"])
   out = []
   for i, inst in enumerate(instances):
-    where = f"instances[{i}]"
+    one = Instance(f"instances[{i}]", f"#{i}")
+    where, mine = one.where, one.problems
+    out.append(one)
     if not isinstance(inst, dict):
-      problems.append(f"{where} must be an object, got {json.dumps(inst)[:50]}")
+      mine.append(f"{where} must be an object, got {json.dumps(inst)[:50]}")
       continue
-    problems += [f"{where}: unknown field {k!r} (allowed: {', '.join(IMAGE_FIELDS + META_FIELDS)})"
-                 for k in inst if k not in IMAGE_FIELDS + META_FIELDS]
-    meta = check_metadata(inst, where, problems)
+    mine += [f"{where}: unknown field {k!r} (allowed: {', '.join(IMAGE_FIELDS + META_FIELDS)})"
+             for k in inst if k not in IMAGE_FIELDS + META_FIELDS]
+    one.meta = check_metadata(inst, where, mine)
     given = [k for k in IMAGE_FIELDS if k in inst]
     if len(given) != 1:
-      problems.append(f"{where} needs exactly one of image_b64, image_path"
-                      + (f" (got {', '.join(given)})" if given else ""))
+      mine.append(f"{where} needs exactly one of image_b64, image_path"
+                  + (f" (got {', '.join(given)})" if given else ""))
     elif given == ["image_path"]:
       path = inst["image_path"]
       if not allow_paths:
-        problems.append(f"{where}.image_path is not accepted by this server (start it with "
-                        "--allow_paths to read images from its disk)")
+        mine.append(f"{where}.image_path is not accepted by this server (start it with "
+                    "--allow_paths to read images from its disk)")
       elif not isinstance(path, str) or not os.path.isfile(path):
-        problems.append(f"{where}.image_path: no such file: {path!r}")
+        mine.append(f"{where}.image_path: no such file: {json.dumps(path)[:200]}")
       else:
-        out.append((path, path, meta))
+        one.image = one.name = path
     else:
-      try:
-        data = base64.b64decode(inst["image_b64"], validate=True)
-        out.append((data, f"#{i}", meta))
-      except (binascii.Error, TypeError, ValueError):
-        problems.append(f"{where}.image_b64 is not valid base64")
-  if problems:
-    raise RequestError(422, problems)
-  return out, top_k
+      one.image = decode_b64(inst["image_b64"], where, mine)
+  return out, top_k, problems
 
 
 def _top_k(value, problems: list[str]) -> int | None:
@@ -182,8 +233,8 @@ def _top_k(value, problems: list[str]) -> int | None:
 
 
 async def parse_multipart(request, body: bytes):
-  """([(image bytes, filename, metadata)], top_k) of a multipart request with one file field
-  `image` and the metadata (and top_k) as text fields."""
+  """([Instance], top_k, problems of the request as a whole) of a multipart request with one
+  file field `image` and the metadata (and top_k) as text fields."""
   from starlette.formparsers import MultiPartException  # pylint: disable=g-import-not-at-top
   from starlette.requests import Request  # pylint: disable=g-import-not-at-top
 
@@ -197,16 +248,14 @@ async def parse_multipart(request, body: bytes):
     raise RequestError(400, [f"malformed multipart body: {type(e).__name__}: {e}"]) from None
   problems = [f"unknown form field {k!r} (allowed: image, {', '.join(META_FIELDS)}, top_k)"
               for k in form if k not in ("image", "top_k") + META_FIELDS]
-  fields = {k: form[k] for k in META_FIELDS if k in form}
-  meta = check_metadata(fields, "form", problems)
   top_k = _top_k(form.get("top_k"), problems)
+  one = Instance("form")
+  one.meta = check_metadata({k: form[k] for k in META_FIELDS if k in form}, "form", one.problems)
   upload = form.get("image")
   if upload is None or isinstance(upload, str):
-    problems.append("multipart needs a file field 'image'")
-  if problems:
-    raise RequestError(422 if upload is not None else 400, problems)
-  data = await upload.read()
-  return [(data, upload.filename or "image", meta)], top_k
+    raise RequestError(400, problems + one.problems + ["multipart needs a file field 'image'"])
+  one.image, one.name = await upload.read(), upload.filename or "image"
+  return [one], top_k, problems
 
 
 # ----------------------------------------------------------------------------- batching
@@ -310,53 +359,76 @@ class Server:
           f"{self.compile_s:.1f} s", flush=True)
 
   def prepare(self, image, meta: dict):
-    """In the decode pool: bytes or a path -> `Predictor.prepare`d sample, or a problem."""
+    """In the decode pool: bytes or a path -> `Predictor.prepare`d sample, or why not."""
     if isinstance(image, str):
-      with open(image, "rb") as f:
-        image = f.read()
+      try:
+        with open(image, "rb") as f:
+          image = f.read()
+      except OSError as e:
+        return f"cannot be read from this server's disk ({e.strerror or _message(e)})"
     problem = image_problem(image, self.max_pixels)
-    return problem if problem else self.predictor.prepare(image, meta)
+    if problem:
+      return problem
+    try:  # decoded here, not by `Predictor.prepare`, to word its failure like the others
+      pixels = preprocessing.to_rgb_uint8(image, self.predictor.size)
+    except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
+      return f"cannot decode ({_message(e)})"
+    return self.predictor.prepare(pixels, meta)
 
   async def predict(self, request):
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await self._body(request)
     if ctype == "application/json":
-      instances, top_k = parse_json(body, self.allow_paths, self.max_instances)
+      instances, top_k, problems = parse_json(body, self.allow_paths, self.max_instances)
     elif ctype == "multipart/form-data":
-      instances, top_k = await parse_multipart(request, body)
+      instances, top_k, problems = await parse_multipart(request, body)
     else:
       raise RequestError(415, [f"content type {ctype or 'none'!r} is not accepted: send "
                                "application/json or multipart/form-data"])
+    # Every image that could be had is decoded, also when the request is already refused, so
+    # that the answer names all of each instance's problems at once.
+    todo = [one for one in instances if one.image is not None]
     loop = asyncio.get_running_loop()
-    self.decoding += len(instances)
+    self.decoding += len(todo)
     try:
-      samples = await asyncio.gather(*(loop.run_in_executor(self.pool, self.prepare, img, meta)
-                                       for img, _, meta in instances))
-      problems = [f"{name}: {s if isinstance(s, str) else s[4]}"
-                  for (_, name, _), s in zip(instances, samples)
-                  if isinstance(s, str) or s[4] is not None]
+      samples = await asyncio.gather(*(loop.run_in_executor(self.pool, self.prepare, one.image,
+                                                            one.meta) for one in todo))
+      for one, s in zip(todo, samples):
+        if isinstance(s, str):
+          one.problems.append(f"{one.where}: image: {s}")
+      problems += [p for one in instances for p in one.problems]
       if problems:
         raise RequestError(422, problems)
       futures = [asyncio.wrap_future(self.batcher.submit(s)) for s in samples]
     finally:
-      self.decoding -= len(instances)
+      self.decoding -= len(todo)
     probs = await asyncio.gather(*futures)
     self.requests += 1
-    return {"predictions": [self.predictor.result(name, p, s[3], None, top_k)
-                            for (_, name, _), s, p in zip(instances, samples, probs)]}
+    return {"predictions": [self.predictor.result(one.name, p, s[3], None, top_k)
+                            for one, s, p in zip(instances, samples, probs)]}
 
   async def _body(self, request) -> bytes:
-    """The body, refused (413) past `max_body` bytes, by its header or as it streams in."""
+    """The body, refused (413) past `max_body` bytes, by its header or as it streams in. The
+    rest of a refused body is read and dropped, up to `DISCARD_MAX` bytes, so that the client
+    gets the answer rather than a reset connection."""
     limit = f"over this server's limit of {self.max_body / 2**20:g} MiB (--max_body_mb)"
     declared = request.headers.get("content-length", "")
+    refused = None
     if declared.isdigit() and int(declared) > self.max_body:
-      raise RequestError(413, [f"request body of {int(declared) / 2**20:.1f} MiB is {limit}"])
+      refused = [f"request body of {int(declared) / 2**20:.1f} MiB is {limit}"]
+      if int(declared) > self.max_body + DISCARD_MAX:
+        raise RequestError(413, refused, close=True)
     chunks, size = [], 0
     async for chunk in request.stream():
       size += len(chunk)
-      if size > self.max_body:
-        raise RequestError(413, [f"request body is {limit}"])
-      chunks.append(chunk)
+      if refused is None and size > self.max_body:
+        refused, chunks = [f"request body is {limit}"], []
+      if refused is None:
+        chunks.append(chunk)
+      elif size > self.max_body + DISCARD_MAX:
+        raise RequestError(413, refused, close=True)
+    if refused:
+      raise RequestError(413, refused)
     return b"".join(chunks)
 
   def health(self) -> dict:
@@ -376,8 +448,9 @@ def make_app(server: Server):
   from starlette.responses import JSONResponse  # pylint: disable=g-import-not-at-top
   from starlette.routing import Route  # pylint: disable=g-import-not-at-top
 
-  def error(status: int, problems: list[str]):
-    return JSONResponse({"error": "; ".join(problems), "problems": problems}, status)
+  def error(status: int, problems: list[str], close: bool = False):
+    return JSONResponse({"error": "; ".join(problems), "problems": problems}, status,
+                        headers={"connection": "close"} if close else None)
 
   async def predict(request):
     if not server.ready:
@@ -385,7 +458,7 @@ def make_app(server: Server):
     try:
       return JSONResponse(await server.predict(request))
     except RequestError as e:
-      return error(e.status, e.problems)
+      return error(e.status, e.problems, e.close)
 
   async def info(request):
     del request
@@ -427,15 +500,42 @@ def main(argv):
     cli.fail(f"the server needs starlette, uvicorn and python-multipart ({e.name} is missing): "
              "pip install -e '.[serve]'")
   f = flags.FLAGS
+  sock = cli.call(bind, f.host, f.port)  # before the model loads: a bad address fails at once
   server = cli.call(Server, f.bundle, max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
                     top_k=f.top_k, allow_paths=f.allow_paths, max_body_mb=f.max_body_mb,
                     max_pixels=f.max_pixels, decode_threads=f.decode_threads,
                     consistency=f.consistency)
+  config = uvicorn.Config(make_app(server), log_level=f.log_level,
+                          timeout_graceful_shutdown=f.graceful_shutdown_s)
+  sock.listen(config.backlog)  # before the warm-up starts: "ready" means reachable
   print(f"serving {f.bundle} on http://{f.host}:{f.port} (max_batch {f.max_batch}, max_wait "
         f"{f.max_wait_ms:g} ms, buckets {', '.join(map(str, server.predictor.buckets))}); "
         "compiling...", flush=True)
-  uvicorn.run(make_app(server), host=f.host, port=f.port, log_level=f.log_level,
-              timeout_graceful_shutdown=f.graceful_shutdown_s)
+  userver = uvicorn.Server(config)
+  userver.run(sockets=[sock])
+  if not userver.started:  # uvicorn has said why
+    sys.exit(3)
+
+
+def bind(host: str, port: int) -> socket.socket:
+  """A TCP socket bound to host:port (not yet listening), as uvicorn would make it; ValueError
+  naming the address and the reason when that is impossible (a port outside 1..65535, an
+  address that is not this machine's, a port in use or reserved)."""
+  if not 1 <= port <= 65535:
+    raise ValueError(f"--port={port} is not a TCP port (1..65535)")
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  try:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+  except OSError as e:
+    sock.close()
+    hint = {errno.EADDRINUSE: " (another process listens there)",
+            errno.EADDRNOTAVAIL: " (not an address of this machine)",
+            errno.EACCES: " (ports below 1024 need privileges)"}.get(e.errno, "")
+    raise ValueError(f"cannot listen on --host={host} --port={port}: "
+                     f"{e.strerror or _message(e)}{hint}") from None
+  return sock
 
 
 def define_flags():
