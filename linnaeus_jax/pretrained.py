@@ -433,12 +433,14 @@ def sha256(path: str) -> str | None:
   return convert_torch.sha256(path) if os.path.isfile(path) else None
 
 
-def source_normalization(config) -> tuple[tuple, tuple, str] | None:
-  """(mean, std, why) the configured source expects, or None (no source / none recorded)."""
+def source_normalization(config, loaded=None) -> tuple[tuple, tuple, str] | None:
+  """(mean, std, why) the configured sources expect, or None (no source / none recorded);
+  `loaded`: the names of the sources that loaded weights (default: every configured one)."""
   init = config.model.init
-  if init.convnext or init.ropevit:
+  on = lambda name: bool(init[name]) and (loaded is None or name in loaded)
+  if on("convnext") or on("ropevit"):
     return IMAGENET_MEAN, IMAGENET_STD, "ImageNet mean/std (ConvNeXt / RoPE-ViT training)"
-  if init.checkpoint:
+  if on("checkpoint"):
     src = read_checkpoint_config(init.checkpoint)
     if src is not None and len(src.data.image_mean):
       return tuple(src.data.image_mean), tuple(src.data.image_std), "the source model's"
@@ -458,12 +460,13 @@ def read_checkpoint_config(spec: str):
     raise InitError(f"model.init.checkpoint={spec}: {e}") from None
 
 
-def match_normalization(config) -> str | None:
-  """Sets data.image_mean/std to the source's (when model.init.match_normalization and they are
-  unset); returns what was done, for the report."""
+def match_normalization(config, loaded=None) -> str | None:
+  """Sets data.image_mean/std to the sources' (when model.init.match_normalization and they are
+  unset), of the sources in `loaded` only when given (`loaded_sources`); returns what was done,
+  for the report."""
   if not config.model.init.match_normalization or len(config.data.image_mean):
     return None
-  found = source_normalization(config)
+  found = source_normalization(config, loaded)
   if found is None:
     return None
   config.data.image_mean, config.data.image_std, why = found
@@ -514,9 +517,13 @@ def load(config, class_to_idx: dict) -> tuple[dict, dict]:
     sources[name] = record
     problems += [f"model.init.{name}={path}: {p}" for p in record["problems"]]
     arrays = apply(plan, weights)
+    record["loaded_count"] = len(arrays)
     for target in set(arrays) & set(loaded):
       problems.append(f"{_key(target)} is loaded by two sources")
     loaded.update(arrays)
+  if not loaded:  # allow_partial or not: a start from nothing is not what was asked for
+    raise InitError("model.init: no weights were loaded from any source"
+                    + "".join(f"\n  {p}" for p in problems))
   if problems and not init.allow_partial:
     raise InitError("the initial weights (model.init) do not fit the model:\n  "
                     + "\n  ".join(problems) + "\n(model.init.allow_partial=True loads what fits "
@@ -560,6 +567,20 @@ def note_resume(workdir: str, step: int) -> None:
   report.setdefault("resumed", []).append(
       {"step": step, "note": "model.init not applied: the run resumed from its own checkpoint"})
   write_report(workdir, report)
+
+
+def loaded_sources(report: dict) -> list[str]:
+  """The names of the sources of an init report that loaded at least one tensor."""
+  return [n for n, s in report.get("sources", {}).items() if s.get("loaded_count", 1) > 0]
+
+
+def read_report(workdir: str) -> dict | None:
+  """DIR/assets/init_report.json, or None when the run has none."""
+  path = os.path.join(workdir, "assets", "init_report.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def write_report(workdir: str, report: dict) -> None:

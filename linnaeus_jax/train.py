@@ -95,9 +95,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           "to overwrite them: use a new --workdir")
   init_weights = None
   if pretrained.enabled(config):  # read and checked before the workdir is touched
-    note = pretrained.match_normalization(config)
+    # Normalisation follows the sources that loaded (a resumed run: those of its first start).
     if not steps:  # else the run resumes: its own checkpoint wins over model.init
       init_weights = pretrained.load(config, data.class_to_idx)
+      report = init_weights[1]
+    else:
+      report = pretrained.read_report(workdir)
+    loaded = None if report is None else pretrained.loaded_sources(report)
+    note = pretrained.match_normalization(config, loaded)
+    if init_weights is not None:
       init_weights[1]["normalization"] = note
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good

@@ -226,6 +226,28 @@ def test_allow_partial_loads_what_fits_and_reports_the_rest(small_dataset, tmp_p
   assert "stage3/blocks/0/attn/qkv/kernel" in report["random"]
 
 
+def test_allow_partial_with_nothing_loaded_is_an_error_and_normalisation_follows_loaded_sources(
+    small_dataset, tmp_path):
+  """A source that loads nothing (a foreign file) with allow_partial: an error, not a silently
+  random model; the ImageNet statistics follow a ViT source only once it has loaded."""
+  bad = _write_safetensors(str(tmp_path / "foreign.safetensors"),
+                           {"something.else": np.zeros((3, 3), np.float32)})
+  c = _fixture_model(small_dataset[0])
+  c.model.init.ropevit = bad
+  c.model.init.allow_partial = True
+  with pytest.raises(pretrained.InitError, match="no weights were loaded from any source"):
+    pretrained.load(c, {})
+  c.model.init.convnext = os.path.join(DATA, CONVNEXT["timm"])
+  c.model.init.ropevit = bad
+  _, report = pretrained.load(c, {})
+  assert pretrained.loaded_sources(report) == ["convnext"]
+  assert "ImageNet" in pretrained.match_normalization(c, pretrained.loaded_sources(report))
+  c.data.image_mean, c.data.image_std = (), ()
+  c.model.init.convnext = ""
+  c.model.init.checkpoint = ""
+  assert pretrained.match_normalization(c, []) is None and tuple(c.data.image_mean) == ()
+
+
 # ----------------------------------------------------------------------------- Earlier models
 
 
