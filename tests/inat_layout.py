@@ -43,10 +43,12 @@ def categories() -> list[dict]:
 
 
 def photo(species: int, rng: np.random.Generator, size=(64, 48)) -> np.ndarray:
-  """An HxWx3 uint8 picture: a species colour, a stripe whose position is the species', noise."""
+  """An HxWx3 uint8 picture: a species colour darkening downwards, a stripe whose position is
+  the species', a little noise."""
   w, h = size
   base = np.array([(37 * species) % 256, (91 * species + 60) % 256, (151 * species + 30) % 256])
-  img = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255)
+  ramp = np.linspace(-40, 40, h)[:, None, None]  # top to bottom: tells the turns apart
+  img = np.clip(base + ramp + rng.normal(0, 6, (h, w, 3)), 0, 255)
   x = (species * w) // len(SPECIES)
   img[:, x:x + w // len(SPECIES)] = 255 - base
   return img.astype(np.uint8)
