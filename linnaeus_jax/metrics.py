@@ -27,6 +27,7 @@ Count keys (`t` a task, `t0 = task_keys[0]` the finest task, `k` in `topk`):
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -71,6 +72,91 @@ def lca_heights(tree, task: str, null_class: bool = False, *, block: int = 1024)
   return out_CxC
 
 
+def _masked_sum(mask_B, x_B):
+  """Sum of `x_B` over the real examples (`mask_B`), as a float32 scalar."""
+  return jnp.sum(jnp.where(mask_B, x_B.astype(jnp.float32), 0.0))
+
+
+def _top_indices(z_BxC, topk):
+  """(B, K) class indices of the K largest logits, K the largest effective k of `topk`; None
+  when K is 1 (top-1 is the argmax)."""
+  kmax = max(effective_k(k, z_BxC.shape[-1]) for k in topk + (1,))
+  # lax.top_k puts the lower index first among ties, like argmax.
+  return jax.lax.top_k(z_BxC, kmax)[1] if kmax > 1 else None
+
+
+def _task_counts(t: str, z_BxC, y_B, loss, top_idx_BxK, topk, null_class: bool, mask_B):
+  """({count key: sum} of task `t`: correct1 / correct{k}, the loss sums and, with
+  `null_class`, the null / non-null split), and its (B,) top-1 correct."""
+  total = functools.partial(_masked_sum, mask_B)
+  c = z_BxC.shape[-1]
+  correct_B = jnp.argmax(z_BxC, -1) == y_B
+  counts = {f"correct1/{t}": total(correct_B)}
+  for k in topk:
+    ke = effective_k(k, c)
+    if k == 1:
+      continue
+    counts[f"correct{k}/{t}"] = total(
+        correct_B if ke == 1 else jnp.any(top_idx_BxK[:, :ke] == y_B[:, None], -1))
+  loss_B = loss.per_sample_B
+  counts[f"loss_sum/{t}"] = total(loss.weight_B * loss_B)
+  counts[f"loss_n/{t}"] = total(loss.include_B)
+  counts[f"loss_all_sum/{t}"] = total(loss_B)
+  if null_class:
+    null_B = y_B == 0
+    for name, sel_B in (("null", null_B), ("non_null", ~null_B)):
+      counts[f"{name}_n/{t}"] = total(sel_B)
+      counts[f"{name}_correct1/{t}"] = total(sel_B & correct_B)
+      counts[f"{name}_loss_sum/{t}"] = total(jnp.where(sel_B, loss_B, 0.0))
+  return counts, correct_B
+
+
+def _chain_counts(correct: dict, labels: dict, task_keys, mask_B, n, null_class: bool) -> dict:
+  """`chain_correct` (every task's top-1 correct) and the partial chain: with `null_class`,
+  samples with a non-null rank and of those the ones correct at every non-null rank; without,
+  the chain itself over all `n` samples."""
+  total = functools.partial(_masked_sum, mask_B)
+  all_correct_B = jnp.ones_like(mask_B)
+  for t in task_keys:
+    all_correct_B &= correct[t]
+  out = {"chain_correct": total(all_correct_B)}
+  if not null_class:
+    return out | {"partial_chain_n": n, "partial_chain_correct": out["chain_correct"]}
+  partial_ok_B = jnp.ones_like(mask_B)
+  any_non_null_B = jnp.zeros_like(mask_B)
+  for t in task_keys:
+    null_B = labels[t] == 0
+    partial_ok_B &= correct[t] | null_B
+    any_non_null_B |= ~null_B
+  out["partial_chain_n"] = total(any_non_null_B)
+  out["partial_chain_correct"] = total(any_non_null_B & partial_ok_B)
+  return out
+
+
+def _hierarchy_counts(t0: str, z_BxC, y_B, lca_CxC, top_idx_BxK, topk, null_class: bool,
+                      mask_B) -> dict:
+  """Mistake severity and hierarchical distance@k counts of the finest task `t0`, from the LCA
+  heights `lca_CxC`, over the samples with a known label (with `null_class`: not 0)."""
+  total = functools.partial(_masked_sum, mask_B)
+  c = z_BxC.shape[-1]
+  if lca_CxC.shape != (c, c):
+    raise ValueError(f"metrics: lca_CxC has shape {lca_CxC.shape}, task {t0} has {c} classes")
+  valid_B = (y_B != 0) if null_class else jnp.ones_like(mask_B)
+  pred_B = jnp.argmax(z_BxC, -1)
+  h1_B = lca_CxC[y_B, pred_B].astype(jnp.float32)
+  mistake_B = valid_B & (pred_B != y_B)
+  counts = {f"hdist_n/{t0}": total(valid_B), f"mistake_n/{t0}": total(mistake_B),
+            f"mistake_height_sum/{t0}": total(jnp.where(mistake_B, h1_B, 0.0))}
+  for k in topk:
+    ke = effective_k(k, c)
+    if ke == 1:
+      hk_B = h1_B
+    else:
+      hk_B = jnp.mean(lca_CxC[y_B[:, None], top_idx_BxK[:, :ke]].astype(jnp.float32), -1)
+    counts[f"hdist{k}_sum/{t0}"] = total(jnp.where(valid_B, hk_B, 0.0))
+  return counts
+
+
 def batch_counts(logits: dict, labels: dict, per_task_loss: dict, example_mask_B, task_keys, *,
                  topk=DEFAULT_TOPK, null_class: bool = False, lca_CxC=None) -> dict:
   """{count key: float32 scalar} for one batch; jit-traceable (see the module docstring).
@@ -91,73 +177,18 @@ def batch_counts(logits: dict, labels: dict, per_task_loss: dict, example_mask_B
   if any(k < 1 for k in topk):
     raise ValueError(f"metrics: top-k values must be >= 1, got {topk}")
   mask_B = jnp.asarray(example_mask_B).astype(bool)
-  m_B = mask_B.astype(jnp.float32)
-
-  def total(x_B):
-    return jnp.sum(jnp.where(mask_B, x_B.astype(jnp.float32), 0.0))
-
-  counts = {"n": jnp.sum(m_B)}
-  all_correct_B = jnp.ones_like(mask_B)
-  partial_ok_B = jnp.ones_like(mask_B)
-  any_non_null_B = jnp.zeros_like(mask_B)
-  top_idx = {}
+  counts = {"n": jnp.sum(mask_B.astype(jnp.float32))}
+  correct, top_idx = {}, {}
   for t in task_keys:
-    z_BxC, y_B = logits[t], labels[t]
-    c = z_BxC.shape[-1]
-    kmax = max(effective_k(k, c) for k in topk + (1,))
-    correct_B = jnp.argmax(z_BxC, -1) == y_B
-    all_correct_B &= correct_B
-    counts[f"correct1/{t}"] = total(correct_B)
-    if kmax > 1:
-      # lax.top_k puts the lower index first among ties, like argmax.
-      top_idx[t] = jax.lax.top_k(z_BxC, kmax)[1]
-    for k in topk:
-      ke = effective_k(k, c)
-      if k == 1:
-        continue
-      counts[f"correct{k}/{t}"] = total(
-          correct_B if ke == 1 else jnp.any(top_idx[t][:, :ke] == y_B[:, None], -1))
-    loss_B = per_task_loss[t].per_sample_B
-    counts[f"loss_sum/{t}"] = total(per_task_loss[t].weight_B * loss_B)
-    counts[f"loss_n/{t}"] = total(per_task_loss[t].include_B)
-    counts[f"loss_all_sum/{t}"] = total(loss_B)
-    if null_class:
-      null_B = y_B == 0
-      partial_ok_B &= correct_B | null_B
-      any_non_null_B |= ~null_B
-      for name, sel_B in (("null", null_B), ("non_null", ~null_B)):
-        counts[f"{name}_n/{t}"] = total(sel_B)
-        counts[f"{name}_correct1/{t}"] = total(sel_B & correct_B)
-        counts[f"{name}_loss_sum/{t}"] = total(jnp.where(sel_B, loss_B, 0.0))
-  counts["chain_correct"] = total(all_correct_B)
-  if null_class:
-    counts["partial_chain_n"] = total(any_non_null_B)
-    counts["partial_chain_correct"] = total(any_non_null_B & partial_ok_B)
-  else:
-    counts["partial_chain_n"] = counts["n"]
-    counts["partial_chain_correct"] = counts["chain_correct"]
-
+    top_idx[t] = _top_indices(logits[t], topk)
+    task, correct[t] = _task_counts(t, logits[t], labels[t], per_task_loss[t], top_idx[t],
+                                    topk, null_class, mask_B)
+    counts.update(task)
+  counts.update(_chain_counts(correct, labels, task_keys, mask_B, counts["n"], null_class))
   if lca_CxC is not None:
     t0 = task_keys[0]
-    z_BxC, y_B = logits[t0], labels[t0]
-    c = z_BxC.shape[-1]
-    lca_CxC = jnp.asarray(lca_CxC)
-    if lca_CxC.shape != (c, c):
-      raise ValueError(f"metrics: lca_CxC has shape {lca_CxC.shape}, task {t0} has {c} classes")
-    valid_B = (y_B != 0) if null_class else jnp.ones_like(mask_B)
-    pred_B = jnp.argmax(z_BxC, -1)
-    h1_B = lca_CxC[y_B, pred_B].astype(jnp.float32)
-    mistake_B = valid_B & (pred_B != y_B)
-    counts[f"hdist_n/{t0}"] = total(valid_B)
-    counts[f"mistake_n/{t0}"] = total(mistake_B)
-    counts[f"mistake_height_sum/{t0}"] = total(jnp.where(mistake_B, h1_B, 0.0))
-    for k in topk:
-      ke = effective_k(k, c)
-      if ke == 1:
-        hk_B = h1_B
-      else:
-        hk_B = jnp.mean(lca_CxC[y_B[:, None], top_idx[t0][:, :ke]].astype(jnp.float32), -1)
-      counts[f"hdist{k}_sum/{t0}"] = total(jnp.where(valid_B, hk_B, 0.0))
+    counts.update(_hierarchy_counts(t0, logits[t0], labels[t0], jnp.asarray(lca_CxC),
+                                    top_idx[t0], topk, null_class, mask_B))
   return counts
 
 

@@ -811,6 +811,50 @@ def _taxon_value(value) -> int:
   return tid
 
 
+def _table_values(batch: dict, mapping: dict, m: int, images_root: str, offset: int,
+                  parts: dict, problems: dict) -> None:
+  """Appends the `m` rows of a batch's image identifiers, coordinates, dates and elevations to
+  `parts`, and their problems (rows numbered from `offset`) to `problems`."""
+  none = [None]
+  ident, bad = image_identifiers(batch[mapping["image"]], images_root)
+  parts["ident"].append(ident)
+  problems["bad_image_path"].update({offset + i: v for i, v in bad.items()})
+  for key in ("latitude", "longitude"):
+    col, bad = numbers(batch[mapping[key]] if key in mapping else none * m)
+    parts[key[:3]].append(col)
+    problems["bad_coordinates"].update({offset + i: f"{key}: {v}" for i, v in bad.items()})
+  month, hour, raw, bad = dates(batch[mapping["date"]] if "date" in mapping else none * m)
+  parts["month"].append(month)
+  parts["hour"].append(hour)
+  parts["date"].append(raw)
+  problems["bad_date"].update({offset + i: v for i, v in bad.items()})
+  if "elevation" in mapping:
+    col, bad = numbers(batch[mapping["elevation"]])
+    parts["elev"].append(col)
+    problems["bad_elevation"].update({offset + i: v for i, v in bad.items()})
+
+
+def _table_taxa(batch: dict, rank_keys: list, m: int, taxa: Taxa, offset: int,
+                bad_taxon: dict) -> np.ndarray:
+  """(m, len(LINEAGE)) uint32 taxon ids of a batch's rows, each rank by name or by id
+  (`rank_keys`); rows with a malformed id stay 0 and get their problem in `bad_taxon`."""
+  ids = np.zeros((m, len(LINEAGE)), np.uint32)
+  cells = [batch[by_name] if by_name else batch[by_id] if by_id else [None] * m
+           for _, by_name, by_id in rank_keys]
+  for i in range(m):
+    try:
+      lineage = tuple(
+          (("#", _taxon_value(cells[k][i])) if rank_keys[k][2] else
+           (None if cells[k][i] is None else str(cells[k][i]).strip() or None))
+          for k in range(len(LINEAGE)))
+    except ValueError as e:
+      bad_taxon[offset + i] = str(e)
+      continue
+    lineage = tuple(None if isinstance(s, tuple) and s[1] == 0 else s for s in lineage)
+    ids[i] = taxa.ids(lineage)
+  return ids
+
+
 def read_table(name: str, path: str, columns: tuple, images_root: str, taxa: Taxa,
                progress: Progress, hashes: dict) -> Split:
   """One split from a CSV or Parquet table through the key -> column mapping `columns`."""
@@ -825,40 +869,11 @@ def read_table(name: str, path: str, columns: tuple, images_root: str, taxa: Tax
   parts: dict[str, list] = {k: [] for k in ("ident", "lat", "lon", "month", "hour", "date",
                                             "elev", "taxa")}
   problems: dict[str, dict[int, str]] = {r: {} for r in REASONS}
-  offset, none = 0, [None]
+  offset = 0
   for batch in _table_batches(path, wanted):
     m = len(batch[wanted[0]])
-    ident, bad = image_identifiers(batch[mapping["image"]], images_root)
-    parts["ident"].append(ident)
-    problems["bad_image_path"].update({offset + i: v for i, v in bad.items()})
-    for key in ("latitude", "longitude"):
-      col, bad = numbers(batch[mapping[key]] if key in mapping else none * m)
-      parts[key[:3]].append(col)
-      problems["bad_coordinates"].update({offset + i: f"{key}: {v}" for i, v in bad.items()})
-    month, hour, raw, bad = dates(batch[mapping["date"]] if "date" in mapping else none * m)
-    parts["month"].append(month)
-    parts["hour"].append(hour)
-    parts["date"].append(raw)
-    problems["bad_date"].update({offset + i: v for i, v in bad.items()})
-    if "elevation" in mapping:
-      col, bad = numbers(batch[mapping["elevation"]])
-      parts["elev"].append(col)
-      problems["bad_elevation"].update({offset + i: v for i, v in bad.items()})
-    ids = np.zeros((m, len(LINEAGE)), np.uint32)
-    cells = [batch[by_name] if by_name else batch[by_id] if by_id else none * m
-             for _, by_name, by_id in rank_keys]
-    for i in range(m):
-      try:
-        lineage = tuple(
-            (("#", _taxon_value(cells[k][i])) if rank_keys[k][2] else
-             (None if cells[k][i] is None else str(cells[k][i]).strip() or None))
-            for k in range(len(LINEAGE)))
-      except ValueError as e:
-        problems["bad_taxon"][offset + i] = str(e)
-        continue
-      lineage = tuple(None if isinstance(s, tuple) and s[1] == 0 else s for s in lineage)
-      ids[i] = taxa.ids(lineage)
-    parts["taxa"].append(ids)
+    _table_values(batch, mapping, m, images_root, offset, parts, problems)
+    parts["taxa"].append(_table_taxa(batch, rank_keys, m, taxa, offset, problems["bad_taxon"]))
     offset += m
     progress.show(f"{os.path.basename(path)}: {offset:,} rows")
   if offset == 0:
@@ -1260,22 +1275,19 @@ def swap_in(work: str, opts: Options) -> None:
           file=sys.stderr)
 
 
-def build(opts: Options) -> dict:
-  """Reads the sources, checks every row, writes the dataset into a new folder that replaces
-  opts.out at the end (`swap_in`); the report."""
-  opts.validate()
-  if not opts.overwrite and out_not_empty(opts.out):  # before the sources are read
-    raise BuildError(out_not_empty(opts.out))
-  progress, hashes, taxa = Progress(opts.progress), {}, Taxa()
+def _read_splits(opts: Options, taxa: Taxa, progress: Progress, hashes: dict) -> list[Split]:
+  """[train] or [train, val] as read from the sources."""
   splits = [_read(opts, "train", opts.source, opts.locations, taxa, progress, hashes)]
   if opts.val_source:
     splits.append(_read(opts, "val", opts.val_source, opts.val_locations, taxa, progress,
                         hashes))
-  have = tuple(r for r in splits[0].ranks if all(r in s.ranks for s in splits))
-  ranks = _ranks(opts, have)
-  if not ranks:
-    raise BuildError(f"no rank to write: the source has {[_rank_name(r) for r in have]}; "
-                     "ask for them with --ranks")
+  return splits
+
+
+def _check_rows(splits: list[Split], opts: Options, progress: Progress) -> str:
+  """Marks the bad rows of every split: impossible values, duplicates (within train, and val
+  images already in train) and, when checked, image files; raises listing them unless
+  --on_bad_row=drop. The image check mode (`image_check_mode`)."""
   for s in splits:
     check_values(s)
   check_duplicates(splits[0])
@@ -1288,20 +1300,98 @@ def build(opts: Options) -> dict:
   if any(np.any(s.reason) or bad_counts(s) for s in splits) and opts.on_bad_row == "error":
     progress.done()
     raise BuildError(bad_row_error(splits))
+  return mode
 
+
+def _kept_rows(splits: list[Split]) -> list[np.ndarray]:
+  """Per split, the rows without a bad-row reason; a split left empty is an error."""
   keeps = [np.flatnonzero(s.reason == 0) for s in splits]
   for s, keep in zip(splits, keeps):
     if not len(keep):
       raise BuildError(f"{s.name}: no rows left after dropping the bad ones")
+  return keeps
+
+
+def _temporal_hours(opts: Options, splits: list[Split], keeps: list[np.ndarray]) -> bool:
+  """Whether `temporal` gets hour columns: --temporal_hours, or with 'auto' whether any kept
+  row's date has a time."""
   if opts.temporal_hours == "auto":
-    hours = any(np.any((s.hour[k] >= 0) & (s.month[k] > 0)) for s, k in zip(splits, keeps))
-  else:
-    hours = opts.temporal_hours == "true"
+    return any(np.any((s.hour[k] >= 0) & (s.month[k] > 0)) for s, k in zip(splits, keeps))
+  return opts.temporal_hours == "true"
+
+
+def _partial_levels(opts: Options, tables: list[dict], tasks: list[str]) -> bool:
+  """Whether the taxonomy has a null class: --partial_levels, or with 'auto' whether any
+  written row has an unknown rank."""
+  return (opts.partial_levels == "true" or opts.partial_levels == "auto" and any(
+      np.any(tb[t][0] == 0) for tb in tables for t in tasks))
+
+
+def _taxa_json(taxa: Taxa, tables: list[dict], ranks) -> dict:
+  """taxa.json: {task: {raw id: name and lineage}} of the non-null ids the written files use."""
+  names = {}
+  for r in ranks:
+    used = set(np.unique(np.concatenate([tb[f"taxa_L{r}"][0] for tb in tables])).tolist())
+    names[f"taxa_L{r}"] = {str(i): taxa.names[r].get(i, {}) for i in sorted(used) if i}
+  return names
+
+
+def _report(opts: Options, splits: list[Split], keeps: list[np.ndarray], files: list[str],
+            tables: list[dict], tasks: list[str], hashes: dict, hours: bool, partial: bool,
+            mode: str, shards: dict) -> dict:
+  """build_report.json: the sources, what was written, and per split the rows read, written
+  and dropped (why), taxa and metadata validity; every dropped row; the options."""
   has_elev = splits[0].elev is not None
+  return {
+      "format": opts.format,
+      "sources": [{"path": os.path.abspath(p), "bytes": h[0], "sha256": h[1]}
+                  for p, h in hashes.items()],
+      "ranks": list(tasks),
+      "temporal_columns": tables[0]["temporal"][1]["column_names"],
+      "elevation": (f"elevation_{opts.elevation_set}" if has_elev else None),
+      "partial_levels": bool(partial),
+      "images_root": os.path.abspath(opts.images_root) if opts.images_root else "",
+      "image_check": mode or None,
+      "splits": {s.name: {
+          "file": f, "rows_read": len(s), "rows_written": int(len(k)),
+          "dropped": bad_counts(s),
+          "taxa": {t: {"taxa": int(len(np.unique(tb[t][0][tb[t][0] != 0]))),
+                       "null_rows": int(np.sum(tb[t][0] == 0))} for t in tasks},
+          "validity": _validity(tb, hours, has_elev),
+      } for s, k, f, tb in zip(splits, keeps, files, tables)},
+      "dropped_rows": [b for s in splits for b in bad_rows(s)],
+      "shards": shards,
+      "options": {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in dataclasses.asdict(opts).items() if k != "progress"},
+  }
+
+
+def _write_texts(folder: str, texts: dict[str, str]) -> None:
+  """Writes each {file name: text} into `folder` as UTF-8."""
+  for name, text in texts.items():
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+def build(opts: Options) -> dict:
+  """Reads the sources, checks every row, writes the dataset into a new folder that replaces
+  opts.out at the end (`swap_in`); the report."""
+  opts.validate()
+  if not opts.overwrite and out_not_empty(opts.out):  # before the sources are read
+    raise BuildError(out_not_empty(opts.out))
+  progress, hashes, taxa = Progress(opts.progress), {}, Taxa()
+  splits = _read_splits(opts, taxa, progress, hashes)
+  have = tuple(r for r in splits[0].ranks if all(r in s.ranks for s in splits))
+  ranks = _ranks(opts, have)
+  if not ranks:
+    raise BuildError(f"no rank to write: the source has {[_rank_name(r) for r in have]}; "
+                     "ask for them with --ranks")
+  mode = _check_rows(splits, opts, progress)
+  keeps = _kept_rows(splits)
+  hours = _temporal_hours(opts, splits, keeps)
   tables = [encode(s, k, ranks, hours, opts) for s, k in zip(splits, keeps)]
   tasks = [f"taxa_L{r}" for r in ranks]
-  partial = (opts.partial_levels == "true" or opts.partial_levels == "auto" and any(
-      np.any(tb[t][0] == 0) for tb in tables for t in tasks))
+  partial = _partial_levels(opts, tables, tasks)
   tree = taxonomy_tree(tables, ranks, partial)
 
   files = ["labels.h5"] + (["labels_val.h5"] if len(splits) > 1 else [])
@@ -1312,40 +1402,12 @@ def build(opts: Options) -> dict:
     for name, table in zip(files, tables):
       progress.show(f"writing {name}", force=True)
       write_labels(os.path.join(work, name), table, meta)
-    shards = {}
-    if opts.pack_images:
-      shards = pack_images(opts, tables, files, work)
-    used_ids = {t: set(np.unique(np.concatenate([tb[t][0] for tb in tables])).tolist())
-                for t in tasks}
-    names = {f"taxa_L{r}": {str(i): taxa.names[r].get(i, {}) for i in sorted(used_ids[
-        f"taxa_L{r}"]) if i} for r in ranks}
-    report = {
-        "format": opts.format,
-        "sources": [{"path": os.path.abspath(p), "bytes": h[0], "sha256": h[1]}
-                    for p, h in hashes.items()],
-        "ranks": list(tasks),
-        "temporal_columns": tables[0]["temporal"][1]["column_names"],
-        "elevation": (f"elevation_{opts.elevation_set}" if has_elev else None),
-        "partial_levels": bool(partial),
-        "images_root": os.path.abspath(opts.images_root) if opts.images_root else "",
-        "image_check": mode or None,
-        "splits": {s.name: {
-            "file": f, "rows_read": len(s), "rows_written": int(len(k)),
-            "dropped": bad_counts(s),
-            "taxa": {t: {"taxa": int(len(np.unique(tb[t][0][tb[t][0] != 0]))),
-                         "null_rows": int(np.sum(tb[t][0] == 0))} for t in tasks},
-            "validity": _validity(tb, hours, has_elev),
-        } for s, k, f, tb in zip(splits, keeps, files, tables)},
-        "dropped_rows": [b for s in splits for b in bad_rows(s)],
-        "shards": shards,
-        "options": {k: list(v) if isinstance(v, tuple) else v
-                    for k, v in dataclasses.asdict(opts).items() if k != "progress"},
-    }
-    texts = {"taxonomy_tree.json": tree.to_json(), "taxa.json": json.dumps(names, indent=1),
-             "build_report.json": json.dumps(report, indent=1)}
-    for name, text in texts.items():
-      with open(os.path.join(work, name), "w", encoding="utf-8") as f:
-        f.write(text)
+    shards = pack_images(opts, tables, files, work) if opts.pack_images else {}
+    report = _report(opts, splits, keeps, files, tables, tasks, hashes, hours, partial, mode,
+                     shards)
+    _write_texts(work, {"taxonomy_tree.json": tree.to_json(),
+                        "taxa.json": json.dumps(_taxa_json(taxa, tables, ranks), indent=1),
+                        "build_report.json": json.dumps(report, indent=1)})
     swap_in(work, opts)
   except BaseException:
     shutil.rmtree(work, ignore_errors=True)

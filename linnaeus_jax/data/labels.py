@@ -119,6 +119,69 @@ class Dataset:
             "metadata_valid_fraction": {"train": valid(self.train), "val": valid(self.val)}}
 
 
+def _image_ids(h5) -> np.ndarray:
+  """`img_identifiers` as stored; variable-length strings as compact fixed-width bytes rather
+  than Python objects."""
+  ids = h5["img_identifiers"][:]
+  if ids.dtype == object:
+    ids = np.array([x.encode() if isinstance(x, str) else x for x in ids], dtype="S") \
+        if len(ids) and isinstance(ids[0], str) else ids.astype("S")
+  return ids
+
+
+def _read_task(h5, path: str, t: str, n: int, problems: list[str]) -> np.ndarray | None:
+  """The (n,) raw taxon ids of task `t`, or None when the dataset is missing or malformed;
+  appends the problems (negative ids too, though the column is still returned)."""
+  if t not in h5:
+    problems.append(f"{path}: missing task dataset {t!r} (data.task_keys_h5)")
+  elif h5[t].shape != (n,):
+    problems.append(f"{path}: {t} has shape {h5[t].shape}, expected ({n},)")
+  elif h5[t].dtype.kind not in "iu":
+    problems.append(f"{path}: {t} has dtype {h5[t].dtype}, expected integer taxon ids")
+  else:
+    col = h5[t][:]
+    negative = np.flatnonzero(col < 0) if h5[t].dtype.kind == "i" else []
+    if len(negative):
+      problems.append(f"{path}: {t} has {len(negative)} negative taxon ids (ids are >= 0, "
+                      f"0 = unknown): {_rows_listing(negative, col[negative].tolist())}")
+    return col
+  return None
+
+
+def _read_component(h5, path: str, name: str, comp, n: int,
+                    problems: list[str]) -> np.ndarray | None:
+  """The (n, dim) float32 values of metadata component `name` (its `columns` picked by
+  `column_names` when set), or None with the problem appended."""
+  src = comp.source
+  if src not in h5:
+    problems.append(f"{path}: missing source dataset {src!r} of component {name}")
+    return None
+  ds = h5[src]
+  if ds.dtype.kind not in "fiu":
+    problems.append(f"{path}: {src} has dtype {ds.dtype}, expected numbers")
+    return None
+  data = np.asarray(ds[:], np.float32)
+  if data.ndim == 1:
+    data = data[:, None]
+  if data.shape[0] != n:
+    problems.append(f"{path}: {src} has {data.shape[0]} rows, expected {n}")
+    return None
+  if comp.columns:
+    names = [x.decode() if isinstance(x, bytes) else str(x)
+             for x in ds.attrs.get("column_names", [])]
+    missing = [c for c in comp.columns if c not in names]
+    if missing:
+      problems.append(f"{path}: columns {missing} of component {name} not in {src}'s "
+                      f"column_names {names}")
+      return None
+    data = data[:, [names.index(c) for c in comp.columns]]
+  if data.shape[1] != comp.dim:
+    problems.append(f"{path}: {src} has width {data.shape[1]} but component {name} has "
+                    f"dim {comp.dim}")
+    return None
+  return data
+
+
 def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
   """Reads the columns of one labels file; appends schema problems instead of raising."""
   try:
@@ -131,55 +194,18 @@ def _read(path: str, task_keys, components, problems: list[str]) -> dict | None:
     if "img_identifiers" not in h5:
       problems.append(f"{path}: missing dataset 'img_identifiers'")
       return None
-    ids = h5["img_identifiers"][:]
-    if ids.dtype == object:  # variable-length strings: compact fixed-width bytes, not objects
-      ids = np.array([x.encode() if isinstance(x, str) else x for x in ids], dtype="S") \
-          if len(ids) and isinstance(ids[0], str) else ids.astype("S")
-    cols["image_id"] = ids
-    n = cols["n"] = len(ids)
+    cols["image_id"] = _image_ids(h5)
+    n = cols["n"] = len(cols["image_id"])
     for t in task_keys:
-      if t not in h5:
-        problems.append(f"{path}: missing task dataset {t!r} (data.task_keys_h5)")
-      elif h5[t].shape != (n,):
-        problems.append(f"{path}: {t} has shape {h5[t].shape}, expected ({n},)")
-      elif h5[t].dtype.kind not in "iu":
-        problems.append(f"{path}: {t} has dtype {h5[t].dtype}, expected integer taxon ids")
-      else:
-        cols[t] = h5[t][:]
-        negative = np.flatnonzero(cols[t] < 0) if h5[t].dtype.kind == "i" else []
-        if len(negative):
-          problems.append(f"{path}: {t} has {len(negative)} negative taxon ids (ids are >= 0, "
-                          f"0 = unknown): {_rows_listing(negative, cols[t][negative].tolist())}")
+      col = _read_task(h5, path, t, n, problems)
+      if col is not None:
+        cols[t] = col
     for name, comp in components:
-      src = comp.source
-      if src not in h5:
-        problems.append(f"{path}: missing source dataset {src!r} of component {name}")
-        continue
-      ds = h5[src]
-      if ds.dtype.kind not in "fiu":
-        problems.append(f"{path}: {src} has dtype {ds.dtype}, expected numbers")
-        continue
-      data = np.asarray(ds[:], np.float32)
-      if data.ndim == 1:
-        data = data[:, None]
-      if data.shape[0] != n:
-        problems.append(f"{path}: {src} has {data.shape[0]} rows, expected {n}")
-        continue
-      if comp.columns:
-        names = [x.decode() if isinstance(x, bytes) else str(x)
-                 for x in ds.attrs.get("column_names", [])]
-        missing = [c for c in comp.columns if c not in names]
-        if missing:
-          problems.append(f"{path}: columns {missing} of component {name} not in {src}'s "
-                          f"column_names {names}")
-          continue
-        data = data[:, [names.index(c) for c in comp.columns]]
-      if data.shape[1] != comp.dim:
-        problems.append(f"{path}: {src} has width {data.shape[1]} but component {name} has "
-                        f"dim {comp.dim}")
+      data = _read_component(h5, path, name, comp, n, problems)
+      if data is None:
         continue
       cols[f"meta/{name}"] = data
-      valid, finite = _validity(h5, name, src, data), np.all(np.isfinite(data), axis=1)
+      valid, finite = _validity(h5, name, comp.source, data), np.all(np.isfinite(data), axis=1)
       cols[f"valid/{name}"] = valid & finite  # NaN/inf never reaches the model
       cols[f"nonfinite/{name}"] = int(np.sum(valid & ~finite))
     if "in_region" in h5:
@@ -306,13 +332,9 @@ def _paths(d, problems: list[str]) -> tuple[list[str], list[str]]:
   return [h5.labels_path], [d.hybrid.images_dir if d.hybrid.use_hybrid else h5.images_path]
 
 
-def load(config) -> Dataset:
-  """Builds the train and val row tables from config.data; raises DataError listing problems."""
-  d = config.data
-  tasks = list(d.task_keys_h5)
-  components = config_lib.enabled_components(config)
-  problems: list[str] = []
-  label_paths, image_paths = _paths(d, problems)
+def _image_location_problems(image_paths: list[str]) -> list[str]:
+  """Problems with the image locations: unset, or a folder that does not exist."""
+  problems = []
   for p in image_paths:
     if not p:
       problems.append("no images: set data.hybrid.use_hybrid + data.hybrid.images_dir, or "
@@ -321,7 +343,13 @@ def load(config) -> Dataset:
                       "val_images_path)")
     elif not images_lib.is_h5(p) and not os.path.isdir(p):
       problems.append(f"images folder {p} does not exist")
-  files = [_read(p, tasks, components, problems) for p in label_paths if p]
+  return problems
+
+
+def _image_id_problems(files: list[dict | None], image_paths: list[str]) -> list[str]:
+  """Problems with the image identifiers: those that resolve outside their images folder, then
+  the row counts and shard tiling of images.h5 or a shard set."""
+  problems = []
   for f, loc in zip(files, image_paths):
     if f is not None and loc and not images_lib.is_h5(loc):
       outside = np.flatnonzero(images_lib.outside_folder(f["image_id"]))
@@ -330,69 +358,113 @@ def load(config) -> Dataset:
         problems.append(f"{f['path']}: {len(outside)} image identifiers resolve outside the "
                         f"images folder {loc} (absolute, or climbing out with '..'): "
                         f"{_rows_listing(outside, ids)}")
-  for f, loc in zip(files, image_paths):  # images.h5 or shard set: row counts, shard tiling
+  for f, loc in zip(files, image_paths):
     if f is not None and loc and images_lib.is_h5(loc):
       problems += images_lib.check_h5(loc, f["n"])
-  if problems:
-    raise DataError("Data schema check failed:\n  " + "\n  ".join(dict.fromkeys(problems)))
+  return problems
 
-  partial = d.partial.levels
-  rows_total = sum(f["n"] for f in files)
+
+def _nonfinite_counts(files: list[dict], components) -> dict[str, int]:
+  """{component: rows made invalid for NaN or inf values}, over all files; logged when any."""
   nonfinite = {name: sum(f[f"nonfinite/{name}"] for f in files) for name, _ in components}
   if any(nonfinite.values()):
     logging.warning("NaN or inf in encoded metadata: the component is marked invalid and zeroed "
                     "on those rows (rows per component: %s)",
                     ", ".join(f"{k}: {v}" for k, v in nonfinite.items() if v))
-  maps, num, index = _class_maps(files, tasks, partial)
-  labels = [np.stack([index[t][i] for t in tasks], axis=1) for i in range(len(files))]
-  dropped = dict.fromkeys(FILTERS, 0)
-  missing = {}
+  return nonfinite
+
+
+def _absent_images(f: dict, loc: str, d, split: str, missing: dict) -> np.ndarray | None:
+  """Checks the image files of a folder when asked (data.hybrid), recording the missing ones
+  in `missing[split]`; the (N,) mask of rows to drop for a missing image (policy 'skip'), or
+  None (placeholder: train on zero images; error: verify() already raised)."""
   policy = d.hybrid.missing_image_policy
+  if images_lib.is_h5(loc) or not (policy == "skip" or d.hybrid.verify_images.enabled):
+    return None
+  absent = images_lib.verify(loc, f["image_id"], d.hybrid.file_extension,
+                             d.hybrid.verify_images, policy, split)
+  missing[split] = [images_lib.to_str(x) for x in f["image_id"][absent]]
+  return absent if policy == "skip" else None
+
+
+def _file_tables(f: dict, labels: np.ndarray, rows: np.ndarray, d, components) -> list[RowTable]:
+  """The tables of one file's surviving `rows`: [all of them] with two files; with one file,
+  [train, val] by the original's seeded split, taken after filtering (rows in file order)."""
+  if d.h5.train_labels_path:
+    return [_table(f, labels, rows, components)]
+  perm = np.random.RandomState(d.h5.train_val_split_seed).permutation(len(rows))
+  n_train = int(len(rows) * d.h5.train_val_split_ratio)
+  return [_table(f, labels, np.sort(rows[perm[:n_train]]), components),
+          _table(f, labels, np.sort(rows[perm[n_train:]]), components)]
+
+
+def _split_tables(files: list[dict], index: dict, image_paths: list[str], config, components,
+                  dropped: dict, missing: dict) -> tuple[RowTable, RowTable]:
+  """(train, val) tables of the filtered rows (val empty with a train file only). Counts the
+  dropped rows in `dropped` and the missing images in `missing`; frees each file's raw columns
+  (`files[i] = None`) once its tables are made."""
+  d = config.data
+  tasks = list(d.task_keys_h5)
+  labels = [np.stack([index[t][i] for t in tasks], axis=1) for i in range(len(files))]
   tables = []
   for i, (f, loc) in enumerate(zip(files, image_paths)):
     split = ("train", "val")[i] if len(files) > 1 else "all"
-    absent = None
-    if not images_lib.is_h5(loc) and (policy == "skip" or d.hybrid.verify_images.enabled):
-      absent = images_lib.verify(loc, f["image_id"], d.hybrid.file_extension,
-                                 d.hybrid.verify_images, policy, split)
-      missing[split] = [images_lib.to_str(x) for x in f["image_id"][absent]]
-      if policy != "skip":
-        absent = None  # placeholder: train on zero images; error: verify() already raised
+    absent = _absent_images(f, loc, d, split, missing)
     rows = _filter(f, absent, config, components, dropped)
-    if d.h5.train_labels_path:
-      tables.append(_table(f, labels[i], rows, components))
-    else:  # one file: the original's split, taken after filtering; rows kept in file order
-      perm = np.random.RandomState(d.h5.train_val_split_seed).permutation(len(rows))
-      n_train = int(len(rows) * d.h5.train_val_split_ratio)
-      tables += [_table(f, labels[i], np.sort(rows[perm[:n_train]]), components),
-                 _table(f, labels[i], np.sort(rows[perm[n_train:]]), components)]
+    tables += _file_tables(f, labels[i], rows, d, components)
     files[i] = labels[i] = None  # free the raw columns
   train = tables[0]
-  val = tables[1] if len(tables) > 1 else tables[0].take(np.zeros(0, np.int64))
-  if len(train) == 0:
-    raise DataError(f"Data schema check failed:\n  no training rows survive the filters "
-                    f"(dropped: {dropped})")
+  return train, tables[1] if len(tables) > 1 else train.take(np.zeros(0, np.int64))
 
+
+def _taxonomy(d, tasks: list[str], maps: dict, num: dict, train: RowTable, val: RowTable,
+              partial: bool) -> taxonomy_lib.TaxonomyTree:
+  """The tree of data.taxonomy.path (checked against the data), else the one the rows used
+  link (`TaxonomyTree.from_labels`)."""
   if d.taxonomy.path:
     with open(d.taxonomy.path, encoding="utf-8") as fh:
       tree = taxonomy_lib.TaxonomyTree.from_json(fh.read())
     if tree.task_keys != tasks or tree.num_classes != num:
       raise DataError(f"{d.taxonomy.path}: tasks {tree.task_keys} / classes {tree.num_classes} "
                       f"do not match the data ({tasks} / {num})")
-  else:
-    names = {t: {v: k for k, v in m.items()} for t, m in maps.items()}
-    used = np.concatenate([train.labels, val.labels])  # links from the rows actually used
-    try:
-      tree = taxonomy_lib.TaxonomyTree.from_labels(used, tasks, num, null_class=partial,
-                                                   resolve=d.taxonomy.multi_parent, names=names)
-    except taxonomy_lib.TaxonomyError as e:
-      raise DataError(f"Data schema check failed:\n  {e}") from e
+    return tree
+  names = {t: {v: k for k, v in m.items()} for t, m in maps.items()}
+  used = np.concatenate([train.labels, val.labels])  # links from the rows actually used
+  try:
+    return taxonomy_lib.TaxonomyTree.from_labels(used, tasks, num, null_class=partial,
+                                                 resolve=d.taxonomy.multi_parent, names=names)
+  except taxonomy_lib.TaxonomyError as e:
+    raise DataError(f"Data schema check failed:\n  {e}") from e
+
+
+def load(config) -> Dataset:
+  """Builds the train and val row tables from config.data; raises DataError listing problems."""
+  d = config.data
+  tasks = list(d.task_keys_h5)
+  components = config_lib.enabled_components(config)
+  problems: list[str] = []
+  label_paths, image_paths = _paths(d, problems)
+  problems += _image_location_problems(image_paths)
+  files = [_read(p, tasks, components, problems) for p in label_paths if p]
+  problems += _image_id_problems(files, image_paths)
+  if problems:
+    raise DataError("Data schema check failed:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+  partial = d.partial.levels
+  rows_total = sum(f["n"] for f in files)
+  nonfinite = _nonfinite_counts(files, components)
+  maps, num, index = _class_maps(files, tasks, partial)
+  dropped, missing = dict.fromkeys(FILTERS, 0), {}
+  train, val = _split_tables(files, index, image_paths, config, components, dropped, missing)
+  if len(train) == 0:
+    raise DataError(f"Data schema check failed:\n  no training rows survive the filters "
+                    f"(dropped: {dropped})")
   return Dataset(train=train, val=val, task_keys=tasks,
                  components=[(n, c.dim) for n, c in components], class_to_idx=maps,
-                 num_classes=num, taxonomy=tree, rows_total=rows_total,
-                 dropped=dropped, missing_images=missing, train_images=image_paths[0],
-                 val_images=image_paths[-1], nonfinite_meta=nonfinite,
-                 taxon_names=_taxon_names(label_paths[0], tasks))
+                 num_classes=num, taxonomy=_taxonomy(d, tasks, maps, num, train, val, partial),
+                 rows_total=rows_total, dropped=dropped, missing_images=missing,
+                 train_images=image_paths[0], val_images=image_paths[-1],
+                 nonfinite_meta=nonfinite, taxon_names=_taxon_names(label_paths[0], tasks))
 
 
 def _taxon_names(labels_path: str, tasks: list[str]) -> dict[str, dict[str, str]]:

@@ -199,45 +199,63 @@ def render(opts: SyntheticOptions, genus: int, family: int, order: int, sibling:
   return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose: bool = True):
-  """Writes the dataset into `out_dir` and returns its paths as a dict."""
-  opts.validate()
-  rng = np.random.default_rng(opts.seed)
-  tax = make_taxonomy(opts, rng)
-  n_species = len(tax.species)
-  counts = species_counts(opts, n_species, rng)
-  sp = rng.permutation(np.repeat(np.arange(n_species), counts))
-  n = len(sp)
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """What each of the N rows is: its species and lineage, and its index among its siblings."""
+  species: np.ndarray  # (N,) species index
+  genus: np.ndarray  # (N,)
+  family: np.ndarray  # (N,)
+  order: np.ndarray  # (N,)
+  sibling: np.ndarray  # (N,) index of the species within its genus
+
+
+def _draw_rows(opts: SyntheticOptions, tax: Taxonomy, rng: np.random.Generator) -> _Rows:
+  """The rows' species, with the Zipf-like imbalance of `species_counts`, in random order."""
+  counts = species_counts(opts, len(tax.species), rng)
+  sp = rng.permutation(np.repeat(np.arange(len(tax.species)), counts))
   g = tax.species_genus[sp]
   f = tax.genus_family[g]
-  o = tax.family_order[f]
-  sibling = sp % opts.species_per_genus
+  return _Rows(species=sp, genus=g, family=f, order=tax.family_order[f],
+               sibling=sp % opts.species_per_genus)
 
-  # Labels, with partial (null) species or species+genus.
+
+def _draw_labels(opts: SyntheticOptions, tax: Taxonomy, rows: _Rows, rng: np.random.Generator,
+                 hard: np.random.Generator) -> dict[str, np.ndarray]:
+  """{task: (N,) uint32 raw taxon id}, with partial (null) species or species + genus, and the
+  label noise of `label_noise_rate` (drawn from `hard`)."""
+  n, n_species = len(rows.species), len(tax.species)
   u = rng.random(n)
   null_genus = u < opts.null_genus_rate
   null_species = null_genus | (u < opts.null_genus_rate + opts.null_species_rate)
-  # The harder variants draw from their own generator: the original stream stays the same.
-  hard = np.random.default_rng([opts.seed, 7])
   noisy = hard.random(n) < opts.label_noise_rate  # labelled as another species, lineage and all
-  sp_lab = np.where(noisy, (sp + hard.integers(1, max(n_species, 2), n)) % n_species, sp)
+  sp_lab = np.where(noisy, (rows.species + hard.integers(1, max(n_species, 2), n)) % n_species,
+                    rows.species)
   g_lab = tax.species_genus[sp_lab]
   f_lab = tax.genus_family[g_lab]
-  labels = {
+  return {
       "taxa_L10": np.where(null_species, 0, tax.species[sp_lab]).astype(np.uint32),
       "taxa_L20": np.where(null_genus, 0, tax.genus[g_lab]).astype(np.uint32),
       "taxa_L30": tax.family[f_lab].astype(np.uint32),
       "taxa_L40": tax.order[tax.family_order[f_lab]].astype(np.uint32),
   }
-  # Confusable rows look like a sibling genus (same family) in a sibling family's colour (same
-  # order): the shape and colour no longer pin the genus and family down.
+
+
+def _image_taxa(opts: SyntheticOptions, rows: _Rows, hard: np.random.Generator):
+  """(genus, family) each row is drawn as: confusable rows (`pixel_confusion`) look like a
+  sibling genus (same family) in a sibling family's colour (same order), so that the shape and
+  colour no longer pin the genus and family down."""
+  n, g, f, o = len(rows.species), rows.genus, rows.family, rows.order
   confused = hard.random(n) < opts.pixel_confusion
   gpf, fpo = opts.genera_per_family, opts.families_per_order
   g_img = np.where(confused, f * gpf + (g + hard.integers(0, gpf, n)) % gpf, g)
   f_img = np.where(confused, o * fpo + (f + hard.integers(0, fpo, n)) % fpo, f)
+  return g_img, f_img
 
-  # Metadata: each sibling has its own region, season and elevation band.
-  k = opts.metadata_spread
+
+def _draw_metadata(opts: SyntheticOptions, rows: _Rows, rng: np.random.Generator) -> dict:
+  """Raw metadata per row: each sibling has its own region, season and elevation band (spread
+  by `metadata_spread`); `miss_*` mark the rows whose value is missing."""
+  n, g, sibling, k = len(rows.species), rows.genus, rows.sibling, opts.metadata_spread
   region = np.array(REGIONS)[(sibling + g) % len(REGIONS)]
   lat = np.clip(region[:, 0] + k * rng.normal(0, 6, n), -89, 89)
   lon = (region[:, 1] + k * rng.normal(0, 10, n) + 180) % 360 - 180
@@ -250,59 +268,73 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
   miss_s = rng.random(n) < opts.missing_spatial_rate
   miss_e = rng.random(n) < opts.missing_elevation_rate
   in_region = (rng.random(n) >= opts.out_of_region_rate).astype(np.uint8)
+  return dict(lat=lat, lon=lon, month=month, day=day, hour=hour, elev=elev, miss_t=miss_t,
+              miss_s=miss_s, miss_e=miss_e, in_region=in_region)
 
-  temporal = encoders.temporal(month=month, hour=hour if opts.temporal_hours else None)
-  temporal[miss_t] = 0.0
-  spatial = encoders.spatial(lat, lon)
-  spatial[miss_s] = 0.0
-  elevation = encoders.elevation(elev, opts.elevation_scales)
-  elevation[miss_e] = encoders.original_null_form("ELEVATION", elevation.shape[1])
-  dates = np.array([f"2020-{m:02d}-{d:02d}T{h:02d}:00:00" for m, d, h in zip(month, day, hour)],
-                   dtype=object)
-  dates[miss_t] = ""
 
-  os.makedirs(out_dir, exist_ok=True)
-  ids = np.array([f"{100000 + i}_0.jpg" for i in range(n)], dtype=object)
-  labels_path = os.path.join(out_dir, "labels.h5")
-  tmp = labels_path + ".tmp"
-  with h5py.File(tmp, "w") as h5:
+def _encode_metadata(opts: SyntheticOptions, meta: dict) -> dict[str, np.ndarray]:
+  """The encoded `temporal`, `spatial` and `elevation` columns (missing values in the
+  original's null form) and the `dates` strings ('' where the date is missing)."""
+  temporal = encoders.temporal(month=meta["month"],
+                               hour=meta["hour"] if opts.temporal_hours else None)
+  temporal[meta["miss_t"]] = 0.0
+  spatial = encoders.spatial(meta["lat"], meta["lon"])
+  spatial[meta["miss_s"]] = 0.0
+  elevation = encoders.elevation(meta["elev"], opts.elevation_scales)
+  elevation[meta["miss_e"]] = encoders.original_null_form("ELEVATION", elevation.shape[1])
+  dates = np.array([f"2020-{m:02d}-{d:02d}T{h:02d}:00:00"
+                    for m, d, h in zip(meta["month"], meta["day"], meta["hour"])], dtype=object)
+  dates[meta["miss_t"]] = ""
+  return dict(temporal=temporal, spatial=spatial, elevation=elevation, dates=dates)
+
+
+def _write_labels(path: str, opts: SyntheticOptions, ids: np.ndarray, labels: dict, meta: dict,
+                  enc: dict) -> None:
+  """Writes the labels file (docs/data.md#the-files) at `path`."""
+  miss_s, miss_e = meta["miss_s"], meta["miss_e"]
+  with h5py.File(path, "w") as h5:
     h5.create_dataset("img_identifiers", data=ids, dtype=h5py.string_dtype())
     for key, col in labels.items():
       h5.create_dataset(key, data=col)
     t_cols = ["month_sin", "month_cos"] + (["hour_sin", "hour_cos"] if opts.temporal_hours else [])
-    ds = h5.create_dataset("temporal", data=temporal)
+    ds = h5.create_dataset("temporal", data=enc["temporal"])
     ds.attrs["column_names"] = t_cols
     ds.attrs["method"] = "sinusoidal"
-    ds = h5.create_dataset("spatial", data=spatial)
+    ds = h5.create_dataset("spatial", data=enc["spatial"])
     ds.attrs["column_names"] = ["spatial_x", "spatial_y", "spatial_z"]
     ds.attrs["method"] = "unit_sphere"
-    ds = h5.create_dataset(ELEVATION_SOURCE, data=elevation)
+    ds = h5.create_dataset(ELEVATION_SOURCE, data=enc["elevation"])
     ds.attrs["column_names"] = encoders.elevation_column_names(opts.elevation_scales)
     ds.attrs["method"] = "sinusoidal"
     ds.attrs["scales"] = np.asarray(opts.elevation_scales, np.float32)
-    h5.create_dataset("raw_lat", data=np.where(miss_s, np.nan, lat).astype(np.float32))
-    h5.create_dataset("raw_lon", data=np.where(miss_s, np.nan, lon).astype(np.float32))
-    h5.create_dataset("raw_elevation", data=np.where(miss_e, np.nan, elev).astype(np.float32))
-    h5.create_dataset("raw_date_observed", data=dates, dtype=h5py.string_dtype())
-    h5.create_dataset("in_region", data=in_region)
-    meta = h5.create_group("metadata")
-    meta.attrs["config_json"] = json.dumps({"generator": "linnaeus_jax.data.synthetic",
-                                            **dataclasses.asdict(opts)})
+    h5.create_dataset("raw_lat", data=np.where(miss_s, np.nan, meta["lat"]).astype(np.float32))
+    h5.create_dataset("raw_lon", data=np.where(miss_s, np.nan, meta["lon"]).astype(np.float32))
+    h5.create_dataset("raw_elevation",
+                      data=np.where(miss_e, np.nan, meta["elev"]).astype(np.float32))
+    h5.create_dataset("raw_date_observed", data=enc["dates"], dtype=h5py.string_dtype())
+    h5.create_dataset("in_region", data=meta["in_region"])
+    h5.create_group("metadata").attrs["config_json"] = json.dumps(
+        {"generator": "linnaeus_jax.data.synthetic", **dataclasses.asdict(opts)})
 
-  # Images: each row's image drawn from its own seed so that files can be regenerated one by one.
-  t0 = time.time()
+
+def _write_images(out_dir: str, opts: SyntheticOptions, ids: np.ndarray, rows: _Rows,
+                  g_img: np.ndarray, f_img: np.ndarray, verbose: bool) -> dict[str, str]:
+  """Renders every row's image into `images/` (JPEG files) or `images.h5`; its path as
+  {"images_dir" or "images_path": path}. Each image is drawn from its own seed, so that files
+  can be regenerated one by one."""
+  t0, n, size = time.time(), len(ids), opts.img_size
   images_dir = os.path.join(out_dir, "images")
   images_path = os.path.join(out_dir, "images.h5")
   h5img = None
   if opts.image_format == "h5":
     h5img = h5py.File(images_path + ".tmp", "w")
-    dset = h5img.create_dataset("images", (n, opts.img_size, opts.img_size, 3), np.uint8,
-                                chunks=(1, opts.img_size, opts.img_size, 3))
+    dset = h5img.create_dataset("images", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3))
   else:
     os.makedirs(images_dir, exist_ok=True)
   for i in range(n):
     img_rng = np.random.default_rng([opts.seed, i])
-    img = render(opts, int(g_img[i]), int(f_img[i]), int(o[i]), int(sibling[i]), img_rng)
+    img = render(opts, int(g_img[i]), int(f_img[i]), int(rows.order[i]), int(rows.sibling[i]),
+                 img_rng)
     if h5img is not None:
       dset[i] = img
     else:
@@ -312,15 +344,36 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
         fh.write(buf.getvalue())
     if verbose and (i + 1) % 2000 == 0:
       print(f"  synthetic: {i + 1}/{n} images ({time.time() - t0:.1f}s)", file=sys.stderr)
-  if h5img is not None:
-    h5img.close()
-    os.replace(images_path + ".tmp", images_path)
-  os.replace(tmp, labels_path)  # labels.h5 last: its presence marks a complete dataset
-  paths = {"labels_path": labels_path}
-  paths.update({"images_path": images_path} if h5img is not None else {"images_dir": images_dir})
+  if h5img is None:
+    return {"images_dir": images_dir}
+  h5img.close()
+  os.replace(images_path + ".tmp", images_path)
+  return {"images_path": images_path}
+
+
+def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose: bool = True):
+  """Writes the dataset into `out_dir` and returns its paths as a dict."""
+  opts.validate()
+  rng = np.random.default_rng(opts.seed)
+  tax = make_taxonomy(opts, rng)
+  rows = _draw_rows(opts, tax, rng)
+  # The harder variants draw from their own generator: the original stream stays the same.
+  hard = np.random.default_rng([opts.seed, 7])
+  labels = _draw_labels(opts, tax, rows, rng, hard)
+  g_img, f_img = _image_taxa(opts, rows, hard)
+  meta = _draw_metadata(opts, rows, rng)
+
+  os.makedirs(out_dir, exist_ok=True)
+  n = len(rows.species)
+  ids = np.array([f"{100000 + i}_0.jpg" for i in range(n)], dtype=object)
+  labels_path = os.path.join(out_dir, "labels.h5")
+  _write_labels(labels_path + ".tmp", opts, ids, labels, meta, _encode_metadata(opts, meta))
+  images = _write_images(out_dir, opts, ids, rows, g_img, f_img, verbose)
+  os.replace(labels_path + ".tmp", labels_path)  # labels.h5 last: marks a complete dataset
   if verbose:
-    print(f"synthetic dataset: {n} rows, {n_species} species -> {out_dir}", file=sys.stderr)
-  return paths
+    print(f"synthetic dataset: {n} rows, {len(tax.species)} species -> {out_dir}",
+          file=sys.stderr)
+  return {"labels_path": labels_path, **images}
 
 
 def default_cache_dir() -> str:

@@ -66,15 +66,10 @@ def no_images(folders: list[str], recursive: bool) -> str:
 KINDS = ("path", "relative path", "file name")  # how a meta.jsonl line may name an image
 
 
-def read_metadata(path: str, images: list[str], relpaths: list[str | None] | None = None
-                  ) -> tuple[list[dict | None], list[str], list[list[str]]]:
-  """Per image, its meta.jsonl object, matched by the path as given, else by the path relative
-  to its --images folder (`relpaths`), else by file name; a relative path or file name that
-  names several images matches none of them (a line naming an image more precisely, e.g. by
-  its relative path, is not ambiguous because another image has that file name). Also problems
-  for stderr (bad lines, entries that match no image, ambiguous names) and, per image,
-  warnings for its record: several lines for it (the last line, or the most precise, wins)."""
-  by_key, lines, problems = {}, {}, []
+def _meta_lines(path: str, problems: list[str]) -> tuple[dict, dict]:
+  """({image key: the last meta.jsonl object naming it}, {image key: [its line numbers]});
+  appends a problem per bad line (not UTF-8, not JSON, no "image" string)."""
+  by_key, lines = {}, {}
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
       try:
@@ -94,9 +89,13 @@ def read_metadata(path: str, images: list[str], relpaths: list[str | None] | Non
         continue
       by_key[rec["image"]] = rec
       lines.setdefault(rec["image"], []).append(n)
-  relpaths = relpaths or [None] * len(images)
-  keys = []  # per image, [(kind, key)] most precise first, each key once
-  owners = {}  # key -> {kind: [image index]}
+  return by_key, lines
+
+
+def _image_keys(images: list[str], relpaths: list[str | None]) -> tuple[list, dict]:
+  """(per image, the [(kind, key)] that may name it, most precise first (KINDS), each key
+  once; {key: {kind: [index of the images it names that way]}})."""
+  keys, owners = [], {}
   for i, (img, rel) in enumerate(zip(images, relpaths)):
     mine = []
     for kind, key in enumerate((img, rel, os.path.basename(img))):
@@ -104,35 +103,60 @@ def read_metadata(path: str, images: list[str], relpaths: list[str | None] | Non
         mine.append((kind, key))
         owners.setdefault(key, {}).setdefault(kind, []).append(i)
     keys.append(mine)
+  return keys, owners
+
+
+def _matching_keys(mine: list, by_key: dict, owners: dict, path: str, problems: list[str],
+                   ambiguous: set) -> list:
+  """The [(kind, key)] of `mine` that meta.jsonl has and that name this image: not another
+  one more precisely, and not ambiguously (a problem, the key added to `ambiguous`)."""
+  found = []
+  for kind, key in mine:
+    if key not in by_key:
+      continue
+    best = min(owners[key])
+    if best != kind:
+      continue  # it names another image more precisely
+    if kind > 0 and len(owners[key][kind]) > 1:
+      ambiguous.add(key)
+      problem = f"{path}: {key!r} names {len(owners[key][kind])} images; give their paths"
+      problems += [problem] if problem not in problems else []
+      continue
+    found.append((kind, key))
+  return found
+
+
+def _duplicate_notes(found: list, lines: dict, path: str) -> list[str]:
+  """Warnings for an image named by several lines; the first of `found` is the one used."""
+  kind, key = found[0]
+  note = []
+  if len(lines[key]) > 1:
+    note.append(f"metadata: {len(lines[key])} lines for {key!r} in {path} (lines "
+                f"{', '.join(map(str, lines[key]))}); the last, line {lines[key][-1]}, is used")
+  for other, k in found[1:]:
+    note.append(f"metadata: line {lines[key][-1]} names this image by its {KINDS[kind]} and "
+                f"line {lines[k][-1]} by its {KINDS[other]}; line {lines[key][-1]} (the "
+                f"{KINDS[kind]}) is used")
+  return note
+
+
+def read_metadata(path: str, images: list[str], relpaths: list[str | None] | None = None
+                  ) -> tuple[list[dict | None], list[str], list[list[str]]]:
+  """Per image, its meta.jsonl object, matched by the path as given, else by the path relative
+  to its --images folder (`relpaths`), else by file name; a relative path or file name that
+  names several images matches none of them (a line naming an image more precisely, e.g. by
+  its relative path, is not ambiguous because another image has that file name). Also problems
+  for stderr (bad lines, entries that match no image, ambiguous names) and, per image,
+  warnings for its record: several lines for it (the last line, or the most precise, wins)."""
+  problems = []
+  by_key, lines = _meta_lines(path, problems)
+  keys, owners = _image_keys(images, relpaths or [None] * len(images))
   out, notes, used, ambiguous = [], [], set(), set()
   for i in range(len(images)):
-    found = []
-    for kind, key in keys[i]:
-      if key not in by_key:
-        continue
-      best = min(owners[key])
-      if best != kind:
-        continue  # it names another image more precisely
-      if kind > 0 and len(owners[key][kind]) > 1:
-        ambiguous.add(key)
-        problem = f"{path}: {key!r} names {len(owners[key][kind])} images; give their paths"
-        problems += [problem] if problem not in problems else []
-        continue
-      found.append((kind, key))
-    note, rec = [], None
-    if found:
-      kind, key = found[0]
-      rec = by_key[key]
-      used.update(k for _, k in found)
-      if len(lines[key]) > 1:
-        note.append(f"metadata: {len(lines[key])} lines for {key!r} in {path} (lines "
-                    f"{', '.join(map(str, lines[key]))}); the last, line {lines[key][-1]}, is used")
-      for other, k in found[1:]:
-        note.append(f"metadata: line {lines[key][-1]} names this image by its {KINDS[kind]} and "
-                    f"line {lines[k][-1]} by its {KINDS[other]}; line {lines[key][-1]} (the "
-                    f"{KINDS[kind]}) is used")
-    out.append(rec)
-    notes.append(note)
+    found = _matching_keys(keys[i], by_key, owners, path, problems, ambiguous)
+    out.append(by_key[found[0][1]] if found else None)
+    notes.append(_duplicate_notes(found, lines, path) if found else [])
+    used.update(k for _, k in found)
   problems += [f"{path}: {k!r} matches no image" for k in by_key
                if k not in used and k not in ambiguous]
   return out, problems, notes
