@@ -1,4 +1,4 @@
-"""mFormerV1_xl (docs/model.md#sizes) on a labels.h5 dataset at 384x384.
+"""mFormerV1_xl: configs/mformer.py's recipe at the xl size (docs/model.md#sizes).
 
     python -m linnaeus_jax.main --config=configs/xl.py --workdir=DIR \
         --config.data.h5.labels_path=/data/labels.h5 --config.data.hybrid.use_hybrid=True \
@@ -9,9 +9,4 @@ from linnaeus_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.base_config()
-  config_lib.set_model_size(c, "xl")
-  c.data.img_size = 384
-  c.data.batch_size = 64
-  c.data.batch_size_val = 128
-  return c
+  return config_lib.sibling(__file__, "mformer.py", "xl")

@@ -3,8 +3,10 @@
 Key paths are the original's YACS paths lower-cased with the same nesting
 (`DATA.H5.LABELS_PATH` -> `config.data.h5.labels_path`); names that are data keep their case
 (task keys such as `taxa_L10`, components `TEMPORAL`). `base_config()` holds every known key with
-the original's defaults; files in `configs/` start from it. `validate()` lists every unknown key
-and every inconsistent value in one error.
+the original's defaults; files in `configs/` start from it. Beside it, the rules as data:
+DURATIONS (every `<name>_steps | _fraction | _epochs` group, with its default), CHOICES (allowed
+values) and RANGES (numeric intervals); the rules between keys are the section checks of
+CHECKS. `validate()` lists every unknown key and every problem in one error.
 
 Every key can be set on the command line (`--config.data.batch_size=32`): sequences are tuples,
 which ml_collections parses from Python literals (`--config.data.task_keys_h5="('taxa_L10',
@@ -14,6 +16,7 @@ config file. Nothing here imports jax, so that checking a config is cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -121,9 +124,8 @@ def set_model_size(config: ml_collections.ConfigDict, size: str) -> None:
   m.drop_path_rate = s["drop_path"]
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every known key, with the original's defaults where it has one (sequences as tuples)."""
-  c = ml_collections.ConfigDict()
+def _data_schema(c: ml_collections.ConfigDict) -> None:
+  """Sets the data and its input pipeline."""
   c.data = dict(
       # images_path, train_/val_images_path: an images.h5 of decoded (N, H, W, 3) arrays, or a
       # shard set of encoded images (data/shards.py) as a glob '/data/images-*.h5' and/or
@@ -132,12 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
               train_images_path="", val_images_path="", train_val_split_ratio=0.9,
               train_val_split_seed=42),
       hybrid=dict(use_hybrid=False, images_dir="", file_extension=".jpg",
-                  # Ours: 'error' | 'skip' | 'placeholder' (the original's ALLOW_MISSING_IMAGES).
+                  # Ours (the original's ALLOW_MISSING_IMAGES).
                   missing_image_policy="error",
                   verify_images=dict(enabled=False, max_missing_ratio=1.0, max_missing_count=-1,
                                      num_workers=8, decode=False, report_path="")),
-      sampler=dict(type="grouped"),  # 'grouped' (pairs for mixing) | 'standard'
-      taxonomy=dict(path="", multi_parent="error"),  # ours: taxonomy_tree.json; or 'majority' 
+      sampler=dict(type="grouped"),  # grouped: pairs for mixing
+      taxonomy=dict(path="", multi_parent="error"),  # ours: taxonomy_tree.json
       task_keys_h5=TASK_KEYS,
       partial=dict(levels=False),
       out_of_region=dict(include=True),
@@ -168,6 +170,10 @@ def base_config() -> ml_collections.ConfigDict:
           out_of_region_rate=0.05, temporal_hours=False, image_format="jpeg", seed=0,
           pixel_confusion=0.0, metadata_spread=1.0, label_noise_rate=0.0)),
   )
+
+
+def _model_schema(c: ml_collections.ConfigDict) -> None:
+  """Sets the model and its initial weights."""
   c.model = dict(
       name="mFormerV1",
       in_chans=3,
@@ -180,15 +186,15 @@ def base_config() -> ml_collections.ConfigDict:
       only_last_cls=False,
       label_smoothing=0.1,
       # Ours (docs/design.md#model): compatibility switches and precision.
-      rope_mode="rotate",  # 'rotate' | 'cos_only' (original defect, converted checkpoints only)
-      attn_scale="rsqrt_head_dim",  # 'rsqrt_head_dim' | 'inv_head_dim' (original flash path)
-      meta_missing="learned_token",  # 'learned_token' | 'zeros' (the original)
+      rope_mode="rotate",  # cos_only: the original's defect, for converted checkpoints only
+      attn_scale="rsqrt_head_dim",  # inv_head_dim: the original's flash path
+      meta_missing="learned_token",  # zeros: the original
       # 'auto' (hardware.py): cuDNN's fused attention on NVIDIA GPUs where it runs, else XLA.
-      attention_impl="auto",  # 'auto' | 'xla' | 'cudnn'
+      attention_impl="auto",
       dtype="auto",  # compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params f32
       scan_blocks=True,  # identical blocks of a stage under nnx.scan (one compiled block)
-      remat="none",  # 'none' | 'full' | 'dots': recompute block activations in the backward pass
-      depthwise_impl="shift",  # 'shift' (fused shifted sums) | 'conv' (grouped lax.conv)
+      remat="none",  # recompute block activations in the backward pass: full | dots
+      depthwise_impl="shift",  # shift: fused shifted sums; conv: grouped lax.conv
       classification=dict(heads={k: head_template().to_dict() for k in TASK_KEYS}),
       # Ours (docs/finetuning.md): initial weights. convnext / ropevit: ImageNet checkpoints
       # stitched into the ConvNeXt and RoPE stages; checkpoint: an earlier model (a workdir,
@@ -198,6 +204,10 @@ def base_config() -> ml_collections.ConfigDict:
       init=dict(convnext="", ropevit="", checkpoint="", allow_partial=False,
                 match_normalization=True),
   )
+
+
+def _optimization_schema(c: ml_collections.ConfigDict) -> None:
+  """Sets training length, optimizer and learning rate."""
   c.train = dict(
       epochs=300.0,
       steps=0,  # optimizer updates; when > 0 it overrides epochs
@@ -236,15 +246,19 @@ def base_config() -> ml_collections.ConfigDict:
                                          decay="decayable")),
   )
   c.lr_scheduler = dict(
-      name="cosine",  # cosine | linear | step | wsd | constant, measured from the warmup end
+      name="cosine",  # measured from the warmup end
       base_lr=1e-4, warmup_lr=5e-7, min_lr=1e-5,
-      warmup_epochs=5.0, warmup_fraction=-1.0, warmup_steps=0,  # steps > fraction > epochs
+      warmup_steps=0, warmup_fraction=0.0, warmup_epochs=0.0,  # DURATIONS: 5 epochs
       decay_steps=5000, decay_rate=0.1,  # step: x decay_rate every decay_steps
       stable_duration_fraction=0.8, decay_duration_fraction=0.1,  # wsd, of the post-warmup steps
-      decay_type="cosine",  # wsd's decay: cosine | linear
+      decay_type="cosine",  # wsd's decay
       # LR, warmup_lr and min_lr x data.batch_size / reference_bs (the original always scaled,
       # but only its first step took effect).
       scale_by_batch=False, reference_bs=512)
+
+
+def _dynamics_schema(c: ml_collections.ConfigDict) -> None:
+  """Sets losses, task weighting and the scheduled training dynamics."""
   c.loss = dict(
       task_specific=dict(train=dict(funcs=("CrossEntropyLoss",) * 4),
                          val=dict(funcs=("CrossEntropyLoss",) * 4)),
@@ -263,32 +277,33 @@ def base_config() -> ml_collections.ConfigDict:
       argmax_targets=False,  # True: argmax mixed targets as the original's criteria did
   )
   c.schedule = dict(
-      # Ramps p(step) = start -> end, linear until the end (steps > fraction; <= 0 = unset).
-      # Full metadata masking ends at 30% of training (the original gave no end and fell back to
-      # 5000 steps).
+      # Every `<name>_steps | _fraction | _epochs` here is a duration of DURATIONS: all unset
+      # (0), at most one set, the table's default when none is.
+      # Ramps p(step) = start -> end, linear until the end. Full metadata masking ends at 30% of
+      # training (the original gave no end and fell back to 5000 steps).
       meta_masking=dict(
-          enabled=True, start_prob=1.0, end_prob=0.0, end_steps=0, end_fraction=0.3,
+          enabled=True, start_prob=1.0, end_prob=0.0, end_steps=0, end_fraction=0.0,
           # Partial masking: active in [start, end); its probability ramps from step 0 to
           # prob_end; each masked sample gets one whitelist combination, drawn by weights.
-          partial=dict(enabled=False, start_steps=0, start_fraction=-1.0, end_steps=0,
-                       end_fraction=-1.0, start_prob=0.01, end_prob=0.7, prob_end_steps=0,
-                       prob_end_fraction=0.5, whitelist=(), weights=())),
+          partial=dict(enabled=False, start_steps=0, start_fraction=0.0, end_steps=0,
+                       end_fraction=0.0, start_prob=0.01, end_prob=0.7, prob_end_steps=0,
+                       prob_end_fraction=0.0, whitelist=(), weights=())),
       # Probability of keeping a null label's loss (per task, per sample); disabled = 1.
       null_masking=dict(enabled=False, start_prob=0.0, end_prob=1.0, end_steps=0,
-                        end_fraction=-1.0),
-      # Intervals: steps > fraction (of total steps) > epochs; <= 0 means unset.
+                        end_fraction=0.0),
+      # Intervals (default: every epoch); `interval_fraction=1.0`: only at the end.
       # Validation passes (docs/evaluation.md): `val` (metadata as given), `val_mask_meta` (all
       # components masked), one `val_mask_<A>_<B>` per partial_mask_meta.whitelist entry, and at
       # the end the exhaustive passes over every non-empty proper subset of the components.
       validation=dict(
-          interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
-          mask_meta_interval_steps=0, mask_meta_interval_fraction=-1.0,
-          mask_meta_interval_epochs=1.0,
-          partial_mask_meta=dict(enabled=False, interval_steps=0, interval_fraction=-1.0,
-                                 interval_epochs=1.0, whitelist=()),
+          interval_steps=0, interval_fraction=0.0, interval_epochs=0.0,
+          mask_meta_interval_steps=0, mask_meta_interval_fraction=0.0,
+          mask_meta_interval_epochs=0.0,
+          partial_mask_meta=dict(enabled=False, interval_steps=0, interval_fraction=0.0,
+                                 interval_epochs=0.0, whitelist=()),
           final_epoch=dict(exhaustive_partial_meta_validation=False,
                            exhaustive_meta_components=())),  # () = every enabled component
-      checkpoint=dict(interval_steps=0, interval_fraction=-1.0, interval_epochs=1.0,
+      checkpoint=dict(interval_steps=0, interval_fraction=0.0, interval_epochs=0.0,
                       keep_last_n=2, keep_top_n=0),
       metrics=dict(console_interval=100, tensorboard_interval=50),
       # Selective mixing of the sampler's partners (same group at group_levels[0]). Off by
@@ -296,13 +311,17 @@ def base_config() -> ml_collections.ConfigDict:
       mix=dict(group_levels=("taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"), min_group_size=4,
                exclude_null_samples=False, null_task_keys=(),
                prob=dict(enabled=False, start_prob=1.0, end_prob=0.2, end_steps=0,
-                         end_fraction=-1.0),
+                         end_fraction=0.0),
                switch_prob=0.5,  # CutMix instead of Mixup when both are enabled
                mixup=dict(enabled=True, alpha=1.0),
                cutmix=dict(enabled=False, alpha=1.0, minmax=()),
-               meta_mix="pick"),  # 'pick' | 'prefer_valid' (docs/training.md)
+               meta_mix="pick"),  # docs/training.md
   )
-  c.aug = dict(autoaug=dict(policy="original"),  # 'none' | 'original' | 'rand-m<M>-n<N>'
+
+
+def _run_schema(c: ml_collections.ConfigDict) -> None:
+  """Sets augmentation, metrics, logging and the device mesh."""
+  c.aug = dict(autoaug=dict(policy="original"),  # or 'none', 'rand-m<M>-n<N>'
                random_erase=dict(prob=0.25, mode="pixel", area_range=(0.02, 0.4),
                                  aspect_ratio=(0.3, 3.3), count=1))
   # Per-subset top-1 (`subset_acc1/<name>/<task>`): taxa subsets as (name, task key, taxon id),
@@ -317,7 +336,230 @@ def base_config() -> ml_collections.ConfigDict:
   # docs/distributed.md. data x fsdp = all devices (of all processes); data=-1: the rest. fsdp > 1
   # splits every state array of >= fsdp_min_size elements along its largest divisible dimension.
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every known key, with the original's defaults where it has one (sequences as tuples)."""
+  c = ml_collections.ConfigDict()
+  for section in (_data_schema, _model_schema, _optimization_schema, _dynamics_schema,
+                  _run_schema):
+    section(c)
   return c
+
+
+# ----------------------------------------------------------------------------- Rules
+
+
+UNITS = ("steps", "fraction", "epochs")
+RAMP_UNITS = ("steps", "fraction")  # a ramp ends at a step or at a fraction of training
+
+
+@dataclasses.dataclass(frozen=True)
+class Duration:
+  """A duration named once: its members are `<name>_<unit>`, one per unit. A member is set when
+  > 0; at most one may be; with none set the duration is `default` ((unit, value)), or unset."""
+  units: tuple[str, ...] = UNITS
+  default: tuple[str, float] | None = None
+
+
+# Every duration of the schema, with its default (docs/training.md#durations). Unset without a
+# default: a partial-masking window from step 0; no ramp end (an error if the ramp changes).
+DURATIONS = {
+    "lr_scheduler.warmup": Duration(default=("epochs", 5.0)),
+    "schedule.meta_masking.end": Duration(RAMP_UNITS, ("fraction", 0.3)),
+    "schedule.meta_masking.partial.start": Duration(RAMP_UNITS),
+    "schedule.meta_masking.partial.end": Duration(RAMP_UNITS),
+    "schedule.meta_masking.partial.prob_end": Duration(RAMP_UNITS, ("fraction", 0.5)),
+    "schedule.null_masking.end": Duration(RAMP_UNITS),
+    "schedule.mix.prob.end": Duration(RAMP_UNITS),
+    "schedule.validation.interval": Duration(default=("epochs", 1.0)),
+    "schedule.validation.mask_meta_interval": Duration(default=("epochs", 1.0)),
+    "schedule.validation.partial_mask_meta.interval": Duration(default=("epochs", 1.0)),
+    "schedule.checkpoint.interval": Duration(default=("epochs", 1.0)),
+}
+# Probability ramps (docs/training.md#schedules): node -> the duration that ends them.
+RAMPS = {"schedule.meta_masking": "end", "schedule.meta_masking.partial": "prob_end",
+         "schedule.null_masking": "end", "schedule.mix.prob": "end"}
+
+# Allowed values. `*`: every entry of an open subtree; `[]`: every element of a sequence.
+CHOICES = {
+    "data.hybrid.missing_image_policy": ("error", "skip", "placeholder"),
+    "data.sampler.type": ("grouped", "standard"),
+    "data.taxonomy.multi_parent": ("error", "majority"),
+    "model.rope_mode": ("rotate", "cos_only"),
+    "model.attn_scale": ("rsqrt_head_dim", "inv_head_dim"),
+    "model.meta_missing": ("learned_token", "zeros"),
+    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.remat": REMAT,
+    "model.depthwise_impl": ("shift", "conv"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.classification.heads.*.type": HEAD_TYPES,
+    "model.classification.heads.*.routing_strategy": ROUTINGS,  # ConditionalClassifier
+    "optimizer.name": OPTIMIZERS,
+    "lr_scheduler.name": LR_SCHEDULES,
+    "lr_scheduler.decay_type": DECAY_TYPES,
+    "loss.task_specific.*.funcs[]": LOSSES,
+    "loss.grad_weighting.task.type": TASK_WEIGHTING,
+    "loss.grad_weighting.class.method": CLASS_WEIGHTS,
+    "train.early_stop.mode": ("auto", "min", "max"),
+    "schedule.mix.meta_mix": ("pick", "prefer_valid"),
+    "aug.random_erase.mode": ERASE_MODES,
+    "logging.wandb.mode": ("", "online", "offline"),
+}
+
+# Numeric ranges as intervals ('inf' for no bound), or (interval, what the bound means).
+RANGES = {
+    "data.batch_size_headroom": "[0, 1)",
+    "data.h5.train_val_split_ratio": "(0, 1]",
+    "aug.random_erase.prob": "[0, 1]",
+    "model.in_chans": "[1, inf)",
+    "model.drop_rate": "[0, 1)",
+    "model.drop_path_rate": "[0, 1)",
+    "model.label_smoothing": "[0, 1)",
+    "model.rope_stages.norm_eps": "(0, 1)",
+    "model.classification.heads.*.temperature": "(0, inf)",
+    "optimizer.momentum": "[0, 1)",
+    "optimizer.weight_decay": "[0, inf)",
+    "optimizer.layer_decay": "(0, 1]",
+    "optimizer.muon.ns_steps": "[1, inf)",
+    "lr_scheduler.base_lr": "(0, inf)",
+    "lr_scheduler.warmup_lr": "[0, inf)",
+    "lr_scheduler.min_lr": "[0, inf)",
+    "train.steps": ("[0, inf)", "0: train.epochs counts"),
+    "train.epochs": ("[0, inf)", "0: unused; train.steps counts"),
+    "train.resume_step": ("[-1, inf)", "a checkpoint step, or -1: the latest"),
+    "train.nonfinite_patience": "[1, inf)",
+    "train.accumulation_steps": "[1, inf)",
+    "train.early_stop.patience_evals": ("[1, inf)", "validations"),
+    "loss.grad_weighting.task.update_interval": "[1, inf)",
+    "schedule.checkpoint.keep_last_n": "[1, inf)",
+    "schedule.checkpoint.keep_top_n": "[0, inf)",
+    "schedule.metrics.console_interval": "[1, inf)",
+    "schedule.metrics.tensorboard_interval": "[1, inf)",
+    "schedule.mix.mixup.alpha": "(0, inf)",
+    "schedule.mix.cutmix.alpha": "(0, inf)",
+}
+_INTERVAL = re.compile(r"([\[(])(-?[\d.]+), (-?[\d.]+|inf)([\])])")
+
+
+def lookup(config, path: str):
+  """The value at the dotted `path` of `config`."""
+  for key in path.split("."):
+    config = config[key]
+  return config
+
+
+def matches(config, pattern: str) -> list[tuple[str, object]]:
+  """(key, value) of every key matching `pattern` (`*`: every entry); absent keys are skipped."""
+  found = [("", config)]
+  for part in pattern.split("."):
+    found = [(f"{path}.{k}" if path else k, node[k]) for path, node in found
+             if isinstance(node, ml_collections.ConfigDict)
+             for k in (node.keys() if part == "*" else (part,)) if k in node]
+  return found
+
+
+def _choice_problems(config) -> list[str]:
+  """A problem for every value (or sequence element) that CHOICES does not allow."""
+  problems = []
+  for pattern, allowed in CHOICES.items():
+    each = pattern.endswith("[]")
+    for key, value in matches(config, pattern.removesuffix("[]")):
+      if each:
+        problems += [f"{key}: {v!r} not in {allowed}" for v in value if v not in allowed]
+      elif value not in allowed:
+        problems.append(f"{key} {value!r} not in {allowed}")
+  return problems
+
+
+def range_problem(key: str, value, interval: str, note: str = "") -> str | None:
+  """None if `value` is a number in `interval` (e.g. '[0, 1)', '(0, inf)'), else the problem."""
+  left, low, high, right = _INTERVAL.fullmatch(interval).groups()
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    above = value >= float(low) if left == "[" else value > float(low)
+    if above and (value <= float(high) if right == "]" else value < float(high)):
+      return None
+  bound = f"in {interval}" if high != "inf" else f"{'>=' if left == '[' else '>'} {low}"
+  return f"{key} must be {bound}{f' ({note})' if note else ''}, got {value!r}"
+
+
+def _range_problems(config) -> list[str]:
+  """A problem for every value outside its interval of RANGES."""
+  specs = {k: (v,) if isinstance(v, str) else v for k, v in RANGES.items()}
+  return [p for pattern, spec in specs.items() for key, value in matches(config, pattern)
+          if (p := range_problem(key, value, *spec))]
+
+
+# ----------------------------------------------------------------------------- Durations
+
+
+def resolve_steps(steps: int, fraction: float, epochs: float, total_steps: int,
+                  steps_per_epoch: int) -> int:
+  """A duration in steps from its members, each unset when <= 0 and at most one set: `steps`,
+  `fraction` of total_steps or `epochs` x steps_per_epoch (at least 1); 0 when none is set
+  (docs/design.md#one-duration-rule). Config durations: `resolve_duration`."""
+  given = [(u, v) for u, v in zip(UNITS, (steps, fraction, epochs)) if v > 0]
+  if len(given) > 1:
+    raise ConfigError(_several_set([f"{u}={v!r}" for u, v in given]))
+  if not given:
+    return 0
+  unit, value = given[0]
+  return max(1, int(value) if unit == "steps" else round(
+      value * (total_steps if unit == "fraction" else steps_per_epoch)))
+
+
+def _members(config, name: str) -> list[tuple[str, float]]:
+  """(unit, value) of the members of the duration `name` that are set (> 0)."""
+  parent, prefix = name.rsplit(".", 1)
+  node = lookup(config, parent)
+  return [(u, node[f"{prefix}_{u}"]) for u in DURATIONS[name].units if node[f"{prefix}_{u}"] > 0]
+
+
+def _several_set(keys: list[str]) -> str:
+  listed = " and ".join([", ".join(keys[:-1]), keys[-1]])
+  return f"{listed} are {'both' if len(keys) == 2 else 'all'} set: set one (0 unsets)"
+
+
+def _duration_problem(config, name: str) -> str | None:
+  given = _members(config, name)
+  return _several_set([f"{name}_{u}={v!r}" for u, v in given]) if len(given) > 1 else None
+
+
+def duration(config, name: str) -> tuple[str, float] | None:
+  """(unit, value) of the duration `name` (a key of DURATIONS): the member set, else the
+  table's default; None when neither. ConfigError naming them when several are set."""
+  if (problem := _duration_problem(config, name)):
+    raise ConfigError(problem)
+  given = _members(config, name)
+  return given[0] if given else DURATIONS[name].default
+
+
+def resolve_duration(config, name: str, total_steps: int, steps_per_epoch: int) -> int:
+  """The duration `name` (e.g. 'schedule.validation.interval') in steps; 0 when unset."""
+  unit, value = duration(config, name) or ("steps", 0)
+  members = {u: 0 for u in UNITS} | {unit: value}
+  return resolve_steps(**members, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def _set_defaults(config) -> None:
+  """Sets the default member of every duration that has none set (in place)."""
+  for name, spec in DURATIONS.items():
+    if spec.default and not _members(config, name):
+      parent, prefix = name.rsplit(".", 1)
+      lookup(config, parent)[f"{prefix}_{spec.default[0]}"] = spec.default[1]
+
+
+def _keep_first_members(config) -> None:
+  """A config.json written before the one-member rule: of several members set, keeps the one
+  its precedence used (steps > fraction > epochs) and unsets the others (in place)."""
+  for name in DURATIONS:
+    parent, prefix = name.rsplit(".", 1)
+    node = lookup(config, parent)
+    for unit, value in _members(config, name)[1:]:
+      node[f"{prefix}_{unit}"] = type(value)(0)
+
+
+# ----------------------------------------------------------------------------- Loading
 
 
 def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
@@ -331,13 +573,15 @@ def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
 
 
 def load_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns base_config() updated with `config`, so absent keys get their defaults.
+  """Returns base_config() updated with `config`, so absent keys get their defaults, and each
+  duration with no member set its DURATIONS default (so that config.json records them).
 
   The entries of an open subtree are data: `config`'s replace the defaults' (each completed from
   its template), so that e.g. a run with two heads does not get the four default ones back.
   """
   merged = base_config()
   _merge(merged, config)
+  _set_defaults(merged)
   return merged
 
 
@@ -388,7 +632,7 @@ def override_problem(config, path: str) -> str | None:
       if done in OPEN_SUBTREES:
         kind = OPEN_SUBTREES[done]
         return (f"{done} has no entry {key!r}, and new entries cannot be added on the command "
-                f"line: add it in a config file (e.g. a copy of configs/sm.py): "
+                f"line: add it in a config file (e.g. a copy of configs/mformer.py): "
                 f"`c.{done}.{key} = config_lib.{kind}_template()`, then set its keys")
       return _unknown(done, key, node.keys())
     node, done = node[key], f"{done}.{key}" if done else key
@@ -429,211 +673,33 @@ def task_level(task_key: str) -> float:
   return float(task_key.split("_L", 1)[1].replace("_", "."))
 
 
+# ----------------------------------------------------------------------------- Validation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Env:
+  """What the section checks need besides the config."""
+  num_devices: int
+  need_data: bool
+  tasks: list[str]
+  auto_batch: bool  # data.batch_size is 'auto' (or not an int, which is reported)
+
+
 def validate(config, num_devices: int = 1, need_data: bool = True) -> None:
-  """Raises ConfigError listing every unknown key and inconsistent value.
+  """Raises ConfigError listing every unknown key and inconsistent value: the tables (CHOICES,
+  RANGES, DURATIONS) first, then each section's rules between keys.
 
   `need_data=False` accepts a config without a data source (e.g. to build the model alone).
   """
   problems: list[str] = []
   _unknown_keys(config, base_config(), "", problems)
-  if problems:  # value checks below would only add noise about misspelled keys
-    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
-  d, m, t = config.data, config.model, config.train
-
-  tasks = list(d.task_keys_h5)
-  try:
-    levels = [task_level(k) for k in tasks]
-    if any(b <= a for a, b in zip(levels, levels[1:])):
-      problems.append(f"data.task_keys_h5 must be strictly ascending in level, finest first: {tasks}")
-  except ConfigError as e:
-    problems.append(str(e))
-  if not tasks:
-    problems.append("data.task_keys_h5 is empty")
-  heads = m.classification.heads
-  if sorted(heads.keys()) != sorted(tasks):
-    problems.append(f"model.classification.heads has {sorted(heads.keys())} but "
-                    f"data.task_keys_h5 is {tasks}")
-  for name, head in heads.items():
-    if head.type not in HEAD_TYPES:
-      problems.append(f"model.classification.heads.{name}.type {head.type!r} not in {HEAD_TYPES}")
-    if head.get("routing_strategy", "soft") not in ROUTINGS:
-      problems.append(f"model.classification.heads.{name}.routing_strategy "
-                      f"{head.routing_strategy!r} not in {ROUTINGS}")
-    if not head.get("temperature", 1.0) > 0:
-      problems.append(f"model.classification.heads.{name}.temperature must be > 0, got "
-                      f"{head.temperature}")
-  for phase in ("train", "val"):
-    funcs = list(config.loss.task_specific[phase].funcs)
-    if len(funcs) != len(tasks):
-      problems.append(f"loss.task_specific.{phase}.funcs has {len(funcs)} entries for "
-                      f"{len(tasks)} tasks")
-    for f in funcs:
-      if f not in LOSSES:
-        problems.append(f"loss.task_specific.{phase}.funcs: {f!r} not in {LOSSES}")
-  weights = list(config.loss.grad_weighting.task.init_weights)
-  if weights and len(weights) != len(tasks):
-    problems.append(f"loss.grad_weighting.task.init_weights has {len(weights)} entries for "
-                    f"{len(tasks)} tasks")
-
-  idxs = {}
-  for name, comp in d.meta.components.items():
-    if not comp.enabled:
-      continue
-    if comp.dim < 1:
-      problems.append(f"data.meta.components.{name}.dim must be >= 1, got {comp.dim}")
-    if not comp.source:
-      problems.append(f"data.meta.components.{name}.source is empty")
-    if comp.columns and len(comp.columns) != comp.dim:
-      problems.append(f"data.meta.components.{name}.columns has {len(comp.columns)} names but "
-                      f"dim is {comp.dim}")
-    if comp.idx in idxs:
-      problems.append(f"data.meta.components {idxs[comp.idx]} and {name} share idx {comp.idx}")
-    idxs[comp.idx] = name
-
-  if d.img_size < 32 or d.img_size % 32:
-    problems.append(f"data.img_size must be a positive multiple of 32 (four stride-2 stages "
-                    f"after the stride-4 stem), got {d.img_size}")
-  for key, minimum in (("batch_size", 1), ("num_workers", 0), ("prefetch_threads", 0)):
-    if (problem := _int_or_auto_problem(f"data.{key}", d[key], minimum)):
-      problems.append(problem)
-  auto_batch = not isinstance(d.batch_size, int)  # 'auto' (or invalid, reported above)
-  if not auto_batch and d.batch_size % num_devices:
-    problems.append(f"data.batch_size {d.batch_size} must be a positive multiple of the "
-                    f"{num_devices} devices")
-  if not 0.0 <= d.batch_size_headroom < 1.0:
-    problems.append(f"data.batch_size_headroom must be in [0, 1), got {d.batch_size_headroom}")
-  if d.batch_size_val > 0 and d.batch_size_val % num_devices:
-    problems.append(f"data.batch_size_val {d.batch_size_val} must be a multiple of the "
-                    f"{num_devices} devices")
-  for key, value, allowed in (
-      ("data.hybrid.missing_image_policy", d.hybrid.missing_image_policy,
-       ("error", "skip", "placeholder")),
-      ("data.sampler.type", d.sampler.type, ("grouped", "standard")),
-      ("data.taxonomy.multi_parent", d.taxonomy.multi_parent, ("error", "majority")),
-      ("logging.wandb.mode", config.logging.wandb.mode, ("", "online", "offline"))):
-    if value not in allowed:
-      problems.append(f"{key} {value!r} not in {allowed}")
-  if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
-    problems.append("logging.wandb.enabled needs the wandb package: pip install -e '.[wandb]'")
-  if (problem := autoaug_policy_problem(config.aug.autoaug.policy)):
-    problems.append(problem)
-  er = config.aug.random_erase
-  if er.mode not in ERASE_MODES:
-    problems.append(f"aug.random_erase.mode {er.mode!r} not in {ERASE_MODES}")
-  if er.count != 1:
-    problems.append("aug.random_erase.count must be 1 (one box per sample)")
-  if not 0.0 <= er.prob <= 1.0:
-    problems.append(f"aug.random_erase.prob must be in [0, 1], got {er.prob}")
-  mix = config.schedule.mix
-  if d.sampler.type == "grouped":
-    if not mix.group_levels or mix.group_levels[0] not in tasks:
-      problems.append(f"schedule.mix.group_levels[0] must be a task key of data.task_keys_h5, "
-                      f"got {list(mix.group_levels)[:1]}")
-    if not auto_batch and (d.batch_size // num_devices) % 2:
-      problems.append(f"data.sampler.type 'grouped' pairs samples: the per-device batch "
-                      f"({d.batch_size} / {num_devices}) must be even")
-  for key in mix.null_task_keys:
-    if key not in tasks:
-      problems.append(f"schedule.mix.null_task_keys: {key!r} is not a task key")
-  if not 0.0 < d.h5.train_val_split_ratio <= 1.0:
-    problems.append(f"data.h5.train_val_split_ratio must be in (0, 1], got "
-                    f"{d.h5.train_val_split_ratio}")
-  if d.synthetic.enabled and d.synthetic.options.img_size != d.img_size:
-    problems.append(f"data.synthetic.options.img_size ({d.synthetic.options.img_size}) differs "
-                    f"from data.img_size ({d.img_size})")
-  if need_data and not d.synthetic.enabled and not (d.h5.labels_path or d.h5.train_labels_path):
-    problems.append("no data: set data.h5.labels_path (or train_labels_path), or enable "
-                    "data.synthetic")
-
-  cs, rs = m.convnext_stages, m.rope_stages
-  if len(cs.dims) != 4:
-    problems.append(f"model.convnext_stages.dims needs 4 entries, got {list(cs.dims)}")
-  elif list(rs.dims) != list(cs.dims[2:]):
-    problems.append(f"model.rope_stages.dims {list(rs.dims)} must equal "
-                    f"model.convnext_stages.dims[2:] {list(cs.dims[2:])}")
-  if len(cs.depths) < 2 or min(cs.depths[:2]) < 1:
-    problems.append(f"model.convnext_stages.depths needs two positive entries, got "
-                    f"{list(cs.depths)}")
-  for key in ("depths", "dims", "num_heads", "mlp_ratio"):
-    if len(rs[key]) != 2:
-      problems.append(f"model.rope_stages.{key} needs 2 entries, got {list(rs[key])}")
-  if len(rs.dims) == 2 and len(rs.num_heads) == 2:
-    for dim, heads in zip(rs.dims, rs.num_heads):
-      if dim % heads or (dim // heads) % 2:
-        problems.append(f"model.rope_stages: dim {dim} with {heads} heads needs an even "
-                        f"integer head dim")
-  for key, allowed in (("rope_mode", ("rotate", "cos_only")),
-                       ("attn_scale", ("rsqrt_head_dim", "inv_head_dim")),
-                       ("meta_missing", ("learned_token", "zeros")),
-                       ("attention_impl", ("auto", "xla", "cudnn")),
-                       ("remat", REMAT),
-                       ("depthwise_impl", ("shift", "conv")),
-                       ("dtype", ("auto", "float32", "bfloat16"))):
-    if m[key] not in allowed:
-      problems.append(f"model.{key} {m[key]!r} not in {allowed}")
-  if not m.rope_stages.rope_mixed:
-    problems.append("model.rope_stages.rope_mixed=False (axial RoPE) is not supported yet")
-  for key in ("drop_path_rate", "drop_rate", "label_smoothing"):
-    if not 0.0 <= m[key] < 1.0:
-      problems.append(f"model.{key} must be in [0, 1), got {m[key]}")
-  if m.in_chans < 1:
-    problems.append(f"model.in_chans must be >= 1, got {m.in_chans}")
-  if not 0.0 < rs.norm_eps < 1.0:
-    problems.append(f"model.rope_stages.norm_eps must be in (0, 1), got {rs.norm_eps}")
-  init = m.init
-  if init.checkpoint and (init.convnext or init.ropevit):
-    problems.append("model.init: give either checkpoint or convnext/ropevit, not both")
-  for key in ("convnext", "ropevit"):
-    path = init[key]
-    if path and not os.path.isfile(path):
-      problems.append(f"model.init.{key}: no such file: {path}")
-  if init.checkpoint and not os.path.exists(init.checkpoint.rsplit(":", 1)[0]) and not (
-      os.path.exists(init.checkpoint)):
-    problems.append(f"model.init.checkpoint: no such file or folder: {init.checkpoint}")
-  if len(d.image_mean) != len(d.image_std) or len(d.image_mean) not in (0, m.in_chans):
-    problems.append(f"data.image_mean {list(d.image_mean)} and data.image_std "
-                    f"{list(d.image_std)} need {m.in_chans} entries each (or none)")
-  elif any(s <= 0 for s in d.image_std):
-    problems.append(f"data.image_std must be positive, got {list(d.image_std)}")
-  o = config.optimizer
-  if not 0.0 < o.layer_decay <= 1.0:
-    problems.append(f"optimizer.layer_decay must be in (0, 1], got {o.layer_decay}")
-
-  if t.resume_step < -1:
-    problems.append(f"train.resume_step must be a checkpoint step or -1 (latest), got "
-                    f"{t.resume_step}")
-  if t.nonfinite_patience < 1:
-    problems.append("train.nonfinite_patience must be >= 1")
-  es = t.early_stop
-  if es.mode not in ("auto", "min", "max"):
-    problems.append(f"train.early_stop.mode {es.mode!r} not in ('auto', 'min', 'max')")
-  if "/" not in es.metric or not es.metric.startswith("val"):
-    problems.append(f"train.early_stop.metric {es.metric!r} must be '<val phase>/<metric>', "
-                    "e.g. 'val/loss' or 'val/acc1/taxa_L10'")
-  if es.patience_evals < 1:
-    problems.append("train.early_stop.patience_evals must be >= 1 (validations)")
-  if config.schedule.checkpoint.keep_top_n < 0:
-    problems.append("schedule.checkpoint.keep_top_n must be >= 0")
-  k = t.accumulation_steps
-  if k < 1:
-    problems.append(f"train.accumulation_steps must be >= 1, got {k}")
-  elif k > 1 and not auto_batch and (
-      d.batch_size % (2 * k) or (d.batch_size // k) % num_devices):
-    problems.append(f"data.batch_size {d.batch_size} must split into train.accumulation_steps "
-                    f"({k}) micro-batches of whole pairs, each a multiple of the {num_devices} "
-                    f"devices")
-  for key, unset in (("steps", "train.epochs counts"), ("epochs", "unused; train.steps counts")):
-    if t[key] < 0:
-      problems.append(f"train.{key} must be >= 0 (0: {unset}), got {t[key]}")
-  if t.steps <= 0 and t.epochs <= 0:
-    problems.append("set train.steps or train.epochs to a positive number")
-  problems += _optimizer_problems(config)  # optimizer.*, lr_scheduler.*, parameter groups
-  problems += _training_dynamics_problems(config, tasks)
-  if config.schedule.checkpoint.keep_last_n < 1:
-    problems.append("schedule.checkpoint.keep_last_n must be >= 1")
-  for key in ("console_interval", "tensorboard_interval"):
-    if config.schedule.metrics[key] < 1:
-      problems.append(f"schedule.metrics.{key} must be >= 1")
+  if not problems:  # value checks would only add noise about misspelled keys
+    env = _Env(num_devices, need_data, list(config.data.task_keys_h5),
+               not isinstance(config.data.batch_size, int))
+    problems += _choice_problems(config) + _range_problems(config)
+    problems += [p for name in DURATIONS if (p := _duration_problem(config, name))]
+    for check in CHECKS:
+      problems += check(config, env)
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -645,46 +711,214 @@ def autoaug_policy_problem(policy: str) -> str | None:
   return f"aug.autoaug.policy {policy!r}: expected 'none', 'original' or 'rand-m<M>-n<N>'"
 
 
-def _optimizer_problems(config) -> list[str]:
-  """Problems of the optimizer and lr_scheduler sections (docs/optimization.md)."""
-  problems, o, s = [], config.optimizer, config.lr_scheduler
-  pg = o.parameter_groups
+def _length_problem(key: str, values, tasks) -> list[str]:
+  if len(values) == len(tasks):
+    return []
+  return [f"{key} has {len(values)} entries for {len(tasks)} tasks"]
 
-  def check_filter(key, text):
-    if (problem := param_filters.problem(text)):
-      problems.append(f"{key} {text!r}: {problem}")
 
-  def check_group(key, node):
-    e = param_group_values(node)
-    if e["optimizer"] and e["optimizer"] not in OPTIMIZERS:
-      problems.append(f"{key}.optimizer {e['optimizer']!r} not in {OPTIMIZERS} "
-                      f"('' = optimizer.name)")
-    if not e["lr_multiplier"] > 0:
-      problems.append(f"{key}.lr_multiplier must be > 0, got {e['lr_multiplier']}")
-    check_filter(f"{key}.decay", e["decay"])
-    return e
+def _task_problems(config, env) -> list[str]:
+  """Task keys, and what has one entry per task (heads, losses, task weights)."""
+  problems, tasks = [], env.tasks
+  try:
+    levels = [task_level(k) for k in tasks]
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+      problems.append(f"data.task_keys_h5 must be strictly ascending in level, finest first: "
+                      f"{tasks}")
+  except ConfigError as e:
+    problems.append(str(e))
+  if not tasks:
+    problems.append("data.task_keys_h5 is empty")
+  heads = sorted(config.model.classification.heads.keys())
+  if heads != sorted(tasks):
+    problems.append(f"model.classification.heads has {heads} but data.task_keys_h5 is {tasks}")
+  for phase in ("train", "val"):
+    key = f"loss.task_specific.{phase}.funcs"
+    problems += _length_problem(key, lookup(config, key), tasks)
+  loss = config.loss
+  if (weights := loss.grad_weighting.task.init_weights):
+    problems += _length_problem("loss.grad_weighting.task.init_weights", weights, tasks)
+  if any(enabled := loss.taxonomy_smoothing.enabled):
+    problems += _length_problem("loss.taxonomy_smoothing.enabled", enabled, tasks)
+  for entry in config.metrics.taxa_subsets:
+    if len(entry) != 3 or entry[1] not in tasks:
+      problems.append(f"metrics.taxa_subsets entry {tuple(entry)} must be (name, task key, "
+                      f"taxon id) with a task of {tasks}")
+  return problems
 
-  if o.name not in OPTIMIZERS:
-    problems.append(f"optimizer.name {o.name!r} not in {OPTIMIZERS}")
+
+def _meta_problems(config, env) -> list[str]:
+  """The enabled metadata components, and the component lists that name them."""
+  del env
+  problems, idxs = [], {}
+  for name, comp in config.data.meta.components.items():
+    if not comp.enabled:
+      continue
+    key = f"data.meta.components.{name}"
+    if comp.dim < 1:
+      problems.append(f"{key}.dim must be >= 1, got {comp.dim}")
+    if not comp.source:
+      problems.append(f"{key}.source is empty")
+    if comp.columns and len(comp.columns) != comp.dim:
+      problems.append(f"{key}.columns has {len(comp.columns)} names but dim is {comp.dim}")
+    if comp.idx in idxs:
+      problems.append(f"data.meta.components {idxs[comp.idx]} and {name} share idx {comp.idx}")
+    idxs[comp.idx] = name
+  names = [n for n, _ in enabled_components(config)]
+  v = config.schedule.validation
+  for key, combos in (("partial_mask_meta.whitelist", v.partial_mask_meta.whitelist),
+                      ("final_epoch.exhaustive_meta_components",
+                       [v.final_epoch.exhaustive_meta_components])):
+    for combo in combos:
+      if (unknown := [c for c in combo if c not in names]):
+        problems.append(f"schedule.validation.{key}: {unknown} not among the enabled "
+                        f"components {names}")
+  return problems
+
+
+def _data_problems(config, env) -> list[str]:
+  """Image size, batch sizes against the devices, the sampler's pairs, the data source."""
+  problems, d, n = [], config.data, env.num_devices
+  if d.img_size < 32 or d.img_size % 32:
+    problems.append(f"data.img_size must be a positive multiple of 32 (four stride-2 stages "
+                    f"after the stride-4 stem), got {d.img_size}")
+  for key, minimum in (("batch_size", 1), ("num_workers", 0), ("prefetch_threads", 0)):
+    if (problem := _int_or_auto_problem(f"data.{key}", d[key], minimum)):
+      problems.append(problem)
+  if not env.auto_batch and d.batch_size % n:
+    problems.append(f"data.batch_size {d.batch_size} must be a positive multiple of the {n} "
+                    "devices")
+  if d.batch_size_val > 0 and d.batch_size_val % n:
+    problems.append(f"data.batch_size_val {d.batch_size_val} must be a multiple of the {n} "
+                    "devices")
+  mix = config.schedule.mix
+  if d.sampler.type == "grouped":
+    if not mix.group_levels or mix.group_levels[0] not in env.tasks:
+      problems.append(f"schedule.mix.group_levels[0] must be a task key of data.task_keys_h5, "
+                      f"got {list(mix.group_levels)[:1]}")
+    if not env.auto_batch and (d.batch_size // n) % 2:
+      problems.append(f"data.sampler.type 'grouped' pairs samples: the per-device batch "
+                      f"({d.batch_size} / {n}) must be even")
+  problems += [f"schedule.mix.null_task_keys: {k!r} is not a task key"
+               for k in mix.null_task_keys if k not in env.tasks]
+  if d.synthetic.enabled and d.synthetic.options.img_size != d.img_size:
+    problems.append(f"data.synthetic.options.img_size ({d.synthetic.options.img_size}) differs "
+                    f"from data.img_size ({d.img_size})")
+  if env.need_data and not d.synthetic.enabled and not (
+      d.h5.labels_path or d.h5.train_labels_path):
+    problems.append("no data: set data.h5.labels_path (or train_labels_path), or enable "
+                    "data.synthetic")
+  return problems
+
+
+def _aug_and_logging_problems(config, env) -> list[str]:
+  del env
+  problems = []
+  if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+    problems.append("logging.wandb.enabled needs the wandb package: pip install -e '.[wandb]'")
+  if (problem := autoaug_policy_problem(config.aug.autoaug.policy)):
+    problems.append(problem)
+  if config.aug.random_erase.count != 1:
+    problems.append("aug.random_erase.count must be 1 (one box per sample)")
+  return problems
+
+
+def _model_problems(config, env) -> list[str]:
+  """The stages' shapes and the input normalisation."""
+  del env
+  problems, m, d = [], config.model, config.data
+  cs, rs = m.convnext_stages, m.rope_stages
+  if len(cs.dims) != 4:
+    problems.append(f"model.convnext_stages.dims needs 4 entries, got {list(cs.dims)}")
+  elif list(rs.dims) != list(cs.dims[2:]):
+    problems.append(f"model.rope_stages.dims {list(rs.dims)} must equal "
+                    f"model.convnext_stages.dims[2:] {list(cs.dims[2:])}")
+  if len(cs.depths) < 2 or min(cs.depths[:2]) < 1:
+    problems.append(f"model.convnext_stages.depths needs two positive entries, got "
+                    f"{list(cs.depths)}")
+  problems += [f"model.rope_stages.{key} needs 2 entries, got {list(rs[key])}"
+               for key in ("depths", "dims", "num_heads", "mlp_ratio") if len(rs[key]) != 2]
+  if len(rs.dims) == 2 and len(rs.num_heads) == 2:
+    problems += [f"model.rope_stages: dim {dim} with {heads} heads needs an even integer head "
+                 f"dim" for dim, heads in zip(rs.dims, rs.num_heads)
+                 if dim % heads or (dim // heads) % 2]
+  if not rs.rope_mixed:
+    problems.append("model.rope_stages.rope_mixed=False (axial RoPE) is not supported yet")
+  if len(d.image_mean) != len(d.image_std) or len(d.image_mean) not in (0, m.in_chans):
+    problems.append(f"data.image_mean {list(d.image_mean)} and data.image_std "
+                    f"{list(d.image_std)} need {m.in_chans} entries each (or none)")
+  elif any(s <= 0 for s in d.image_std):
+    problems.append(f"data.image_std must be positive, got {list(d.image_std)}")
+  return problems
+
+
+def _init_problems(config, env) -> list[str]:
+  """model.init: one kind of source, and files that exist."""
+  del env
+  problems, init = [], config.model.init
+  if init.checkpoint and (init.convnext or init.ropevit):
+    problems.append("model.init: give either checkpoint or convnext/ropevit, not both")
+  problems += [f"model.init.{key}: no such file: {init[key]}" for key in ("convnext", "ropevit")
+               if init[key] and not os.path.isfile(init[key])]
+  if init.checkpoint and not os.path.exists(init.checkpoint.rsplit(":", 1)[0]) and not (
+      os.path.exists(init.checkpoint)):
+    problems.append(f"model.init.checkpoint: no such file or folder: {init.checkpoint}")
+  return problems
+
+
+def _train_problems(config, env) -> list[str]:
+  """Training length, micro-batches and the early-stopping metric."""
+  problems, t, d = [], config.train, config.data
+  k = t.accumulation_steps
+  if k > 1 and not env.auto_batch and (
+      d.batch_size % (2 * k) or (d.batch_size // k) % env.num_devices):
+    problems.append(f"data.batch_size {d.batch_size} must split into train.accumulation_steps "
+                    f"({k}) micro-batches of whole pairs, each a multiple of the "
+                    f"{env.num_devices} devices")
+  if t.steps <= 0 and t.epochs <= 0:
+    problems.append("set train.steps or train.epochs to a positive number")
+  metric = t.early_stop.metric
+  if "/" not in metric or not metric.startswith("val"):
+    problems.append(f"train.early_stop.metric {metric!r} must be '<val phase>/<metric>', "
+                    "e.g. 'val/loss' or 'val/acc1/taxa_L10'")
+  return problems
+
+
+def _filter_problem(key: str, text: str) -> list[str]:
+  problem = param_filters.problem(text)
+  return [f"{key} {text!r}: {problem}"] if problem else []
+
+
+def _param_group_problem(key: str, node, needs_filter: bool = True) -> list[str]:
+  e = param_group_values(node)
+  problems = _filter_problem(f"{key}.decay", e["decay"])
+  if e["optimizer"] and e["optimizer"] not in OPTIMIZERS:
+    problems.append(f"{key}.optimizer {e['optimizer']!r} not in {OPTIMIZERS} "
+                    f"('' = optimizer.name)")
+  if not e["lr_multiplier"] > 0:
+    problems.append(f"{key}.lr_multiplier must be > 0, got {e['lr_multiplier']}")
+  if not needs_filter:
+    return problems
+  if not e["filter"]:
+    return problems + [f"{key}.filter is empty (use 'all' to match everything)"]
+  return problems + _filter_problem(f"{key}.filter", e["filter"])
+
+
+def _optimizer_problems(config, env) -> list[str]:
+  """Betas, filters and parameter groups (docs/optimization.md)."""
+  del env
+  o = config.optimizer
+  pg, order = o.parameter_groups, list(o.parameter_groups.order)
+  problems = _filter_problem("optimizer.muon.adamw_filter", o.muon.adamw_filter)
   if len(o.betas) not in (2, 3) or not all(0.0 <= b < 1.0 for b in o.betas):
     problems.append(f"optimizer.betas must be 2 or 3 numbers in [0, 1), got {tuple(o.betas)}")
-  if not 0.0 <= o.momentum < 1.0:
-    problems.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
-  if o.weight_decay < 0:
-    problems.append(f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
-  if o.muon.ns_steps < 1:
-    problems.append("optimizer.muon.ns_steps must be >= 1")
-  check_filter("optimizer.muon.adamw_filter", o.muon.adamw_filter)
   if o.freeze:
-    check_filter("optimizer.freeze", o.freeze)
-  check_group("optimizer.parameter_groups.default", pg.default)
-  order = list(pg.order)
+    problems += _filter_problem("optimizer.freeze", o.freeze)
+  problems += _param_group_problem("optimizer.parameter_groups.default", pg.default, False)
   if len(set(order)) != len(order):
     problems.append(f"optimizer.parameter_groups.order has duplicates: {order}")
-  for name in order:
-    if name not in pg.groups:
-      problems.append(f"optimizer.parameter_groups.order names {name!r}, which is not in "
-                      f"optimizer.parameter_groups.groups")
+  problems += [f"optimizer.parameter_groups.order names {name!r}, which is not in "
+               f"optimizer.parameter_groups.groups" for name in order if name not in pg.groups]
   for name, node in pg.groups.items():
     key = f"optimizer.parameter_groups.groups.{name}"
     if name == "frozen" and o.freeze:
@@ -693,22 +927,16 @@ def _optimizer_problems(config) -> list[str]:
       problems.append(f"{key}: 'default' is reserved (set optimizer.parameter_groups.default)")
     if name not in order:
       problems.append(f"{key} is not in optimizer.parameter_groups.order (the matching order)")
-    e = check_group(key, node)
-    if not e["filter"]:
-      problems.append(f"{key}.filter is empty (use 'all' to match everything)")
-    else:
-      check_filter(f"{key}.filter", e["filter"])
+    problems += _param_group_problem(key, node)
+  return problems
 
-  if s.name not in LR_SCHEDULES:
-    problems.append(f"lr_scheduler.name {s.name!r} not in {LR_SCHEDULES}")
-  if s.base_lr <= 0:
-    problems.append(f"lr_scheduler.base_lr must be positive, got {s.base_lr}")
+
+def _lr_problems(config, env) -> list[str]:
+  """What each learning-rate schedule needs."""
+  del env
+  problems, s = [], config.lr_scheduler
   if s.min_lr > s.base_lr:
     problems.append(f"lr_scheduler.min_lr {s.min_lr} exceeds base_lr {s.base_lr}")
-  if s.warmup_lr < 0 or s.min_lr < 0:
-    problems.append("lr_scheduler.warmup_lr and min_lr must be >= 0")
-  if s.decay_type not in DECAY_TYPES:
-    problems.append(f"lr_scheduler.decay_type {s.decay_type!r} not in {DECAY_TYPES}")
   if s.name == "step" and (s.decay_steps < 1 or not 0.0 < s.decay_rate <= 1.0):
     problems.append(f"lr_scheduler 'step' needs decay_steps >= 1 and decay_rate in (0, 1], got "
                     f"{s.decay_steps}, {s.decay_rate}")
@@ -721,89 +949,63 @@ def _optimizer_problems(config) -> list[str]:
   return problems
 
 
-def _training_dynamics_problems(config, tasks) -> list[str]:
-  """Masking, null, mixing and loss-weighting options (docs/training.md)."""
-  problems, s = [], config.schedule
-  names = [n for n, _ in enabled_components(config)]
-  pm = s.meta_masking.partial
-  ramps = {"schedule.meta_masking": s.meta_masking, "schedule.meta_masking.partial": pm,
-           "schedule.null_masking": s.null_masking, "schedule.mix.prob": s.mix.prob}
-  for name, node in ramps.items():
-    for key in ("start_prob", "end_prob"):
-      if node.enabled and not 0.0 <= node[key] <= 1.0:
-        problems.append(f"{name}.{key} must be in [0, 1], got {node[key]}")
-    if (node.enabled and name != "schedule.meta_masking.partial"  # its end: below
-        and node.start_prob != node.end_prob and node.end_steps <= 0 and node.end_fraction <= 0):
+def _has_duration(config, name: str) -> bool:
+  return bool(_members(config, name)) or DURATIONS[name].default is not None
+
+
+def _schedule_problems(config, env) -> list[str]:
+  """Enabled ramps: probabilities and an end; partial masking's whitelist and window."""
+  del env
+  problems = []
+  for name, end in RAMPS.items():
+    node = lookup(config, name)
+    if not node.enabled:
+      continue
+    problems += [f"{name}.{key} must be in [0, 1], got {node[key]}"
+                 for key in ("start_prob", "end_prob") if not 0.0 <= node[key] <= 1.0]
+    if node.start_prob != node.end_prob and not _has_duration(config, f"{name}.{end}"):
       problems.append(f"{name} ramps {node.start_prob} -> {node.end_prob} but has no end: set "
-                      "end_steps or end_fraction")
-  if pm.enabled:
-    if not pm.whitelist:
-      problems.append("schedule.meta_masking.partial is enabled with an empty whitelist")
-    for combo in pm.whitelist:
-      unknown = [c for c in combo if c not in names]
-      if not combo or unknown:
-        problems.append(f"schedule.meta_masking.partial.whitelist entry {list(combo)}: "
-                        f"components must be among the enabled {names}")
-    if pm.weights and (len(pm.weights) != len(pm.whitelist) or min(pm.weights) <= 0):
-      problems.append(f"schedule.meta_masking.partial.weights {list(pm.weights)} must be "
-                      f"{len(pm.whitelist)} positive numbers (one per whitelist entry) or empty")
-    if pm.end_steps <= 0 and pm.end_fraction < 0:
-      problems.append("schedule.meta_masking.partial is enabled but has no end: set end_steps "
-                      "or end_fraction")
-  for entry in config.metrics.taxa_subsets:
-    if len(entry) != 3 or entry[1] not in tasks:
-      problems.append(f"metrics.taxa_subsets entry {tuple(entry)} must be (name, task key, "
-                      f"taxon id) with a task of {tasks}")
-  v = s.validation
-  for key, combos in (("partial_mask_meta.whitelist", v.partial_mask_meta.whitelist),
-                      ("final_epoch.exhaustive_meta_components",
-                       [v.final_epoch.exhaustive_meta_components])):
-    for combo in combos:
-      unknown = [c for c in combo if c not in names]
-      if unknown:
-        problems.append(f"schedule.validation.{key}: {unknown} not among the enabled "
-                        f"components {names}")
-  mix = s.mix
-  if mix.meta_mix not in ("pick", "prefer_valid"):
-    problems.append(f"schedule.mix.meta_mix {mix.meta_mix!r} not in ('pick', 'prefer_valid')")
+                      f"{end}_steps or {end}_fraction")
+  pm, names = config.schedule.meta_masking.partial, [n for n, _ in enabled_components(config)]
+  if not pm.enabled:
+    return problems
+  if not pm.whitelist:
+    problems.append("schedule.meta_masking.partial is enabled with an empty whitelist")
+  problems += [f"schedule.meta_masking.partial.whitelist entry {list(combo)}: components must "
+               f"be among the enabled {names}" for combo in pm.whitelist
+               if not combo or any(c not in names for c in combo)]
+  if pm.weights and (len(pm.weights) != len(pm.whitelist) or min(pm.weights) <= 0):
+    problems.append(f"schedule.meta_masking.partial.weights {list(pm.weights)} must be "
+                    f"{len(pm.whitelist)} positive numbers (one per whitelist entry) or empty")
+  if not _has_duration(config, "schedule.meta_masking.partial.end"):
+    problems.append("schedule.meta_masking.partial is enabled but has no end: set end_steps "
+                    "or end_fraction")
+  return problems
+
+
+def _mix_problems(config, env) -> list[str]:
+  """Selective mixing needs the grouped sampler's partners and a mixing method."""
+  del env
+  problems, mix = [], config.schedule.mix
   if mix.prob.enabled:
     if config.data.sampler.type != "grouped":
       problems.append("schedule.mix.prob.enabled needs data.sampler.type 'grouped' (partners)")
     if not (mix.mixup.enabled or mix.cutmix.enabled):
       problems.append("schedule.mix.prob.enabled but neither mix.mixup nor mix.cutmix is")
-  for key in ("mixup", "cutmix"):
-    if mix[key].alpha <= 0:
-      problems.append(f"schedule.mix.{key}.alpha must be > 0, got {mix[key].alpha}")
   mm = list(mix.cutmix.minmax)
   if mm and not (len(mm) == 2 and 0.0 <= mm[0] < mm[1] <= 1.0):
     problems.append(f"schedule.mix.cutmix.minmax must be () or (a, b) with 0 <= a < b <= 1, "
                     f"got {tuple(mm)}")
-  gw = config.loss.grad_weighting
-  if gw.task.type not in TASK_WEIGHTING:
-    problems.append(f"loss.grad_weighting.task.type {gw.task.type!r} not in {TASK_WEIGHTING}")
-  if gw.task.update_interval < 1:
-    problems.append("loss.grad_weighting.task.update_interval must be >= 1")
-  if gw["class"].method not in CLASS_WEIGHTS:
-    problems.append(f"loss.grad_weighting.class.method {gw['class'].method!r} not in "
-                    f"{CLASS_WEIGHTS}")
-  enabled = list(config.loss.taxonomy_smoothing.enabled)
-  if any(enabled) and len(enabled) != len(tasks):
-    problems.append(f"loss.taxonomy_smoothing.enabled has {len(enabled)} entries for "
-                    f"{len(tasks)} tasks")
   return problems
 
 
-def resolve_steps(steps: int, fraction: float, epochs: float, total_steps: int,
-                  steps_per_epoch: int) -> int:
-  """The one precedence rule: steps > fraction > epochs; 0 = unset
-  (docs/design.md#one-step-resolution-rule-for-schedules)."""
-  if steps > 0:
-    return int(steps)
-  if fraction >= 0:
-    return max(1, round(total_steps * fraction))
-  if epochs > 0:
-    return max(1, round(epochs * steps_per_epoch))
-  return 0
+# The rules between keys, by section; each returns its problems.
+CHECKS = (_task_problems, _meta_problems, _data_problems, _aug_and_logging_problems,
+          _model_problems, _init_problems, _train_problems, _optimizer_problems, _lr_problems,
+          _schedule_problems, _mix_problems)
+
+
+# ----------------------------------------------------------------------------- Runs
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -818,8 +1020,11 @@ def to_json(config) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   """A config written by `to_json` (DIR/config.json), with defaults for keys added since; its
-  lists come back as tuples, so that it can still be overridden on the command line."""
-  return load_overrides(ml_collections.ConfigDict(tuples(json.loads(text))))
+  lists come back as tuples, so that it can still be overridden on the command line. A file
+  written before the one-member rule keeps the member of each duration that counted then."""
+  config = load_overrides(ml_collections.ConfigDict(tuples(json.loads(text))))
+  _keep_first_members(config)
+  return config
 
 
 def read_json(path: str) -> ml_collections.ConfigDict:

@@ -266,8 +266,7 @@ def batch_factor(config) -> float:
 
 def lr_spec(config, total_steps: int, steps_per_epoch: int) -> LrSpec:
   s = config.lr_scheduler
-  warmup = config_lib.resolve_steps(s.warmup_steps, s.warmup_fraction, s.warmup_epochs,
-                                    total_steps, steps_per_epoch)
+  warmup = config_lib.resolve_duration(config, "lr_scheduler.warmup", total_steps, steps_per_epoch)
   warmup = min(warmup, max(total_steps - 1, 0))
   decay = max(total_steps - warmup, 1)
   f = batch_factor(config)

@@ -1,9 +1,9 @@
 """Training-time probabilities as pure functions of the step (docs/training.md#schedules).
 
-Every end is resolved to an integer step once, at start-up, by the one precedence rule of
-`config.resolve_steps` (steps > fraction > epochs;
-docs/design.md#one-step-resolution-rule-for-schedules); the functions below are then
-jnp-traceable in the step, so they run inside the jitted train step.
+Every end is a duration of `config.DURATIONS`, resolved to an integer step once, at start-up, by
+`config.resolve_duration` (the one member set, else the table's default;
+docs/design.md#one-duration-rule); the functions below are then jnp-traceable in the step, so they
+run inside the jitted train step.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ class Ramp:
     return ramp(step, self.start_prob, self.end_prob, self.end_step)
 
 
-def _ramp(node, total: int, spe: int, name: str, off: float = 0.0, prefix: str = "end") -> Ramp:
-  end = config_lib.resolve_steps(node[f"{prefix}_steps"], node[f"{prefix}_fraction"], 0, total,
-                                 spe)
+def _ramp(config, name: str, total: int, spe: int, off: float = 0.0) -> Ramp:
+  """The ramp of the config node `name`, ending at its duration of `config.RAMPS`."""
+  node, prefix = config_lib.lookup(config, name), config_lib.RAMPS[name]
+  end = config_lib.resolve_duration(config, f"{name}.{prefix}", total, spe)
   if node.enabled and end <= 0 and node.start_prob != node.end_prob:
     raise config_lib.ConfigError(f"{name} ramps {node.start_prob} -> {node.end_prob} but has no "
                                  f"end: set {prefix}_steps or {prefix}_fraction")
@@ -71,20 +72,19 @@ class Schedules:
 
   @classmethod
   def from_config(cls, config, total_steps: int, steps_per_epoch: int) -> "Schedules":
-    s, spe, total = config.schedule, steps_per_epoch, total_steps
-    mm, pm = s.meta_masking, s.meta_masking.partial
+    spe, total, pm = steps_per_epoch, total_steps, config.schedule.meta_masking.partial
     names = [n for n, _ in config_lib.enabled_components(config)]
     combos = [tuple(n in combo for n in names) for combo in pm.whitelist]
     weights = tuple(float(w) for w in pm.weights) or (1.0,) * len(combos)
-    start = config_lib.resolve_steps(pm.start_steps, pm.start_fraction, 0, total, spe)
-    end = config_lib.resolve_steps(pm.end_steps, pm.end_fraction, 0, total, spe)
+    start, end = (config_lib.resolve_duration(config, f"schedule.meta_masking.partial.{k}", total,
+                                              spe) for k in ("start", "end"))
     return cls(
-        meta_mask=_ramp(mm, total, spe, "schedule.meta_masking"),
-        partial=_ramp(pm, total, spe, "schedule.meta_masking.partial", prefix="prob_end"),
+        meta_mask=_ramp(config, "schedule.meta_masking", total, spe),
+        partial=_ramp(config, "schedule.meta_masking.partial", total, spe),
         partial_start=start, partial_end=end if pm.enabled else 0,
         combos_KxC=tuple(combos), combo_weights=weights,
-        null_keep=_ramp(s.null_masking, total, spe, "schedule.null_masking", off=1.0),
-        mix=_ramp(s.mix.prob, total, spe, "schedule.mix.prob"))
+        null_keep=_ramp(config, "schedule.null_masking", total, spe, off=1.0),
+        mix=_ramp(config, "schedule.mix.prob", total, spe))
 
   def partial_prob(self, step):
     """p_part inside the window, 0 outside (or with an empty whitelist)."""

@@ -199,13 +199,17 @@ def test_step_decay_stops_at_min_lr():
                              [PEAK, PEAK / 10, LOW, LOW], rtol=1e-5)
 
 
-def test_warmup_precedence_steps_then_fraction_then_epochs():
-  c = _small_config(warmup_steps=7, warmup_fraction=0.2, warmup_epochs=3.0)
-  assert optim.lr_spec(c, 110, 10).warmup == 7
-  c.lr_scheduler.warmup_steps = 0
-  assert optim.lr_spec(c, 110, 10).warmup == 22
-  c.lr_scheduler.warmup_fraction = -1.0
-  assert optim.lr_spec(c, 110, 10).warmup == 30
+def test_warmup_is_one_duration():
+  c = _small_config(warmup_steps=7, warmup_epochs=3.0)
+  with pytest.raises(config_lib.ConfigError, match="lr_scheduler.warmup_steps=7 and "
+                     "lr_scheduler.warmup_epochs=3.0 are both set"):
+    optim.lr_spec(c, 110, 10)
+  for member, value, steps in (("steps", 7, 7), ("fraction", 0.2, 22), ("epochs", 3.0, 30)):
+    c = _small_config(**{f"warmup_{member}": value})
+    assert optim.lr_spec(c, 110, 10).warmup == steps, member
+  c = _small_config(warmup_fraction=0.0)  # none set: the default, 5 epochs
+  assert optim.lr_spec(c, 110, 10).warmup == 50
+  assert optim.lr_spec(c, 40, 10).warmup == 39  # at most total - 1
 
 
 def test_batch_scaling_applies_at_every_step():

@@ -68,10 +68,30 @@ def test_disabled_schedules_and_precedence(small_dataset):
   assert float(s.mix(5)) == 0.0 and float(s.partial_prob(5)) == 0.0
   c.schedule.meta_masking.end_fraction = 0.5
   assert schedules.Schedules.from_config(c, 200, 10).meta_mask.end_step == 100
-  c.schedule.meta_masking.end_steps = 30  # explicit steps beat the fraction
+  c.schedule.meta_masking.end_steps = 30  # one member of a duration: two is an error
+  with pytest.raises(config_lib.ConfigError, match="end_steps=30 and schedule.meta_masking."
+                     r"end_fraction=0.5 are both set: set one \(0 unsets\)"):
+    schedules.Schedules.from_config(c, 200, 10)
+  c.schedule.meta_masking.end_fraction = 0.0
   assert schedules.Schedules.from_config(c, 200, 10).meta_mask.end_step == 30
+  c.schedule.meta_masking.end_steps = 0  # none set: DURATIONS' default, 30% of training
+  assert schedules.Schedules.from_config(c, 200, 10).meta_mask.end_step == 60
   c.schedule.meta_masking.enabled = False
   assert float(schedules.Schedules.from_config(c, 200, 10).meta_mask(0)) == 0.0
+
+
+def test_partial_masking_window_and_ramp_are_durations(small_dataset):
+  c = _config(small_dataset)
+  pm = c.schedule.meta_masking.partial
+  pm.start_fraction, pm.start_steps = 0.0, 50  # steps instead of the fraction
+  pm.end_fraction, pm.end_steps = 0.0, 700
+  pm.prob_end_fraction = 0.0  # unset: DURATIONS' default, half of training
+  s = schedules.Schedules.from_config(c, total_steps=1000, steps_per_epoch=10)
+  assert (s.partial_start, s.partial_end, s.partial.end_step) == (50, 700, 500)
+  pm.start_steps = 0  # unset, no default: the window opens at step 0
+  assert schedules.Schedules.from_config(c, 1000, 10).partial_start == 0
+  pm.enabled = False
+  assert schedules.Schedules.from_config(c, 1000, 10).partial_end == 0
 
 
 def test_a_ramp_without_an_end_is_a_config_error(small_dataset):
