@@ -41,7 +41,7 @@ def demo_bundle(tmp: str) -> tuple[str, str]:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   platform = {"gpu": "cuda"}.get(env["JAX_PLATFORMS"], env["JAX_PLATFORMS"])  # of the forward
   for cmd in (["linnaeus_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-               "--config.train.steps=20", "--config.schedule.validation.interval_steps=0",
+               "--config.train.steps=20", "--config.schedule.validation.interval_fraction=1.0",
                f"--config.data.synthetic.cache_dir={os.path.join(tmp, 'data')}"],
               ["linnaeus_jax.export", f"--workdir={workdir}", f"--out={bundle}",
                f"--platforms={platform}"]):

@@ -90,9 +90,7 @@ def tiny_config(dataset_dir: str, **train):
   c.lr_scheduler.warmup_steps = 5
   c.schedule.meta_masking.end_fraction = 0.5
   c.schedule.meta_masking.start_prob = 0.5
-  c.schedule.validation.interval_steps = 0
-  c.schedule.validation.interval_epochs = 0
-  c.schedule.validation.mask_meta_interval_epochs = 0
+  c.schedule.validation.mask_meta_interval_fraction = 1.0  # only at the end
   c.schedule.checkpoint.interval_steps = 10
   c.schedule.metrics.console_interval = 10
   c.schedule.metrics.tensorboard_interval = 1

@@ -107,7 +107,7 @@ def test_precedence_defaults_arch_experiment(repo):
   assert c.data.img_size == 256 and c.train.clip_grad == 1.0 and c.train.epochs == 20.0
   assert c.data.batch_size == 16 and c.train.accumulation_steps == 2  # 8 per GPU x 2 micro-batches
   assert c.lr_scheduler.base_lr == 5e-4  # the string '5e-4' decoded as YACS does
-  assert c.lr_scheduler.warmup_fraction == -1.0  # None = unset
+  assert c.lr_scheduler.warmup_fraction == 0.0  # None = unset
   assert c.loss.grad_weighting.task.type == "static"  # gradnorm with GRADNORM_ENABLED False
   assert report["includes"] == [os.path.join(root, "configs/common.yaml"),
                                 os.path.join(root, "configs/model/archs/tiny.yaml")]
