@@ -131,10 +131,65 @@ def test_evaluate_a_checkpoint_reproduces_the_final_validation(small_dataset, tm
   assert r.returncode == 0, r.stderr[-3000:]
   written = json.load(open(tmp_path / "eval" / "step_10.json"))
   assert set(written) == set(results) and written["val"]["per_class"] == rows
-  assert "worst classes on val" in r.stdout
+  out = r.stdout.splitlines()
+  i = out.index("step 10: top-1 (%) per rank")  # a table: ranks coarse to fine, phases sorted
+  assert out[i + 1].split() == ["phase", "loss", "taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"]
+  table = {line.split()[0]: line.split()[1:] for line in out[i + 2:i + 2 + len(results)]}
+  assert list(table) == sorted(results)
+  assert table["val"] == [f"{results['val']['loss']:.4f}"] + [
+      f"{results['val'][f'acc1/{t}']:.1f}" for t in ("taxa_L40", "taxa_L30", "taxa_L20",
+                                                    "taxa_L10")]
+  j = out.index("worst taxa on val (top-1 of its val examples, its train examples):")
+  worst = out[j + 1:j + 5]
+  assert [line.split()[0] for line in worst] == ["taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"]
+  first = min((r for r in rows["taxa_L10"] if r["support"] and r["taxon_id"] != 0),
+              key=lambda r: (r["top1"], -r["support"], r["class"]))
+  assert worst[3].startswith(f"  taxa_L10   {first['name']} {first['top1']:.0f}% of "
+                             f"{first['support']} (train {first['train_count']})"), worst[3]
   import csv  # pylint: disable=g-import-not-at-top
   lines = list(csv.DictReader(open(tmp_path / "eval" / "step_10_per_class.csv")))
   assert len(lines) == sum(len(v) for v in rows.values())
   assert lines[0]["task"] == "taxa_L10" and int(lines[0]["support"]) == rows["taxa_L10"][0]["support"]
+  assert lines[0]["name"] == rows["taxa_L10"][0]["name"] == "null"  # class 0: the null class
   for phase in results:
     assert written[phase]["loss"] == pytest.approx(results[phase]["loss"], rel=1e-5), phase
+
+
+def test_results_table_names_the_ranks_coarse_to_fine():
+  """Header: phase, loss, then the ranks coarsest first (task_keys reversed); each phase's
+  values in that order, right-aligned under their rank."""
+  results = {"val": {"loss": 1.5, "acc1/taxa_L10": 50.0, "acc1/taxa_L20": 87.5},
+             "val_mask_meta": {"loss": 2.25, "acc1/taxa_L10": 25.0, "acc1/taxa_L20": 62.54}}
+  lines = evaluate.results_table(results, ["taxa_L10", "taxa_L20"])
+  assert lines == [
+      "  phase" + " " * 29 + "loss" + " " * 3 + "taxa_L20" + " " * 3 + "taxa_L10",
+      "  val" + " " * 29 + "1.5000" + " " * 7 + "87.5" + " " * 7 + "50.0",
+      "  val_mask_meta" + " " * 19 + "2.2500" + " " * 7 + "62.5" + " " * 7 + "25.0"]
+  for line in lines[1:]:  # each value ends under its rank's name
+    assert len(line) == len(lines[0])
+  long = "val_mask_TEMPORAL_SPATIAL_ELEV"  # 30 characters: the phase column widens
+  lines = evaluate.results_table({long: results["val"]}, ["taxa_L10", "taxa_L20"])
+  assert lines[1] == f"  {long}" + " " * 4 + "1.5000" + " " * 7 + "87.5" + " " * 7 + "50.0"
+  assert lines[0].index("loss") == lines[1].index("1.5000") + 2
+
+
+def _row(cls, taxon_id, name, top1, support, train_count):
+  return {"class": cls, "taxon_id": taxon_id, "name": name, "top1": top1, "support": support,
+          "train_count": train_count, "correct": None, "predicted": None, "precision": None}
+
+
+def test_worst_summary_names_taxa_coarse_to_fine_without_the_null_class():
+  rows = {  # fine to coarse, as per_class_rows gives them
+      "taxa_L10": [_row(0, 0, "null", 0.0, 9, 30),  # worst of all, but the null class
+                   _row(1, 101, "Quercus alba", 50.0, 4, 10),
+                   _row(2, 102, "Quercus rubra", 100.0, 2, 8),
+                   _row(3, 103, "Fagus grandifolia", None, 0, 5),  # no val examples
+                   _row(4, 104, "104", 50.0, 2, 3)],  # unnamed: its id
+      "taxa_L20": [_row(0, 0, "null", 10.0, 5, 12),
+                   _row(1, 7, "Quercus", 66.6667, 6, 18), _row(2, 8, "Fagus", 80.0, 5, 5)]}
+  assert evaluate.worst_summary(rows) == [
+      "  taxa_L20   Quercus 67% of 6 (train 18); Fagus 80% of 5 (train 5)",
+      "  taxa_L10   Quercus alba 50% of 4 (train 10); 104 50% of 2 (train 3); "
+      "Quercus rubra 100% of 2 (train 8)"]
+  assert evaluate.worst_summary(rows, k=1) == ["  taxa_L20   Quercus 67% of 6 (train 18)",
+                                               "  taxa_L10   Quercus alba 50% of 4 (train 10)"]

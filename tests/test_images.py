@@ -101,3 +101,32 @@ def test_location_kinds(tmp_path, small_dataset):
     for row, name in enumerate(names):
       np.testing.assert_array_equal(reader(row, "unused"),
                                     images.ImageReader(folder, 32)(row, name))
+
+
+def test_unreadable_images_are_warned_about_once_then_counted(tmp_path, small_dataset, caplog,
+                                                              monkeypatch):
+  """Under `placeholder` an unreadable image read every epoch warns once, naming it; the second
+  is only counted; `unreadable_images` lists both with their reasons."""
+  monkeypatch.setattr(images, "_UNREADABLE", {})  # this process's record, fresh for the test
+  folder, names = _folder(tmp_path, small_dataset)
+  (tmp_path / "imgs" / "corrupt.jpg").write_bytes(b"not a jpeg")
+  reader = images.ImageReader(folder, 32, policy="placeholder")
+  with caplog.at_level("WARNING"):
+    for _ in range(3):  # three epochs
+      assert not reader(5, "corrupt.jpg").any()
+      assert not reader(6, "absent").any()
+      assert reader(0, names[0]).any()  # readable images are not noted
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  corrupt, absent = os.path.join(folder, "corrupt.jpg"), os.path.join(folder, "absent.jpg")
+  assert len(warnings) == 1 and warnings[0].startswith(f"image {corrupt} unreadable ("), warnings
+  assert "using a zero image. Further unreadable images are counted" in warnings[0]
+  bad = images.unreadable_images()
+  assert list(bad) == [corrupt, absent]
+  assert "No such file or directory" in bad[absent] and "cannot identify" in bad[corrupt], bad
+  bad.clear()  # a copy: the record is unchanged
+  assert len(images.unreadable_images()) == 2
+  caplog.clear()
+  with caplog.at_level("WARNING"):  # `skip` adds to the same record, silently after the first
+    assert images.ImageReader(folder, 32, policy="skip")(7, "gone") is None
+  assert not caplog.records
+  assert list(images.unreadable_images()) == [corrupt, absent, os.path.join(folder, "gone.jpg")]

@@ -310,3 +310,34 @@ def test_skip_policy_excludes_missing_images_up_front(small_dataset, tmp_path):
   c.data.hybrid.verify_images.enabled = True
   with pytest.raises(FileNotFoundError, match="3 of .* images missing"):
     labels.load(c)
+
+
+def test_taxon_names_from_the_builders_taxa_json(tmp_path):
+  """taxa.json beside the labels file ({task: {raw id: {"name": ...}}}) names the classes;
+  the null class is 'null', a taxon without a name its raw id; without the file, no names."""
+  from linnaeus_jax import evaluate  # pylint: disable=g-import-not-at-top
+  path = _write(tmp_path / "l.h5", img_identifiers=[f"{i}.jpg" for i in range(6)],
+                taxa_L10=SPECIES, taxa_L20=GENUS, spatial=np.ones((6, 3), np.float32))
+  d = labels.load(_hand_config(path))
+  assert d.taxon_names == {} and "taxon_names.json" not in d.assets()
+  assert [d.name("taxa_L10", i) for i in range(4)] == ["null", "10", "20", "30"]
+  taxa = {"taxa_L10": {"10": {"name": "Quercus alba", "rank": "species"},
+                       "30": {"name": "Fagus grandifolia"}, "99": {"name": "not in the data"}},
+          "taxa_L20": {"5": {"name": "Quercus"}, "7": {"id_given": True}},  # 7: no name
+          "taxa_L30": {"1": {"name": "Fagaceae"}}}  # not a task of this config
+  (tmp_path / "taxa.json").write_text(json.dumps(taxa))
+  d = labels.load(_hand_config(path))
+  assert d.taxon_names == {"taxa_L10": {"10": "Quercus alba", "30": "Fagus grandifolia",
+                                        "99": "not in the data"},
+                           "taxa_L20": {"5": "Quercus"}}
+  # class_to_idx: taxa_L10 {null: 0, 10: 1, 20: 2, 30: 3}, taxa_L20 {null: 0, 5: 1, 7: 2}
+  assert [d.name("taxa_L10", i) for i in range(4)] == ["null", "Quercus alba", "20",
+                                                      "Fagus grandifolia"]
+  assert [d.name("taxa_L20", i) for i in range(3)] == ["null", "Quercus", "7"]
+  assert json.loads(d.assets()["taxon_names.json"]) == d.taxon_names
+  counts = {t: np.zeros((3, d.num_classes[t]), np.int64) for t in d.task_keys}
+  rows = evaluate.per_class_rows(counts, d)  # the names the reports and plots show
+  assert [r["name"] for r in rows["taxa_L10"]] == ["null", "Quercus alba", "20",
+                                                   "Fagus grandifolia"]
+  assert [(r["taxon_id"], r["name"]) for r in rows["taxa_L20"]] == [(0, "null"), (5, "Quercus"),
+                                                                     (7, "7")]

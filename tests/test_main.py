@@ -304,7 +304,8 @@ def test_two_processes_resume_from_one_device_change_mesh_and_go_back(config_fil
   step_dir = run / "checkpoints" / str(STEPS)
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir / "state"))
-  assert "top-1 per rank" in outs[0] and "top-1 per rank" not in outs[1]
+  assert "top-1 (%) per rank" in outs[0] and "top-1 (%) per rank" not in outs[1]
+  assert "tensorboard --logdir" in outs[0] and "tensorboard --logdir" not in outs[1]
 
   back = _copy_at(run, tmp_path / "back", 10)
   out = _finish(_launch(config_file, back))

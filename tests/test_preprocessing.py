@@ -143,3 +143,103 @@ def test_large_pngs_are_unaffected_by_draft(tmp_path):
   np.testing.assert_array_equal(
       full, np.asarray(Image.fromarray(_photo(2048, 2048)).resize((384, 384),
                                                                   Image.Resampling.BOX)))
+
+
+def _asymmetric(w: int = 24, h: int = 16) -> np.ndarray:
+  """An upright HxWx3 picture that each of the 8 turns and flips changes: red rises to the
+  right, green downwards, blue is bright around the top-left corner only (smooth, so JPEG
+  keeps it well)."""
+  y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+  blue = 60 + 140 * np.exp(-4 * (x ** 2 + y ** 2))
+  return np.stack([230 * x, 225 * y, blue], -1).round().astype(np.uint8)
+
+
+# What a reader that ignores (or misreads) the tag would show instead: the 7 other dihedral
+# turns of the upright picture.
+WRONG_TURNS = [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM,
+               Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+               Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE]
+
+
+def test_exif_orientation_is_applied_for_paths_bytes_and_pil_images(tmp_path):
+  """Each of the 8 EXIF orientations, stored as a camera stores it (`sideways`), decodes to the
+  upright picture: PNG exactly, JPEG within its loss; a wrong turn would differ a lot."""
+  from inat_layout import sideways  # pylint: disable=g-import-not-at-top
+  rgb = _asymmetric()  # 24 wide, 16 high: squashed to 16 x 16 by to_rgb_uint8
+  Image.fromarray(rgb).save(tmp_path / "upright.png")
+  want = preprocessing.to_rgb_uint8(str(tmp_path / "upright.png"), 16)
+  np.testing.assert_array_equal(want, np.asarray(Image.fromarray(rgb).resize(
+      (16, 16), Image.Resampling.BOX)))
+  wrong = [preprocessing.to_rgb_uint8(Image.fromarray(rgb).transpose(t), 16) for t in WRONG_TURNS]
+  for w in wrong:  # the picture tells every turn apart, even squashed
+    assert np.abs(w.astype(int) - want).mean() > 20
+  for o in range(1, 9):
+    stored = sideways(rgb, o)
+    assert stored.size == ((24, 16) if o <= 4 else (16, 24))
+    for fmt in ("PNG", "JPEG"):
+      path = str(tmp_path / f"o{o}.{fmt.lower()}")
+      stored.save(path, fmt, exif=stored.info["exif"], **({"quality": 95} if fmt == "JPEG"
+                                                          else {}))
+      with Image.open(path) as im:
+        assert im.getexif()[0x0112] == o  # the tag survived the save
+        from_pil = preprocessing.to_rgb_uint8(im, 16)
+      with open(path, "rb") as f:
+        data = f.read()
+      outs = [preprocessing.to_rgb_uint8(path, 16), preprocessing.to_rgb_uint8(data, 16),
+              from_pil]
+      for out in outs:
+        assert out.shape == (16, 16, 3)
+        if fmt == "PNG":
+          np.testing.assert_array_equal(out, want, err_msg=f"orientation {o}")
+        else:
+          assert np.abs(out.astype(int) - want).mean() < 3, o  # measured: 1.2 to 1.5 levels
+          for w in wrong:
+            assert np.abs(out.astype(int) - w).mean() > 20, o
+    # An in-memory image whose info carries the tag (as `sideways` makes it) is turned too.
+    np.testing.assert_array_equal(preprocessing.to_rgb_uint8(stored, 16), want)
+
+
+def test_exif_orientation_survives_the_reduced_jpeg_decode(tmp_path):
+  """A large sideways JPEG is drafted at 1/4 scale, then turned: the same picture as its
+  upright twin decoded the same way."""
+  from inat_layout import sideways  # pylint: disable=g-import-not-at-top
+  rgb = np.asarray(Image.fromarray(_asymmetric()).resize((96, 64), Image.Resampling.BILINEAR))
+  Image.fromarray(rgb).save(tmp_path / "up.jpg", quality=95)
+  want = preprocessing.to_rgb_uint8(str(tmp_path / "up.jpg"), 16)
+  for o in (3, 6, 8):
+    stored = sideways(rgb, o)
+    stored.save(tmp_path / f"o{o}.jpg", quality=95, exif=stored.info["exif"])
+    with Image.open(tmp_path / f"o{o}.jpg") as im:
+      im.draft("RGB", (16, 16))
+      assert max(im.size) == 24  # both sides >= 32: decoded at 1/4
+    out = preprocessing.to_rgb_uint8(str(tmp_path / f"o{o}.jpg"), 16)
+    assert np.abs(out.astype(int) - want).mean() < 3, o  # measured: 0.3
+
+
+def test_upright_keeps_an_image_without_a_turn():
+  img = Image.fromarray(_asymmetric())
+  assert preprocessing.upright(img) is img  # no EXIF
+  exif = Image.Exif()
+  exif[0x0112] = 1
+  img.info["exif"] = exif.tobytes()
+  assert preprocessing.upright(img) is img  # orientation 1: as stored
+  img = Image.fromarray(_asymmetric())
+  img.info["exif"] = b"Exif\x00\x00garbage"  # a corrupt block: shown as stored
+  assert preprocessing.upright(img) is img
+  from inat_layout import sideways  # pylint: disable=g-import-not-at-top
+  turned = preprocessing.upright(sideways(_asymmetric(), 6))
+  assert turned.size == (24, 16)
+  np.testing.assert_array_equal(np.asarray(turned), _asymmetric())
+
+
+def test_record_in_two_file_mode_reads_the_training_file(small_dataset, tmp_path):
+  """Without data.h5.labels_path the layout comes from train_labels_path: the same record as
+  that file given as the one labels file."""
+  c = tiny_config(small_dataset[0])
+  one_file = preprocessing.record(c)
+  c.data.h5.train_labels_path = c.data.h5.labels_path
+  c.data.h5.val_labels_path = str(tmp_path / "absent_val.h5")  # not read for the record
+  c.data.h5.labels_path = ""
+  two_files = preprocessing.record(c)
+  assert two_files == one_file
+  assert [m["name"] for m in two_files["metadata"]] == ["TEMPORAL", "SPATIAL", "ELEVATION"]

@@ -28,10 +28,18 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_end_to_end_learns(small_dataset, tmp_path):
+def test_end_to_end_learns(small_dataset, tmp_path, capsys):
   c = tiny_config(small_dataset[0], steps=80)
   c.schedule.validation.interval_steps = 40
   val = train.run(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert out.count(" top-1 (%) per rank:") == 2  # steps 40 and 80
+  assert "  phase" + " " * 29 + "loss   taxa_L40   taxa_L30   taxa_L20   taxa_L10" in out
+  assert (f"done: step 80 in {tmp_path}: checkpoints/ (step 80), metrics.jsonl, config.json, "
+          "assets/, eval/step_80.json (+ _per_class.csv), plots/\n") in out
+  assert out.rstrip().endswith(
+      f"TensorBoard: tensorboard --logdir {tmp_path / 'tensorboard'}\n"
+      f"  export: python -m linnaeus_jax.export --workdir={tmp_path} --out=BUNDLE_DIR"), out
   losses = _losses(tmp_path)
   assert sorted(losses) == list(range(1, 81))
   assert np.mean([losses[s] for s in range(71, 81)]) < 0.7 * np.mean([losses[s] for s in range(1, 6)])
@@ -53,7 +61,13 @@ def test_end_to_end_learns(small_dataset, tmp_path):
   assert os.listdir(tmp_path / "tensorboard")
   phases = {json.loads(l)["phase"] for l in open(tmp_path / "metrics.jsonl")}
   assert phases == {"train", "val", "val_mask_meta"}  # the final validation masks metadata too
-  for name in ("meta_ablation.png", "confusion_taxa_L40.png", "class_accuracy_vs_count_taxa_L10.png"):
+  # Every rank has at most 64 classes, so the confusion plot is of the finest rank below 100%.
+  tasks = ["taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40"]
+  shown = next((t for t in tasks if val[f"acc1/{t}"] < 100.0), "taxa_L40")
+  assert [n for n in os.listdir(tmp_path / "plots") if n.startswith("confusion_")] == [
+      f"confusion_{shown}.png"]
+  for name in ("meta_ablation.png", f"confusion_{shown}.png",
+               "class_accuracy_vs_count_taxa_L10.png"):
     assert os.path.getsize(tmp_path / "plots" / name) > 0
   # The final validation's per-class report adds up to its aggregate top-1.
   report = json.load(open(tmp_path / "eval" / "step_80.json"))
@@ -71,6 +85,44 @@ def test_end_to_end_learns(small_dataset, tmp_path):
     frac = np.array([recs[s][f"meta_masking/masked_frac/{comp}"] for s in range(1, 81)])
     assert abs(frac.mean() - p.mean()) < 4 * np.sqrt(np.sum(p * (1 - p)) * 16) / (80 * 16)
     assert frac[40:].max() == 0.0  # nothing masked once the schedule reaches 0
+
+
+def test_confusion_rank_is_the_finest_plotted_rank_below_100_percent():
+  tasks = ["taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40"]  # fine to coarse
+  val = {"acc1/taxa_L10": 40.0, "acc1/taxa_L20": 90.0, "acc1/taxa_L30": 100.0,
+         "acc1/taxa_L40": 100.0}
+  small = {t: None for t in tasks[1:]}  # taxa_L10: too many classes to plot
+  assert train.confusion_rank(val, small, tasks) == "taxa_L20"  # not L10: not plotted
+  assert train.confusion_rank(val, {t: None for t in tasks}, tasks) == "taxa_L10"
+  val["acc1/taxa_L20"] = 100.0
+  assert train.confusion_rank(val, small, tasks) == "taxa_L40"  # all plotted are perfect
+  assert train.confusion_rank(val, {"taxa_L20": None, "taxa_L30": None}, tasks) == "taxa_L30"
+  val["acc1/taxa_L40"] = 99.9
+  assert train.confusion_rank(val, small, tasks) == "taxa_L40"  # the only imperfect one
+  assert train.confusion_rank(val, {}, tasks) is None  # no rank small enough
+
+
+def test_closing_lines_name_the_outputs_and_the_tensorboard_command(tmp_path, monkeypatch):
+  from linnaeus_jax.data import images  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(images, "_UNREADABLE", {})  # this process's record, fresh for the test
+  w = str(tmp_path / "run")
+  assert train.closing_lines(w, 120, True).splitlines() == [
+      f"done: step 120 in {w}: checkpoints/ (step 120), metrics.jsonl, config.json, assets/, "
+      "eval/step_120.json (+ _per_class.csv), plots/",
+      f"  TensorBoard: tensorboard --logdir {w}/tensorboard",
+      f"  export: python -m linnaeus_jax.export --workdir={w} --out=BUNDLE_DIR"]
+  lines = train.closing_lines(w, 7, False).splitlines()  # no validation: no eval/, no plots/
+  assert lines[0] == (f"done: step 7 in {w}: checkpoints/ (step 7), metrics.jsonl, config.json,"
+                      " assets/")
+  assert lines[1] == f"  TensorBoard: tensorboard --logdir {w}/tensorboard"
+  reader = images.ImageReader(str(tmp_path), 8, policy="placeholder")
+  for name in ("gone_1", "gone_2", "gone_1"):  # unreadable images met: counted once each
+    assert not reader(0, name).any()
+  lines = train.closing_lines(w, 7, False).splitlines()
+  assert len(lines) == 4 and lines[1].startswith(
+      "  2 image(s) were unreadable and left out or zeroed (data.hybrid.missing_image_policy), "
+      f"first {tmp_path / 'gone_1.jpg'}: "), lines[1]
+  assert lines[2] == f"  TensorBoard: tensorboard --logdir {w}/tensorboard"
 
 
 def test_head_size_mismatch_with_data_is_an_error(small_dataset, tmp_path):
@@ -100,10 +152,35 @@ def test_training_stops_after_repeated_non_finite_steps(small_dataset, tmp_path)
   c = tiny_config(small_dataset[0], steps=30, nonfinite_patience=3)
   c.lr_scheduler.base_lr = c.lr_scheduler.warmup_lr = 1e30  # the first update overflows
   c.lr_scheduler.warmup_steps = 0
+  workdir = tmp_path / "run"  # made by the run; kept: it failed after writing metrics
   with pytest.raises(FloatingPointError, match="non-finite for 3 steps in a row"):
-    train.run(c, str(tmp_path))
-  recs = _train_records(tmp_path)
+    train.run(c, str(workdir))
+  recs = _train_records(workdir)
   assert max(recs) < 10 and recs[max(recs)]["nonfinite_skips"] == 3
+  assert (workdir / "assets" / "class_to_idx.json").exists()
+
+
+@pytest.mark.slow  # compiles the train step twice (about a minute on 2 shared cores)
+def test_a_run_failing_before_any_result_removes_the_workdir_it_made(small_dataset, tmp_path):
+  """The first batch fails (no image in the images folder) after the assets are written: a
+  workdir the run made goes as a whole; one that existed, with a metrics record, stays."""
+  from linnaeus_jax.data import images  # pylint: disable=g-import-not-at-top
+  c = tiny_config(small_dataset[0], steps=5)
+  c.data.hybrid.images_dir = str(tmp_path / "no_images")
+  os.mkdir(c.data.hybrid.images_dir)
+  made = tmp_path / "made"
+  with pytest.raises(images.MissingImagesError, match="cannot be read"):
+    train.run(c, str(made))
+  assert not made.exists()  # no run.lock, assets/, tensorboard/ or empty metrics.jsonl left
+  old = tmp_path / "old"
+  old.mkdir()
+  record = json.dumps({"step": 0, "phase": "note", "value": 1}) + "\n"
+  (old / "metrics.jsonl").write_text(record)
+  with pytest.raises(images.MissingImagesError, match="cannot be read"):
+    train.run(c, str(old))
+  assert (old / "metrics.jsonl").read_text() == record
+  assert (old / "assets" / "class_to_idx.json").exists()  # the run failed after the assets
+  assert not os.listdir(old / "checkpoints")
 
 
 @pytest.mark.slow
