@@ -217,7 +217,7 @@ def pipeline_speed(p, step_img_s) -> dict:
       c.data.img_size, c.data.batch_size = p["img"], batch
       c.data.partial.levels = True
       c.data.meta.components.ELEVATION.enabled = True
-      hardware.resolve(c)  # the 'auto' workers and threads
+      c = config_lib.with_changes(c, hardware.choices(c)[0])  # the 'auto' workers and threads
       data = labels.load(c)
       n = max(2, len(data.train) // batch)
       it = iter(pipeline.train_dataset(data, c, n + 3))

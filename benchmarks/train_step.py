@@ -48,7 +48,7 @@ def load(path):
   spec = importlib.util.spec_from_file_location("bench_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return config_lib.load_overrides(mod.get_config())
+  return config_lib.with_defaults(mod.get_config())
 
 
 def peak_tflops(flag: float) -> float | None:

@@ -224,6 +224,9 @@ def _optimization_schema(c: ml_collections.ConfigDict) -> None:
       # losses). The same metric ranks checkpoints for schedule.checkpoint.keep_top_n.
       early_stop=dict(active=False, metric="val/loss", mode="auto", patience_evals=5,
                       min_delta=0.0),
+      # Ours: jax.transfer_guard level of the train loop; the tests run it at 'disallow', so
+      # that a host sync the loop does not write explicitly fails.
+      transfer_guard="allow",
   )
   # docs/optimization.md. name: the optimizer of every group that names none.
   c.optimizer = dict(
@@ -331,8 +334,10 @@ def _run_schema(c: ml_collections.ConfigDict) -> None:
   c.misc = dict(seed=42, auto_choices=())
   # Ours (docs/training.md#weights--biases): mirror TensorBoard's scalars and plots to a W&B run
   # (pip install -e '.[wandb]'). mode: '' (W&B's default, WANDB_MODE), 'online' or 'offline'.
+  # profile_steps: (start, stop) writes a profile of those train steps that TensorBoard's
+  # Profile tab opens (DIR/tensorboard/plugins/profile); () none.
   c.logging = dict(wandb=dict(enabled=False, project="linnaeus_jax", entity="", name="",
-                              mode="", tags=()))
+                              mode="", tags=()), profile_steps=())
   # docs/distributed.md. data x fsdp = all devices (of all processes); data=-1: the rest. fsdp > 1
   # splits every state array of >= fsdp_min_size elements along its largest divisible dimension.
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
@@ -405,6 +410,7 @@ CHOICES = {
     "schedule.mix.meta_mix": ("pick", "prefer_valid"),
     "aug.random_erase.mode": ERASE_MODES,
     "logging.wandb.mode": ("", "online", "offline"),
+    "train.transfer_guard": ("allow", "log", "disallow", "log_explicit", "disallow_explicit"),
 }
 
 # Numeric ranges as intervals ('inf' for no bound), or (interval, what the bound means).
@@ -572,7 +578,7 @@ def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
   return module.get_config(*args)
 
 
-def load_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Returns base_config() updated with `config`, so absent keys get their defaults, and each
   duration with no member set its DURATIONS default (so that config.json records them).
 
@@ -583,6 +589,26 @@ def load_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   _merge(merged, config)
   _set_defaults(merged)
   return merged
+
+
+def with_changes(config, changes: dict) -> ml_collections.ConfigDict:
+  """A complete copy of `config` (frozen or not) with the dotted keys of `changes` set, e.g.
+  `with_changes(c, {"model.scan_blocks": False})`; `config` itself is left as it is."""
+  out = with_defaults(ml_collections.ConfigDict(config.to_dict()))
+  for path, value in changes.items():
+    *parents, key = path.split(".")
+    node = out
+    for name in parents:
+      node = node[name]
+    with node.unlocked():
+      node[key] = tuples(value)
+  return out
+
+
+def freeze(config) -> ml_collections.FrozenConfigDict:
+  """The resolved config that training, evaluation and inference receive: read-only, so that
+  nothing after resolution can change what config.json records."""
+  return ml_collections.FrozenConfigDict(config)
 
 
 def tuples(value):
@@ -820,6 +846,10 @@ def _aug_and_logging_problems(config, env) -> list[str]:
     problems.append(problem)
   if config.aug.random_erase.count != 1:
     problems.append("aug.random_erase.count must be 1 (one box per sample)")
+  ps = tuple(config.logging.profile_steps)
+  if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 0 <= ps[0] < ps[1]):
+    problems.append(f"logging.profile_steps must be () or (start, stop) with 0 <= start < stop, "
+                    f"got {ps}")
   return problems
 
 
@@ -1022,7 +1052,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   """A config written by `to_json` (DIR/config.json), with defaults for keys added since; its
   lists come back as tuples, so that it can still be overridden on the command line. A file
   written before the one-member rule keeps the member of each duration that counted then."""
-  config = load_overrides(ml_collections.ConfigDict(tuples(json.loads(text))))
+  config = with_defaults(ml_collections.ConfigDict(tuples(json.loads(text))))
   _keep_first_members(config)
   return config
 

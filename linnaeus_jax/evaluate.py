@@ -29,6 +29,7 @@ from flax import nnx
 
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import metrics, preprocessing, sharding, train_step
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
 
@@ -121,7 +122,7 @@ def run(eval_step, variables, dataset, mesh, tasks, consts=None, confusion=None,
   """
   totals, conf, per_class, consts = {}, {}, {}, consts or {}
   for batch in dataset:
-    out = eval_step(variables, sharding.global_batch(batch, mesh), consts)
+    out = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh), consts))
     totals = {p: metrics.accumulate(totals.get(p), c) for p, (c, _, _) in out.items()}
     conf = {p: {t: conf.get(p, {}).get(t, 0) + np.asarray(x, np.int64) for t, x in m.items()}
             for p, (_, m, _) in out.items()}
@@ -202,7 +203,7 @@ def results_table(results: dict, tasks: list[str]) -> list[str]:
 def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   """(step, {phase: metrics}, {task: per-class rows of `val`}) of DIR's checkpoint at `step`
   (default: the latest)."""
-  config, data = state_lib.resolve(config, jax.device_count())
+  config, data = resolve_lib.resolve(config, jax.device_count())
   if not len(data.val):
     raise ValueError("the configuration has no validation rows to evaluate")
   mesh = sharding.make_mesh(config)

@@ -99,20 +99,24 @@ def attention_impl(value: str, dtype: str, dims) -> tuple[str, str]:
   return ("xla", f"not cuDNN: {why}") if why else ("cudnn", "cuDNN fused attention runs here")
 
 
-def resolve(config) -> list[str]:
-  """Replaces every 'auto' above in `config` by its choice; returns one line per choice."""
-  d, m, notes = config.data, config.model, []
+def choices(config) -> tuple[dict, list[str]]:
+  """({key: choice} for every 'auto' above in `config`, one line per choice); `config` is left
+  as it is (resolve.py applies the choices)."""
+  d, m = config.data, config.model
+  changes, notes = {}, []
   kind = f"{platform()} ({jax.devices()[0].device_kind})"
-  if m.dtype == AUTO:
-    m.dtype = compute_dtype(AUTO)
-    notes.append(f"model.dtype=auto -> {m.dtype} on {kind}")
+  dtype = m.dtype
+  if dtype == AUTO:
+    dtype = changes["model.dtype"] = compute_dtype(AUTO)
+    notes.append(f"model.dtype=auto -> {dtype} on {kind}")
   if m.attention_impl == AUTO:
-    m.attention_impl, why = attention_impl(AUTO, m.dtype, head_dims(config))
-    notes.append(f"model.attention_impl=auto -> {m.attention_impl} ({why})")
+    impl, why = attention_impl(AUTO, dtype, head_dims(config))
+    changes["model.attention_impl"] = impl
+    notes.append(f"model.attention_impl=auto -> {impl} ({why})")
   if AUTO in (d.num_workers, d.prefetch_threads):
     was = (d.num_workers, d.prefetch_threads)
-    d.num_workers, d.prefetch_threads = data_workers(*was)
+    workers, threads = data_workers(*was)
+    changes.update({"data.num_workers": workers, "data.prefetch_threads": threads})
     notes.append(f"data.num_workers={was[0]}, data.prefetch_threads={was[1]} -> "
-                 f"{d.num_workers} worker processes x {d.prefetch_threads} threads for "
-                 f"{host_cores()} cores")
-  return notes
+                 f"{workers} worker processes x {threads} threads for {host_cores()} cores")
+  return changes, notes

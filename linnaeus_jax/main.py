@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from linnaeus_jax import cli, launch
+from linnaeus_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=False)
@@ -37,7 +38,7 @@ def main(argv):
   from linnaeus_jax import preemption, train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if not _RESUME.value:
-    config.train.auto_resume = False
+    config = config_lib.with_changes(config, {"train.auto_resume": False})
   started = cli.call(launch.init_distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
                      _PROCESS_ID.value)
   if started:

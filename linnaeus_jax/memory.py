@@ -85,8 +85,7 @@ def _constant_specs(config) -> dict:
 def compile_train_step(config, batch_size: int, mesh, consts=None, record=None, parents=None):
   """The train step of `config` at `batch_size`, compiled for `mesh` from abstract values (as
   `train.run` compiles it), and its compile seconds."""
-  c = config_lib.load_overrides(config)
-  c.data.batch_size = int(batch_size)
+  c = config_lib.with_changes(config, {"data.batch_size": int(batch_size)})
   tx, lrs = optim.build(c, 1000, 100)
   graphdef, init = state_lib.create_state(c, parents)
   abstract, state_sharding = state_lib.abstract_state(init, tx, mesh, c)
@@ -164,22 +163,19 @@ def largest_batch(config, mesh, device_bytes: int, headroom: float = 0.0, consts
   return {**r, "budget": budget, "compiles": len(seen)}
 
 
-def resolve_batch(config, mesh, consts, record, parents) -> list[str]:
-  """Sets data.batch_size when it is 'auto' (the largest that fits this run's devices); returns
-  the line to print and record."""
-  if config.data.batch_size != "auto":
-    return []
+def auto_batch(config, mesh, consts, record, parents) -> tuple[int, list[str]]:
+  """(the largest batch that fits this run's devices, the line to print and record), for
+  data.batch_size='auto'."""
   have, where = device_memory(jax.local_devices()[0])
   if have is None:
     raise ValueError("data.batch_size=auto: the devices' memory is unknown here; set a batch")
   h = config.data.batch_size_headroom
   lines = []
   r = largest_batch(config, mesh, have, h, consts, record, parents, log=lines.append)
-  config.data.batch_size = r["batch"]
   for line in lines:
     if jax.process_index() == 0:
       print(line, flush=True)
-  return [f"data.batch_size=auto -> {r['batch']}: {r['bytes'] / GIB:,.2f} GiB of {where}'s "
+  return r["batch"], [f"data.batch_size=auto -> {r['batch']}: {r['bytes'] / GIB:,.2f} GiB of {where}'s "
           f"{have / GIB:,.2f} GiB per device ({h:.0%} headroom; {r['fixed_bytes'] / GIB:,.2f} "
           f"GiB + {r['bytes_per_sample'] / 2**20:,.1f} MiB per sample; {r['compiles']} "
           "compilations)"]

@@ -16,7 +16,6 @@ Filters are strings in the language of `linnaeus_jax/param_filters.py`, e.g.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 from typing import Callable
@@ -404,10 +403,8 @@ def build(config, total_steps: int, steps_per_epoch: int
   (optimizer.layer_decay < 1); the LR schedules.
 
   Zeroing before clipping makes the clipping norm that of the trainable gradients. The labels and
-  masks are computed when the transformation is traced, from a copy of `config` taken here
-  (later changes to `config` do not affect it).
+  masks are computed when the transformation is traced, from `config` (the resolved, frozen one).
   """
-  config = copy.deepcopy(config)
   schedules = lr_schedules(config, total_steps, steps_per_epoch)
   txs = {g.name: OPTIMIZERS[g.optimizer](config, g, schedules[g.name],
                                          functools.partial(decay_mask, config, g))

@@ -408,9 +408,8 @@ def read_checkpoint(spec: str, config) -> dict:
       out = dict(kind="converted original checkpoint",
                  variables=bundle.load_params(os.path.join(path, "params.npz")), class_maps=None)
     elif os.path.isfile(path):
-      src = config_lib.load_overrides(config)
-      for t in src.data.task_keys_h5:
-        src.model.classification.heads[t].num_classes = 0  # taken from the file
+      src = config_lib.with_changes(config, {  # classes taken from the file
+          f"model.classification.heads.{t}.num_classes": 0 for t in config.data.task_keys_h5})
       variables, _, _ = convert_torch.convert_with_report(read_weights(path), src)
       out = dict(kind="original checkpoint", variables=variables, class_maps=None)
     else:
@@ -455,22 +454,23 @@ def read_checkpoint_config(spec: str):
   if not os.path.isdir(path):
     return None
   try:
-    return config_lib.load_overrides(bundle.read_config(os.path.join(path, "config.json")))
+    return config_lib.with_defaults(bundle.read_config(os.path.join(path, "config.json")))
   except (OSError, ValueError) as e:
     raise InitError(f"model.init.checkpoint={spec}: {e}") from None
 
 
-def match_normalization(config, loaded=None) -> str | None:
-  """Sets data.image_mean/std to the sources' (when model.init.match_normalization and they are
-  unset), of the sources in `loaded` only when given (`loaded_sources`); returns what was done,
-  for the report."""
+def normalization(config, loaded=None) -> tuple[dict, str | None]:
+  """({data.image_mean/std: the sources'}, what was done, for the report) when
+  model.init.match_normalization and they are unset, of the sources in `loaded` only when given
+  (`loaded_sources`); ({}, None) otherwise."""
   if not config.model.init.match_normalization or len(config.data.image_mean):
-    return None
+    return {}, None
   found = source_normalization(config, loaded)
   if found is None:
-    return None
-  config.data.image_mean, config.data.image_std, why = found
-  return f"data.image_mean/std set to {why}: {list(found[0])} / {list(found[1])}"
+    return {}, None
+  mean, std, why = found
+  return ({"data.image_mean": tuple(mean), "data.image_std": tuple(std)},
+          f"data.image_mean/std set to {why}: {list(mean)} / {list(std)}")
 
 
 def enabled(config) -> bool:
@@ -485,8 +485,7 @@ def load(config, class_to_idx: dict) -> tuple[dict, dict]:
   from linnaeus_jax.tools.convert_torch import _abstract_params, _flatten  # pylint: disable=g-import-not-at-top
   from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   init = config.model.init
-  unscanned = config_lib.load_overrides(config)
-  unscanned.model.scan_blocks = False
+  unscanned = config_lib.with_changes(config, {"model.scan_blocks": False})
   tshapes = {p: tuple(int(n) for n in v.shape)
              for p, v in _flatten(_abstract_params(unscanned)[0]).items()}
   loaded, sources, problems = {}, {}, []

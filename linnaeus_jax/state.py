@@ -1,93 +1,26 @@
-"""The train state and what it is built from: the config resolved against the data, the run's
-assets, the step constants, and the state itself (create, shard, restore).
+"""The train state: the constants the steps receive, and the state itself (create, shard,
+restore). The config it is built from is resolved by `resolve.py`.
 
 `train.py`, `evaluate.py` and the predictor import this module; it imports none of them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx, struct
-from jax.experimental import multihost_utils
 
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import gradnorm, losses, metrics, models, optim, preprocessing, sharding
+from linnaeus_jax import gradnorm, losses, metrics, models, optim, sharding
 from linnaeus_jax import taxonomy as taxonomy_lib
 from linnaeus_jax.data import labels as labels_lib
-from linnaeus_jax.data import synthetic
 
-# ----------------------------------------------------------------------------- Setup
-
-
-def resolve(config: ml_collections.ConfigDict, num_devices: int = 1):
-  """Validates `config`, loads the data and returns (resolved config, dataset).
-
-  The resolved config has the synthetic dataset's paths and each head's `num_classes` as found
-  in the data; it is what `config.json` records.
-  """
-  config = config_lib.load_overrides(config)
-  config_lib.validate(config, num_devices)
-  if config.data.synthetic.enabled and not config.data.h5.labels_path:
-    s = config.data.synthetic
-    make = lambda: synthetic.ensure(synthetic.SyntheticOptions(**s.options.to_dict()),
-                                    s.cache_dir or None)
-    if jax.process_count() > 1:  # process 0 generates, the others wait and read
-      if jax.process_index() == 0:
-        make()
-      multihost_utils.sync_global_devices("synthetic dataset")
-    paths = make()
-    config.data.h5.labels_path = paths["labels_path"]
-    if "images_dir" in paths:
-      config.data.hybrid.use_hybrid = True
-      config.data.hybrid.images_dir = paths["images_dir"]
-    else:
-      config.data.h5.images_path = paths["images_path"]
-  data = labels_lib.load(config)
-  problems = []
-  for task in data.task_keys:
-    head = config.model.classification.heads[task]
-    if head.num_classes and head.num_classes != data.num_classes[task]:
-      problems.append(f"model.classification.heads.{task}.num_classes is {head.num_classes} but "
-                      f"the data has {data.num_classes[task]} classes")
-    head.num_classes = data.num_classes[task]
-  if problems:
-    raise config_lib.ConfigError("Invalid config:\n  " + "\n  ".join(problems))
-  return config, data
-
-
-def write_assets(workdir: str, config, data: labels_lib.Dataset) -> None:
-  """config.json and the dataset's assets (class maps, taxonomy, counts, split, missing images,
-  and the image/metadata layout that inference reproduces). Everything is computed before the
-  first file is written, and each file is replaced whole (`_write_atomic`): a failure leaves
-  the earlier files, never a half-written one."""
-  if jax.process_index() != 0:
-    return
-  assets = os.path.join(workdir, "assets")
-  texts = {os.path.join(assets, "preprocessing.json"):
-           json.dumps(preprocessing.record(config), indent=1),
-           os.path.join(workdir, "config.json"): config_lib.to_json(config)}
-  if data.missing_images:
-    path = config.data.hybrid.verify_images.report_path or os.path.join(
-        assets, "missing_images.json")
-    texts[path] = json.dumps(data.missing_images, indent=1)
-  data.write_assets(assets)
-  for path, text in texts.items():
-    _write_atomic(path, text)
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+# ----------------------------------------------------------------------------- Step constants
 
 
 def loss_constants(config, data: labels_lib.Dataset) -> dict:
@@ -211,3 +144,4 @@ def is_finite(state: TrainState) -> jax.Array:
 
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+

@@ -1,12 +1,17 @@
 """The training loop: data, state, the jitted steps, validation, checkpoints and logs.
 
+`run` resolves the config once (`resolve.py`: frozen from then on), takes the workdir's lock and
+calls `_train`, which sets up the step, the state and the helpers below, then runs the loop.
 One train step (`train_step.py`) is one optimizer update, `jax.jit`-ed over the device mesh with
-the state donated; the state and its setup live in `state.py`, validation in `evaluate.py`.
+the state donated. `Due` decides every periodic action; `Validator`, `Saver` and `TrainLog`
+carry them out and receive the state explicitly. The loop runs under `train.transfer_guard`:
+host syncs happen only where written (`jax.device_get`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -14,17 +19,158 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from linnaeus_jax import assets
 from linnaeus_jax import checkpoint as ckpt_lib
 from linnaeus_jax import config as config_lib
-from linnaeus_jax import early_stopping, evaluate, hardware, memory, metric_writers, metrics, optim
-from linnaeus_jax import plots, preemption, pretrained, sharding, train_step, workdir_lock
+from linnaeus_jax import early_stopping, evaluate, memory, metric_writers, metrics, optim, plots
+from linnaeus_jax import preemption, pretrained, sharding, train_step, workdir_lock
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax import schedules as schedules_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import images as images_lib
 from linnaeus_jax.data import pipeline
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def run(config, workdir: str) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last validation metrics.
+
+  SIGTERM ends the run after the current step with a checkpoint (`preemption.py`); rerunning
+  resumes from the latest checkpoint. One run at a time per workdir (`workdir_lock.py`).
+  """
+  images_lib.reset_unreadable()
+  mesh = sharding.make_mesh(config)
+  start = resolve_lib.for_training(config, workdir, mesh)  # checked before the workdir exists
+  created = not os.path.isdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    with workdir_lock.acquire(workdir), contextlib.ExitStack() as cleanup:
+      return _train(start, mesh, workdir, cleanup)
+  except Exception:
+    if created and jax.process_index() == 0 and not _has_results(workdir):
+      shutil.rmtree(workdir)  # failed before a checkpoint or a metric (a batch too big, bad data)
+    raise
+
+
+def _has_results(workdir: str) -> bool:
+  """Whether a run left anything worth keeping: a checkpoint or a metrics record."""
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  return bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))) or (
+      os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0)
+
+
+# ----------------------------------------------------------------------------- Periodic actions
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+  """Which periodic actions are due after `step` updates: every interval in steps (0: never),
+  resolved once from the config's durations. Validation and checkpoints are not periodic at the
+  last step (the run ends with its own); logs are."""
+  total: int
+  steps_per_epoch: int
+  every: dict  # action -> interval in steps: log, console, validate, mask_meta, partial, checkpoint
+
+  @classmethod
+  def from_config(cls, config, total: int, spe: int) -> "Due":
+    s, vs = config.schedule, config.schedule.validation
+    pm = vs.partial_mask_meta
+    every = {"log": s.metrics.tensorboard_interval, "console": s.metrics.console_interval,
+             "validate": _steps(vs, "interval", total, spe),
+             "mask_meta": _steps(vs, "mask_meta_interval", total, spe),
+             "partial": _steps(pm, "interval", total, spe) if pm.enabled else 0,
+             "checkpoint": _steps(s.checkpoint, "interval", total, spe)}
+    return cls(total, spe, every)
+
+  def __call__(self, step: int) -> frozenset:
+    due = {a for a, n in self.every.items() if n > 0 and step % n == 0}
+    if step == self.total:
+      return frozenset(due & {"log", "console"} | {"console"})
+    return frozenset(due)
+
+
+def _steps(node, name: str, total: int, spe: int) -> int:
+  return config_lib.resolve_steps(node[f"{name}_steps"], node[f"{name}_fraction"],
+                                  node[f"{name}_epochs"], total, spe)
+
+
+class Profile:
+  """A TensorBoard profile of the steps in [start, stop) (`logging.profile_steps`), written to
+  DIR/tensorboard/plugins/profile; nothing when unset."""
+
+  def __init__(self, workdir: str, steps):
+    self.start, self.stop = (tuple(steps) + (-1, -1))[:2]
+    self.folder, self.on = os.path.join(workdir, "tensorboard"), False
+
+  def before(self, step: int) -> None:
+    if step == self.start and not self.on:
+      jax.profiler.start_trace(self.folder)
+      self.on = True
+    elif step == self.stop:
+      self.close()
+
+  def close(self) -> None:
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
+
+
+# ----------------------------------------------------------------------------- Validation
+
+
+class Validator:
+  """Every validation phase due at a step in one pass over the data; logs and prints them, and
+  at the end of the run writes the per-class rows, the worst taxa and the plots."""
+
+  def __init__(self, config, data, graphdef, state_sharding, mesh, consts, writer, workdir,
+               progress_bar):
+    self.config, self.data, self.graphdef = config, data, graphdef
+    self.state_sharding, self.mesh, self.consts = state_sharding, mesh, consts
+    self.writer, self.workdir, self.progress_bar = writer, workdir, progress_bar
+    self.step_cfg = train_step.StepConfig.from_config(config)
+    self.compiled = {}  # one eval step per set of phases
+
+  def __call__(self, state, step: int, due=frozenset(), final: bool = False) -> dict:
+    config, data, pidx = self.config, self.data, jax.process_index()
+    ds = pipeline.eval_dataset(data, config, pidx, jax.process_count())
+    if ds is None:
+      return {}
+    vs = config.schedule.validation
+    plist = evaluate.phases(
+        config, mask_meta=final or "mask_meta" in due,
+        partial=vs.partial_mask_meta.enabled and (final or "partial" in due),
+        exhaustive=final and vs.final_epoch.exhaustive_partial_meta_validation)
+    if plist not in self.compiled:
+      self.compiled[plist] = evaluate.jit_step(self.graphdef, self.step_cfg, plist,
+                                               self.state_sharding, self.mesh)
+    t0, confusion, class_counts, tasks = time.time(), {}, {}, data.task_keys
+    results = evaluate.run(self.compiled[plist], (state.params, state.buffers), ds, self.mesh,
+                           tasks, self.consts, confusion, task_weights=state.gradnorm["weights"],
+                           class_counts=class_counts)
+    for phase, result in results.items():
+      result["duration_sec"] = time.time() - t0
+      self.writer.write(step, phase, result)
+    if pidx == 0:
+      self.progress_bar.newline()
+      print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 (%) per rank:\n"
+            + "\n".join(evaluate.results_table(results, tasks)), flush=True)
+      if final:
+        self._final_outputs(step, results, confusion["val"], class_counts["val"])
+    return results
+
+  def _final_outputs(self, step: int, results: dict, confusion: dict, class_counts) -> None:
+    rows = evaluate.per_class_rows(class_counts, self.data)
+    evaluate.write_eval(self.workdir, step, results, rows)
+    worst = evaluate.worst_summary(rows)
+    print(evaluate.WORST_HEADER + "\n" + "\n".join(worst), flush=True)
+    self.writer.text(step, "val/worst_classes", "\n\n".join(w.strip() for w in worst))
+    write_plots(self.workdir, step, results, confusion, self.data, self.writer, rows)
 
 
 def write_plots(workdir: str, step: int, results: dict, confusion: dict, data, writer,
@@ -56,104 +202,48 @@ def confusion_rank(val: dict, confusion: dict, tasks: list[str]) -> str | None:
   return (imperfect or plotted[::-1] or [None])[0]
 
 
-# ----------------------------------------------------------------------------- Loop
+# ----------------------------------------------------------------------------- Checkpoints
 
 
-def _last_good(ckpt) -> str:
-  """Names the newest confirmed checkpoint, the one a rerun resumes from."""
-  ckpt.wait()
-  good = [s for s in ckpt.steps() if s not in ckpt.provisional]
-  if not good:
-    return f"No checkpoint was saved before this (none in {ckpt.directory}): a rerun starts over."
-  return f"The last good checkpoint (step {good[-1]}) is kept in {ckpt.directory}."
+class Saver:
+  """Checkpoints a finite state with the run's progress; a provisional one is confirmed by a
+  finite next step, or deleted (`settle`)."""
 
+  def __init__(self, ckpt, config, total: int, spe: int, data_from: int):
+    self.ckpt, self.total, self.spe, self.data_from = ckpt, total, spe, data_from
+    self.record = json.loads(config_lib.to_json(config))
+    self.finite = jax.jit(state_lib.is_finite)
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+  def save(self, state, train_iter, step: int, prog: dict, last_val: dict, metric=None,
+           provisional: bool = True) -> None:
+    if not jax.device_get(self.finite(state)):
+      _log(f"\nstep {step}: no checkpoint: the train state or its last step is not finite. "
+           f"{self.last_good()}")
+      return
+    progress = {"step": step, "epoch": step / self.spe, "total_steps": self.total,
+                "process_count": jax.process_count(), "data_from": self.data_from, **prog,
+                "last_val": last_val, "config": self.record}
+    with jax.transfer_guard("allow"):  # Orbax copies the state to the host: a written sync
+      self.ckpt.save(step, state, train_iter, progress, metric, provisional)
 
-
-def _every(interval: int, step: int) -> bool:
-  return interval > 0 and step % interval == 0
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns the last validation metrics.
-
-  SIGTERM ends the run after the current step with a checkpoint (`preemption.py`); rerunning
-  resumes from the latest checkpoint. One run at a time per workdir (`workdir_lock.py`).
-  """
-  mesh = sharding.make_mesh(config)
-  config, data = state_lib.resolve(config, jax.device_count())
-  steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
-  config.misc.auto_choices = tuple(_resolve_auto(config, data, mesh, workdir, bool(steps)))
-  _check_same_batch(config, workdir, steps)
-  sharding.check_process_rows(mesh, config.data.batch_size)
-  if steps and not config.train.auto_resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[-1]}) and "
-                          "resuming is off (--resume=false / train.auto_resume=False); refusing "
-                          "to overwrite them: use a new --workdir")
-  init_weights = None
-  if pretrained.enabled(config):  # read and checked before the workdir is touched
-    # Normalisation follows the sources that loaded (a resumed run: those of its first start).
-    if not steps:  # else the run resumes: its own checkpoint wins over model.init
-      init_weights = pretrained.load(config, data.class_to_idx)
-      report = init_weights[1]
+  def settle(self, state, step: int) -> None:
+    """After the step that followed a provisional save: keep it if that step was finite."""
+    if not self.ckpt.provisional:
+      return
+    if jax.device_get(state.nonfinite_streak) == 0:
+      self.ckpt.confirm()
     else:
-      report = pretrained.read_report(workdir)
-    loaded = None if report is None else pretrained.loaded_sources(report)
-    note = pretrained.match_normalization(config, loaded)
-    if init_weights is not None:
-      init_weights[1]["normalization"] = note
-  created = not os.path.isdir(workdir)
-  os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
-  try:
-    with workdir_lock.acquire(workdir), contextlib.ExitStack() as cleanup:
-      # cleanup: checkpoints, logs, signals
-      return _train(config, data, mesh, workdir, cleanup, init_weights)
-  except Exception:
-    if created and jax.process_index() == 0 and not _has_results(workdir):
-      shutil.rmtree(workdir)  # failed before a checkpoint or a metric (a batch too big, bad data)
-    raise
+      _log(f"\ncheckpoint(s) {self.ckpt.discard()} deleted: step {step} after them was "
+           f"non-finite. {self.last_good()}")
 
-
-def _has_results(workdir: str) -> bool:
-  """Whether a run left anything worth keeping: a checkpoint or a metrics record."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  return bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))) or (
-      os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0)
-
-
-def _check_same_batch(config, workdir: str, steps: list[int]) -> None:
-  """A run resumes with the global batch its checkpoints were trained with (the train order
-  and the step count depend on it); checked before anything is compiled or written."""
-  path = os.path.join(workdir, "config.json")
-  if steps and os.path.exists(path):
-    batch = config_lib.read_json(path).data.batch_size
-    if batch != config.data.batch_size:
-      raise ValueError(f"the checkpoints in {workdir} (latest step {steps[-1]}) were trained with "
-                       f"data.batch_size={batch}, this run has {config.data.batch_size}: the "
-                       "train order and the step count depend on it, so resume with the same "
-                       "global batch")
-
-
-def _resolve_auto(config, data, mesh, workdir: str, resuming: bool) -> list[str]:
-  """Sets the 'auto' settings (hardware.py; data.batch_size: memory.py, or the resumed run's
-  own batch, which its data position depends on); prints and returns what each became."""
-  notes = hardware.resolve(config)
-  path = os.path.join(workdir, "config.json")
-  if config.data.batch_size == "auto" and resuming and os.path.exists(path):
-    config.data.batch_size = config_lib.read_json(path).data.batch_size
-    notes.append(f"data.batch_size=auto -> {config.data.batch_size}, the batch of the run "
-                 "being resumed")
-  elif config.data.batch_size == "auto":
-    _log("data.batch_size=auto: compiling the train step at a few batches for their memory")
-    notes += memory.resolve_batch(config, mesh, state_lib.loss_constants(config, data),
-                                  pipeline.padding_record(data, config), data.taxonomy.parents)
-    config_lib.validate(config, jax.device_count())
-  for note in notes:
-    _log(f"auto: {note}")
-  return notes
+  def last_good(self) -> str:
+    """Names the newest confirmed checkpoint, the one a rerun resumes from."""
+    self.ckpt.wait()
+    good = [s for s in self.ckpt.steps() if s not in self.ckpt.provisional]
+    if not good:
+      return (f"No checkpoint was saved before this (none in {self.ckpt.directory}): a rerun "
+              "starts over.")
+    return f"The last good checkpoint (step {good[-1]}) is kept in {self.ckpt.directory}."
 
 
 def _resume_point(ckpt, config, abstract, pcount: int):
@@ -186,231 +276,227 @@ def _resume_point(ckpt, config, abstract, pcount: int):
   return start, start, False
 
 
-def _train(config, data, mesh, workdir: str, cleanup: contextlib.ExitStack,
-           init_weights=None) -> dict:
+# ----------------------------------------------------------------------------- Train metrics
+
+
+class TrainLog:
+  """Sums the steps' accuracy counts on the device and, at log steps, fetches them with the
+  step's losses: TensorBoard, metrics.jsonl and the progress line."""
+
+  def __init__(self, writer, progress_bar, tasks, batch: int, spe: int, start: int):
+    self.writer, self.progress_bar, self.tasks = writer, progress_bar, tasks
+    self.batch, self.spe = batch, spe
+    self.acc_sum, self.t_last, self.s_last = None, time.time(), start
+
+  def add(self, acc) -> None:
+    self.acc_sum = acc if self.acc_sum is None else jax.tree.map(jnp.add, self.acc_sum, acc)
+
+  def write(self, step: int, out: dict, due) -> dict:
+    out, acc = jax.device_get((out, self.acc_sum))
+    self.acc_sum = None
+    m = {k: float(v) for k, v in out.items()}
+    # Accuracies etc. over every sample since the last log (the losses are the step's own).
+    m.update({k: v for k, v in metrics.finalize(
+        {k: float(v) for k, v in acc["counts"].items()}, self.tasks).items()
+              if not k.startswith("loss") and k != "num_examples"})
+    # Measured since the last log: the fraction of samples whose component the schedule masked,
+    # and of batches that were mixed.
+    m.update({f"meta_masking/masked_frac/{c}": float(v) / max(int(acc["real"]), 1)
+              for c, v in acc["masked"].items()})
+    m["mix/mixed_batch_frac"] = float(acc["mixed"]) / max(int(acc["steps"]), 1)
+    now = time.time()
+    m["img_per_sec"] = (step - self.s_last) * self.batch / max(now - self.t_last, 1e-9)
+    self.t_last, self.s_last = now, step
+    m["epoch"] = step / self.spe
+    if "log" in due:
+      self.writer.write(step, "train", m)
+    if "console" in due:
+      self.progress_bar.update(step, m["loss"])
+    return m
+
+
+# ----------------------------------------------------------------------------- The run
+
+
+def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   """`run` once the config and the data (and model.init's weights) are known good."""
+  config, data = start_point.config, start_point.data
   pidx, pcount = jax.process_index(), jax.process_count()
-  tasks = list(config.data.task_keys_h5)
   _log(f"data: {data.summary()}")
 
+  # ---- The step, compiled before any state or checkpoint exists, so that a batch too big for
+  # the device stops here, with the numbers.
   spe = pipeline.steps_per_epoch(pipeline.train_groups(data, config), config.data.batch_size)
   total = config_lib.total_steps(config, spe)
-  sched = config.schedule
-  vs = sched.validation
-  mask_every = config_lib.resolve_steps(vs.mask_meta_interval_steps,
-                                        vs.mask_meta_interval_fraction,
-                                        vs.mask_meta_interval_epochs, total, spe)
-  pm = vs.partial_mask_meta
-  partial_every = config_lib.resolve_steps(pm.interval_steps, pm.interval_fraction,
-                                           pm.interval_epochs, total, spe) if pm.enabled else 0
-  val_every = config_lib.resolve_steps(vs.interval_steps, vs.interval_fraction,
-                                       vs.interval_epochs, total, spe)
-  ckpt_every = config_lib.resolve_steps(sched.checkpoint.interval_steps,
-                                        sched.checkpoint.interval_fraction,
-                                        sched.checkpoint.interval_epochs, total, spe)
+  due = Due.from_config(config, total, spe)
   tx, lrs = optim.build(config, total, spe)
-  scheds = schedules_lib.Schedules.from_config(config, total, spe)
   consts = state_lib.loss_constants(config, data)
-  step_cfg = train_step.StepConfig.from_config(config)
-
   graphdef, init = state_lib.create_state(config, data.taxonomy.parents)
-  repl = sharding.replicated(mesh)
   abstract, state_sharding = state_lib.abstract_state(init, tx, mesh, config)
-  # Compiled before any state or checkpoint exists, so that a batch too big for the device
-  # stops here, with the numbers.
-  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = _compile_step(config, data, graphdef, tx, lrs, total, spe, mesh, state_sharding,
+                          abstract, consts)
+
+  # ---- Checkpoints, data and state: resumed, or fresh (from model.init's weights).
+  es = config.train.early_stop
+  es_mode = early_stopping.direction(es.metric, es.mode)
+  ckpt = cleanup.enter_context(ckpt_lib.Checkpointer(  # closing waits for asynchronous saves
+      os.path.join(workdir, "checkpoints"), config.schedule.checkpoint.keep_last_n,
+      keep_top_n=config.schedule.checkpoint.keep_top_n, best_mode=es_mode))
+  start, data_from, same_layout = _resume_point(ckpt, config, abstract, pcount)
+  train_iter = iter(pipeline.train_dataset(data, config, total, pidx, pcount, data_from))
+  state, progress = (None, {}) if start is None else ckpt.restore(
+      start, abstract, train_iter if same_layout else None)
+  start = start or 0
+  assets.write(workdir, config, data)
+  state = _start_state(state, init, tx, state_sharding, start_point, workdir, start, progress)
+  prog = {"early_stop": progress.get("early_stop", early_stopping.init_state()),
+          "stopped_at": progress.get("stopped_at")}
+  end = total if prog["stopped_at"] is None else prog["stopped_at"]
+
+  # ---- Logs, validation, checkpoints.
+  writer = metric_writers.MetricWriter(  # records past the checkpoint are about to be redone
+      workdir, resume_step=start, redo_eval_at_resume=start == end,
+      wandb_config=config.logging.wandb, run_config=json.loads(config_lib.to_json(config)))
+  cleanup.callback(writer.close)
+  _print_header(config, data, mesh, state, total, spe, workdir)
+  progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
+  validate = Validator(config, data, graphdef, state_sharding, mesh, consts, writer, workdir,
+                       progress_bar)
+  saver = Saver(ckpt, config, total, spe, data_from)
+  log = TrainLog(writer, progress_bar, data.task_keys, config.data.batch_size, spe, start)
+  preempt = preemption.Watch()
+  cleanup.callback(preempt.close)
+  profile = Profile(workdir, config.logging.profile_steps)
+  cleanup.callback(profile.close)
+
+  # ---- The loop.
+  last_val, track_best = {}, es.active or config.schedule.checkpoint.keep_top_n > 0
+  with jax.transfer_guard(config.train.transfer_guard):
+    for step in range(start, end):
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, out = step_fn(state, sharding.global_batch(next(train_iter), mesh), consts)
+      done = step + 1
+      saver.settle(state, done)
+      log.add(out.pop("acc"))  # summed on the device: no host sync
+      now, saved = due(done), False
+      if now & {"log", "console"}:
+        log.write(done, out, now)
+        _check_finite(state, config, done, saver)  # where the outputs are fetched anyway
+      if now & {"validate", "mask_meta", "partial"}:
+        results = validate(state, done, now)
+        last_val = results.get("val", {})
+        if track_best:
+          saved = _track_best(results, done, prog, es, es_mode, config, saver, state, train_iter,
+                              last_val)
+        if prog["stopped_at"] is not None:
+          break
+      if "checkpoint" in now and not saved:
+        saver.save(state, train_iter, done, prog, last_val)
+        saved = True
+      if preempt.reached(done) and done != total:
+        if not saved:
+          saver.save(state, train_iter, done, prog, last_val, provisional=False)
+        ckpt.wait()
+        _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
+             "Rerun the same command to resume.")
+        raise preemption.Preempted(done)
+    end = total if prog["stopped_at"] is None else prog["stopped_at"]
+    if ckpt.latest_step() != end:
+      saver.save(state, train_iter, end, prog, last_val, provisional=False)
+    elif start == end:
+      _log(f"Training already finished at step {end}; running the final validation.")
+    last_val = validate(state, end, final=True).get("val", {})
+  _log(closing_lines(workdir, end, bool(last_val)))
+  return last_val
+
+
+def _compile_step(config, data, graphdef, tx, lrs, total, spe, mesh, state_sharding, abstract,
+                  consts):
+  """The train step jitted for the mesh (state donated), compiled from abstract values and
+  checked against the devices' memory."""
+  batch_sharding, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       (config.data.batch_size,) + np.shape(x), np.asarray(x).dtype, sharding=batch_sharding),
                       pipeline.padding_record(data, config))
-  step_fn = jax.jit(train_step.make_train_step(graphdef, tx, step_cfg, lrs, scheds),
-                    in_shardings=(state_sharding, batch_sharding, repl),
-                    out_shardings=(state_sharding, repl),
-                    donate_argnums=(0,)).lower(abstract, spec, consts).compile()
-  memory.check_memory(step_fn)
+  step = train_step.make_train_step(graphdef, tx, train_step.StepConfig.from_config(config), lrs,
+                                    schedules_lib.Schedules.from_config(config, total, spe))
+  compiled = jax.jit(step, in_shardings=(state_sharding, batch_sharding, repl),
+                     out_shardings=(state_sharding, repl),
+                     donate_argnums=(0,)).lower(abstract, spec, consts).compile()
+  memory.check_memory(compiled)
+  return compiled
 
-  es = config.train.early_stop
-  es_mode = early_stopping.direction(es.metric, es.mode)
-  track_best = es.active or sched.checkpoint.keep_top_n > 0
-  ckpt = cleanup.enter_context(ckpt_lib.Checkpointer(  # closing waits for asynchronous saves
-      os.path.join(workdir, "checkpoints"), sched.checkpoint.keep_last_n,
-      keep_top_n=sched.checkpoint.keep_top_n, best_mode=es_mode))
-  prog = {"early_stop": early_stopping.init_state(), "stopped_at": None}
-  start, data_from, same_layout = _resume_point(ckpt, config, abstract, pcount)
-  train_iter = iter(pipeline.train_dataset(data, config, total, pidx, pcount, data_from))
-  state, progress = None, {}
-  if start is not None:
-    state, progress = ckpt.restore(start, abstract, train_iter if same_layout else None)
-  start = start or 0
-  state_lib.write_assets(workdir, config, data)
-  if state is not None:
-    prog.update({k: progress[k] for k in prog if k in progress})
-    # Re-materialise restored arrays so that the donating step may consume them.
-    state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)
-    _log(f"resumed from step {start} (epoch {progress.get('epoch', 0):.2f}) in {ckpt.directory}")
-    if pretrained.enabled(config):
+
+def _start_state(restored, init, tx, state_sharding, start_point, workdir: str, start: int,
+                 progress: dict):
+  """The state the loop starts from: the restored one, re-materialised so that the donating
+  step may consume it, or a fresh one with model.init's weights put in."""
+  if restored is not None:
+    _log(f"resumed from step {start} (epoch {progress.get('epoch', 0):.2f}) in "
+         f"{os.path.abspath(os.path.join(workdir, 'checkpoints'))}")
+    if pretrained.enabled(start_point.config):
       _log("model.init not applied: the run resumes from its own checkpoint (assets/"
            "init_report.json describes the weights it started from)")
-      if pidx == 0:
+      if jax.process_index() == 0:
         pretrained.note_resume(workdir, start)
-  else:
-    state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
-    if init_weights is not None:
-      loaded, report = init_weights
-      state = state.replace(params=pretrained.place(state.params, loaded,
-                                                    config.model.scan_blocks))
-      if pidx == 0:
-        pretrained.write_report(workdir, report)
-        print(pretrained.summary(report), flush=True)
-  finite_fn = jax.jit(state_lib.is_finite)
-  n_params = state_lib.count_params(state.params)
-  end = total if prog["stopped_at"] is None else prog["stopped_at"]
-  # Records past the checkpoint (a run killed after it) are dropped: they are about to be redone.
-  config_record = json.loads(config_lib.to_json(config))
-  writer = metric_writers.MetricWriter(
-      workdir, resume_step=start, redo_eval_at_resume=start == end,
-      wandb_config=config.logging.wandb, run_config=config_record)
-  cleanup.callback(writer.close)
-  if pidx == 0:
-    print(f"mFormerV1: {n_params:,} parameters; {len(data.train)} train / {len(data.val)} val "
-          f"rows; {total} steps ({spe} per epoch), batch {config.data.batch_size} on "
-          f"{jax.device_count()} device(s); workdir {workdir}", flush=True)
-    leaves = jax.tree.leaves(state)
-    mib = lambda n: f"{n / 2**20:,.1f} MiB"
-    print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}; train state "
-          f"{mib(sum(x.nbytes for x in leaves))}, "
-          f"{mib(sum(x.addressable_shards[0].data.nbytes for x in leaves))} per device, "
-          f"{mib(sum(s.data.nbytes for x in leaves for s in x.addressable_shards))} in this "
-          "process", flush=True)
-
-  eval_steps = {}  # one compiled eval step per set of phases
-
-  def validate(step, final=False):
-    """Every validation phase due at `step` in one pass over the data: {phase: metrics}."""
-    ds = pipeline.eval_dataset(data, config, pidx, pcount)
-    if ds is None:
-      return {}
-    plist = evaluate.phases(
-        config, mask_meta=final or _every(mask_every, step),
-        partial=partial_every > 0 and (final or _every(partial_every, step)),
-        exhaustive=final and vs.final_epoch.exhaustive_partial_meta_validation)
-    if plist not in eval_steps:
-      eval_steps[plist] = evaluate.jit_step(graphdef, step_cfg, plist, state_sharding, mesh)
-    t0, confusion, class_counts = time.time(), {}, {}
-    results = evaluate.run(eval_steps[plist], (state.params, state.buffers), ds, mesh, tasks,
-                           consts, confusion, task_weights=state.gradnorm["weights"],
-                           class_counts=class_counts)
-    for phase, result in results.items():
-      result["duration_sec"] = time.time() - t0
-      writer.write(step, phase, result)
-    if pidx == 0:
-      progress_bar.newline()
-      print(f"[validation step {step}, {time.time() - t0:.1f} s] top-1 (%) per rank:\n"
-            + "\n".join(evaluate.results_table(results, tasks)), flush=True)
-    if final and pidx == 0:
-      rows = evaluate.per_class_rows(class_counts["val"], data)
-      evaluate.write_eval(workdir, step, results, rows)
-      worst = evaluate.worst_summary(rows)
-      print(evaluate.WORST_HEADER + "\n" + "\n".join(worst), flush=True)
-      writer.text(step, "val/worst_classes", "\n\n".join(w.strip() for w in worst))
-      write_plots(workdir, step, results, confusion["val"], data, writer, rows)
-    return results
+    return jax.jit(lambda s: s, out_shardings=state_sharding)(restored)
+  state = jax.jit(lambda: init(tx), out_shardings=state_sharding)()
+  if start_point.init_weights is not None:
+    loaded, report = start_point.init_weights
+    state = state.replace(params=pretrained.place(state.params, loaded,
+                                                  start_point.config.model.scan_blocks))
+    if jax.process_index() == 0:
+      pretrained.write_report(workdir, report)
+      print(pretrained.summary(report), flush=True)
+  return state
 
 
-  def save(step, metric=None, provisional=True):
-    """Checkpoints a finite state (else warns and keeps the last good one); a provisional one
-    is confirmed by a finite next step, or deleted."""
-    if not bool(finite_fn(state)):
-      _log(f"\nstep {step}: no checkpoint: the train state or its last step is not finite. "
-           f"{_last_good(ckpt)}")
-      return
-    ckpt.save(step, state, train_iter, {"step": step, "epoch": step / spe, "total_steps": total,
-                                        "process_count": pcount, "data_from": data_from, **prog,
-                                        "last_val": last_val, "config": config_record},
-              metric, provisional)
+def _print_header(config, data, mesh, state, total: int, spe: int, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  print(f"mFormerV1: {state_lib.count_params(state.params):,} parameters; {len(data.train)} "
+        f"train / {len(data.val)} val rows; {total} steps ({spe} per epoch), batch "
+        f"{config.data.batch_size} on {jax.device_count()} device(s); workdir {workdir}",
+        flush=True)
+  leaves = jax.tree.leaves(state)
+  mib = lambda n: f"{n / 2**20:,.1f} MiB"
+  print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}; train state "
+        f"{mib(sum(x.nbytes for x in leaves))}, "
+        f"{mib(sum(x.addressable_shards[0].data.nbytes for x in leaves))} per device, "
+        f"{mib(sum(s.data.nbytes for x in leaves for s in x.addressable_shards))} in this "
+        "process", flush=True)
 
-  progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
-  last_val, acc_sum = {}, None
-  t_last, s_last = time.time(), start
-  log_every = sched.metrics.tensorboard_interval
-  preempt = preemption.Watch()
-  cleanup.callback(preempt.close)
-  for step in range(start, end):
-    batch = sharding.global_batch(next(train_iter), mesh)
-    state, out = step_fn(state, batch, consts)
-    if ckpt.provisional:  # the step after a save: did its state give a finite step?
-      if int(state.nonfinite_streak) == 0:
-        ckpt.confirm()
-      else:
-        _log(f"\ncheckpoint(s) {ckpt.discard()} deleted: step {step + 1} after them was "
-             f"non-finite. {_last_good(ckpt)}")
-    acc = out.pop("acc")
-    acc_sum = acc if acc_sum is None else jax.tree.map(jnp.add, acc_sum, acc)  # no host sync
-    done = step + 1
-    if _every(log_every, done) or _every(sched.metrics.console_interval, done) or done == total:
-      out, acc_sum = jax.device_get(out), jax.device_get(acc_sum)
-      train_m = {k: float(v) for k, v in out.items()}
-      # Accuracies etc. over every sample since the last log (the losses are the step's own).
-      train_m.update({k: v for k, v in metrics.finalize(
-          {k: float(v) for k, v in acc_sum["counts"].items()}, tasks).items()
-                      if not k.startswith("loss") and k != "num_examples"})
-      # Measured since the last log: the fraction of samples whose component the schedule
-      # masked, and of batches that were mixed.
-      train_m.update({f"meta_masking/masked_frac/{c}": float(v) / max(int(acc_sum["real"]), 1)
-                      for c, v in acc_sum["masked"].items()})
-      train_m["mix/mixed_batch_frac"] = float(acc_sum["mixed"]) / max(int(acc_sum["steps"]), 1)
-      acc_sum = None
-      now = time.time()
-      train_m["img_per_sec"] = (done - s_last) * config.data.batch_size / max(now - t_last, 1e-9)
-      t_last, s_last = now, done
-      train_m["epoch"] = done / spe
-      if _every(log_every, done):
-        writer.write(done, "train", train_m)
-      # Checked where the step's outputs are fetched anyway (log steps): no per-step sync.
-      if int(state.nonfinite_streak) >= config.train.nonfinite_patience:
-        raise FloatingPointError(
-            f"loss or gradients non-finite for {int(state.nonfinite_streak)} steps in a row "
-            f"at step {done}; updates were skipped. {_last_good(ckpt)}")
-      if _every(sched.metrics.console_interval, done) or done == total:
-        progress_bar.update(done, train_m["loss"])
-    saved = False
-    if done != total and (_every(val_every, done) or _every(mask_every, done)
-                          or _every(partial_every, done)):
-      results = validate(done)
-      last_val = results.get("val", {})
-      if track_best:
-        value = early_stopping.lookup(results, es.metric)
-        prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, done,
-                                                             es_mode, es.min_delta)
-        if improved and sched.checkpoint.keep_top_n > 0:
-          save(done, value)  # a candidate for the best checkpoints
-          saved = True
-        if es.active and early_stopping.should_stop(prog["early_stop"], es.patience_evals):
-          prog["stopped_at"] = done
-          best = prog["early_stop"]
-          _log(f"early stopping at step {done}: {es.metric} has not improved by "
-               f"{es.min_delta} for {es.patience_evals} evaluations (best {best['best']:.4f} at "
-               f"step {best['best_step']})")
-          save(done, provisional=False)
-          break
-    if _every(ckpt_every, done) and done != total and not saved:
-      save(done)
-      saved = True
-    if preempt.reached(done) and done != total:
-      if not saved:
-        save(done, provisional=False)
-      ckpt.wait()
-      _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
-           "Rerun the same command to resume.")
-      raise preemption.Preempted(done)
-  end = total if prog["stopped_at"] is None else prog["stopped_at"]
-  if ckpt.latest_step() != end:
-    save(end, provisional=False)
-  elif pidx == 0 and start == end:
-    print(f"Training already finished at step {end}; running the final validation.")
-  last_val = validate(end, final=True).get("val", {})
-  if pidx == 0:
-    print(closing_lines(workdir, end, bool(last_val)), flush=True)
-  return last_val
+
+def _check_finite(state, config, step: int, saver: Saver) -> None:
+  streak = int(jax.device_get(state.nonfinite_streak))
+  if streak >= config.train.nonfinite_patience:
+    raise FloatingPointError(
+        f"loss or gradients non-finite for {streak} steps in a row at step {step}; updates were "
+        f"skipped. {saver.last_good()}")
+
+
+def _track_best(results, step, prog, es, es_mode, config, saver, state, train_iter,
+                last_val) -> bool:
+  """Early stopping's bookkeeping after a validation: saves an improved state as a candidate
+  for the best checkpoints (keep_top_n) and, when patience runs out, the last state; returns
+  whether it saved."""
+  value = early_stopping.lookup(results, es.metric)
+  prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, step, es_mode,
+                                                       es.min_delta)
+  saved = False
+  if improved and config.schedule.checkpoint.keep_top_n > 0:
+    saver.save(state, train_iter, step, prog, last_val, value)
+    saved = True
+  if es.active and early_stopping.should_stop(prog["early_stop"], es.patience_evals):
+    prog["stopped_at"] = step
+    best = prog["early_stop"]
+    _log(f"early stopping at step {step}: {es.metric} has not improved by {es.min_delta} for "
+         f"{es.patience_evals} evaluations (best {best['best']:.4f} at step "
+         f"{best['best_step']})")
+    saver.save(state, train_iter, step, prog, last_val, provisional=False)
+    saved = True
+  return saved
 
 
 def closing_lines(workdir: str, step: int, validated: bool) -> str:

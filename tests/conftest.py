@@ -94,6 +94,7 @@ def tiny_config(dataset_dir: str, **train):
   c.schedule.checkpoint.interval_steps = 10
   c.schedule.metrics.console_interval = 10
   c.schedule.metrics.tensorboard_interval = 1
+  c.train.transfer_guard = "disallow"  # host syncs in the train loop only where written
   for k, v in train.items():
     c.train[k] = v
   return c

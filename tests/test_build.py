@@ -217,9 +217,9 @@ def test_loader_accepts_the_build(inat2021):
   assert parent[fam[lineage_id(30, *worm[:4], "Otheridae")]] == order[lineage_id(40, *worm[:4])]
   assert parent[fam[lineage_id(30, *plant, "Fagaceae")]] == order[lineage_id(40, *plant)]
 
-  from linnaeus_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import resolve as resolve_lib  # pylint: disable=g-import-not-at-top
   from linnaeus_jax.tools import inspect_dataset  # pylint: disable=g-import-not-at-top
-  _, data = state_lib.resolve(c)
+  _, data = resolve_lib.resolve(c)
   s = inspect_dataset.summary(data, partial=True)
   assert (s["rows_total"], s["rows_train"], s["rows_val"]) == (5, 4, 1)
 
@@ -529,7 +529,7 @@ def test_a_built_table_trains_the_same_from_the_folder_and_from_shards(tmp_path)
   summary is as written, and 20 training steps from either see identical batches (same
   losses to the bit)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from linnaeus_jax import state as state_lib, train  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import resolve as resolve_lib, train  # pylint: disable=g-import-not-at-top
   from linnaeus_jax.tools import inspect_dataset  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -555,7 +555,7 @@ def test_a_built_table_trains_the_same_from_the_folder_and_from_shards(tmp_path)
     c.data.taxonomy.path = str(tmp_path / "built" / "taxonomy_tree.json")
     c.data.partial.levels = False  # every rank is known: the tree was built without a null class
     c.schedule.checkpoint.interval_steps = 0
-    _, data = state_lib.resolve(c)
+    _, data = resolve_lib.resolve(c)
     s = inspect_dataset.summary(data, partial=False)
     assert s["rows_total"] == 40 and data.num_classes == {
         "taxa_L10": 4, "taxa_L20": 2, "taxa_L30": 2, "taxa_L40": 1}
@@ -570,7 +570,7 @@ def test_a_built_table_trains_the_same_from_the_folder_and_from_shards(tmp_path)
 def test_configs_inat21_reads_a_built_inat2021_dataset(inat2021):
   """configs/inat21.py with the three paths its docstring names reads a 2021 build."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from linnaeus_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import resolve as resolve_lib  # pylint: disable=g-import-not-at-top
   out = inat2021 / "out"
   build.build(options(format="inat", source=str(inat2021 / "train.json"),
                       val_source=str(inat2021 / "val.json"), out=str(out),
@@ -585,7 +585,7 @@ def test_configs_inat21_reads_a_built_inat2021_dataset(inat2021):
   c.data.h5.val_labels_path = str(out / "labels_val.h5")
   c.data.hybrid.images_dir = str(inat2021 / "images")
   c.data.batch_size = c.data.batch_size_val = 2
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   assert (len(data.train), len(data.val)) == (4, 1)
   assert data.num_classes == {"taxa_L10": 4, "taxa_L20": 4, "taxa_L30": 4, "taxa_L40": 3}
   assert [n for n, _ in config_lib.enabled_components(c)] == ["TEMPORAL", "SPATIAL"]

@@ -26,7 +26,7 @@ def test_base_and_shipped_configs_validate(small_dataset):
   for name, c in _shipped_configs():
     c.model.init.convnext = c.model.init.ropevit = ""  # finetune_sm: files to download
     config_lib.validate(c, need_data=False)
-    config_lib.validate(config_lib.load_overrides(c), need_data=False)
+    config_lib.validate(config_lib.with_defaults(c), need_data=False)
 
 
 def test_unknown_keys_all_reported_with_suggestions(small_dataset):
@@ -247,7 +247,7 @@ def test_a_reloaded_config_json_has_tuples_and_stays_overridable(tmp_path):
   c.schedule.mix.group_levels = ("taxa_L20",)
   c.schedule.validation.partial_mask_meta.whitelist = (("SPATIAL",),)
   again = config_lib.from_json(config_lib.to_json(c))
-  assert again.to_dict() == config_lib.load_overrides(c).to_dict() and not _lists(again.to_dict())
+  assert again.to_dict() == config_lib.with_defaults(c).to_dict() and not _lists(again.to_dict())
   assert again.lr_scheduler.warmup_epochs == 5.0  # the default, recorded
   config_lib.validate(again, need_data=False)  # two heads: the four defaults do not come back
   (tmp_path / "config.json").write_text(config_lib.to_json(c))
@@ -354,8 +354,8 @@ def test_every_duration_of_every_shipped_config_resolves_as_before():
     want = {**BASE_STEPS, **CONFIG_STEPS.get(name, {})}
     assert {d: config_lib.resolve_duration(c, d, TOTAL, SPE)
             for d in config_lib.DURATIONS} == want, name
-    # load_overrides writes each default member, so that the members alone resolve the same.
-    loaded = config_lib.load_overrides(c)
+    # with_defaults writes each default member, so that the members alone resolve the same.
+    loaded = config_lib.with_defaults(c)
     assert {d: _members_steps(loaded, d) for d in config_lib.DURATIONS} == want, name
 
 
@@ -398,23 +398,23 @@ def test_a_duration_takes_one_member_and_zero_unsets():
   config_lib.validate(c, need_data=False)
 
 
-def test_load_overrides_records_the_defaults_and_keeps_the_member_set():
+def test_with_defaults_records_the_defaults_and_keeps_the_member_set():
   c = config_lib.base_config()
   c.lr_scheduler.warmup_steps = 25
-  loaded = config_lib.load_overrides(c)
+  loaded = config_lib.with_defaults(c)
   s = loaded.lr_scheduler
   assert (s.warmup_steps, s.warmup_fraction, s.warmup_epochs) == (25, 0.0, 0.0)
   v = loaded.schedule.validation
   assert (v.interval_steps, v.interval_fraction, v.interval_epochs) == (0, 0.0, 1.0)
   assert loaded.schedule.meta_masking.end_fraction == 0.3
   assert loaded.schedule.null_masking.end_fraction == 0.0  # no default: stays unset
-  assert config_lib.load_overrides(loaded).to_dict() == loaded.to_dict()
+  assert config_lib.with_defaults(loaded).to_dict() == loaded.to_dict()
 
 
 def test_an_old_config_json_keeps_the_member_that_counted():
   """Written before the one-member rule: the default member and the one a config file set are
   both there (demo.py's warmup_steps 25 over warmup_epochs 5)."""
-  c = config_lib.load_overrides(config_lib.base_config()).to_dict()
+  c = config_lib.with_defaults(config_lib.base_config()).to_dict()
   c["lr_scheduler"].update(warmup_steps=25, warmup_fraction=-1.0, warmup_epochs=5.0)
   c["schedule"]["validation"].update(interval_steps=0, interval_fraction=0.5, interval_epochs=1.0)
   again = config_lib.from_json(json.dumps(c))

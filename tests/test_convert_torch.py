@@ -69,7 +69,7 @@ def _assert_trees_equal(a, b):
     (False, ("ConditionalClassifier", "HierarchicalSoftmax", "ConditionalClassifier", "Linear"))])
 def test_round_trip_gives_the_same_params_and_logits(scan, torch_heads):
   cfg, graphdef, params, buffers = _random_model(_tiny(scan))
-  torch_cfg = config_lib.load_overrides(cfg)
+  torch_cfg = config_lib.with_defaults(cfg)
   for t, kind in zip(cfg.data.task_keys_h5, torch_heads):
     torch_cfg.model.classification.heads[t].type = kind
   sd = ct.to_torch({"params": params}, torch_cfg)

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from linnaeus_jax import config as config_lib, evaluate, models, preprocessing, sharding
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax import state as state_lib, train, train_step
 from linnaeus_jax.data import images, pipeline
 
@@ -36,7 +37,7 @@ def test_the_eval_step_standardises_with_the_configs_mean_and_std(small_dataset)
   mean, std = np.array([0.5, 0.25, 0.125]), np.array([0.2, 0.4, 0.8])
   c = tiny_config(small_dataset[0])
   c.data.image_mean, c.data.image_std = tuple(mean), tuple(std)
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   # N(0, 0.5) parameters drawn in numpy: an initialisation (eager or jitted) costs more than the
   # rest of the test, and its small layer scales make the logits barely depend on the image.
   graphdef, params, buffers = models.abstract(c)
@@ -67,7 +68,7 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   c = tiny_config(small_dataset[0])
   c.data.batch_size_val = 24  # the last batch is padded
   c.schedule.validation.partial_mask_meta.whitelist = [["SPATIAL"]]
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   mesh = sharding.make_mesh(c)
   graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
   variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))

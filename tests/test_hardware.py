@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
+from linnaeus_jax import config as config_lib
 from linnaeus_jax import hardware, models
 from linnaeus_jax.models import rope
 
@@ -33,14 +34,15 @@ def test_resolve_replaces_every_auto_and_says_why():
   c = tiny_config("/unused")
   c.data.prefetch_threads = "auto"
   assert (c.model.dtype, c.model.attention_impl, c.data.num_workers) == ("auto",) * 3
-  notes = hardware.resolve(c)
+  changes, notes = hardware.choices(c)
   workers, threads = hardware.data_workers("auto", "auto")
-  assert (c.model.dtype, c.model.attention_impl) == ("float32", "xla")
-  assert (c.data.num_workers, c.data.prefetch_threads) == (workers, threads)
+  assert changes == {"model.dtype": "float32", "model.attention_impl": "xla",
+                     "data.num_workers": workers, "data.prefetch_threads": threads}
+  assert c.model.dtype == "auto"  # the config itself is left as it is
   assert len(notes) == 3 and f"{hardware.host_cores()} cores" in notes[2]
-  assert hardware.resolve(c) == []  # nothing left to choose
-  c.model.dtype = "bfloat16"
-  assert hardware.resolve(c) == []  # a set value is never changed
+  assert hardware.choices(config_lib.with_changes(c, changes)) == ({}, [])  # nothing left
+  assert hardware.choices(config_lib.with_changes(c, {"model.dtype": "bfloat16"}))[0].get(
+      "model.dtype") is None  # a set value is never changed
 
 
 def test_an_unresolved_config_builds_the_resolved_model():

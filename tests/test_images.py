@@ -105,8 +105,8 @@ def test_location_kinds(tmp_path, small_dataset):
 
 def test_unreadable_images_are_warned_about_once_then_counted(tmp_path, small_dataset, caplog,
                                                               monkeypatch):
-  """Under `placeholder` an unreadable image read every epoch warns once, naming it; the second
-  is only counted; `unreadable_images` lists both with their reasons."""
+  """Under `placeholder` each unreadable image read every epoch warns once, naming it;
+  `unreadable_images` lists them with their reasons; `reset_unreadable` forgets them."""
   monkeypatch.setattr(images, "_UNREADABLE", {})  # this process's record, fresh for the test
   folder, names = _folder(tmp_path, small_dataset)
   (tmp_path / "imgs" / "corrupt.jpg").write_bytes(b"not a jpeg")
@@ -118,15 +118,20 @@ def test_unreadable_images_are_warned_about_once_then_counted(tmp_path, small_da
       assert reader(0, names[0]).any()  # readable images are not noted
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   corrupt, absent = os.path.join(folder, "corrupt.jpg"), os.path.join(folder, "absent.jpg")
-  assert len(warnings) == 1 and warnings[0].startswith(f"image {corrupt} unreadable ("), warnings
-  assert "using a zero image. Further unreadable images are counted" in warnings[0]
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith(f"image {corrupt} unreadable (")
+  assert warnings[1].startswith(f"image {absent} unreadable (")
+  assert all("using a zero image. Warned once" in w for w in warnings)
   bad = images.unreadable_images()
   assert list(bad) == [corrupt, absent]
   assert "No such file or directory" in bad[absent] and "cannot identify" in bad[corrupt], bad
   bad.clear()  # a copy: the record is unchanged
   assert len(images.unreadable_images()) == 2
   caplog.clear()
-  with caplog.at_level("WARNING"):  # `skip` adds to the same record, silently after the first
+  with caplog.at_level("WARNING"):  # `skip` adds to the same record
     assert images.ImageReader(folder, 32, policy="skip")(7, "gone") is None
-  assert not caplog.records
+    assert images.ImageReader(folder, 32, policy="skip")(7, "gone") is None
+  assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()
   assert list(images.unreadable_images()) == [corrupt, absent, os.path.join(folder, "gone.jpg")]
+  images.reset_unreadable()
+  assert images.unreadable_images() == {}

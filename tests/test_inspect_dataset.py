@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from linnaeus_jax import state as state_lib
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax.tools import inspect_dataset
 
 from conftest import ROOT, tiny_config
@@ -15,7 +15,7 @@ from conftest import ROOT, tiny_config
 def test_summary_matches_the_tables(small_dataset):
   c = tiny_config(small_dataset[0])
   c.data.out_of_region.include = False
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   s = inspect_dataset.summary(data, partial=True)
   assert s["rows_used"] == s["rows_train"] + s["rows_val"] == len(data.train) + len(data.val)
   assert s["rows_total"] - s["rows_used"] == sum(s["dropped"].values())

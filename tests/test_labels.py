@@ -287,10 +287,10 @@ def _skip_missing(small_dataset, tmp_path, n_missing):
 
 
 def test_split_rows_and_missing_image_report_are_written(small_dataset, tmp_path):
-  from linnaeus_jax import state as state_lib
+  from linnaeus_jax import assets
   c, gone = _skip_missing(small_dataset, tmp_path, 2)
   d = labels.load(c)
-  state_lib.write_assets(str(tmp_path / "run"), c, d)
+  assets.write(str(tmp_path / "run"), c, d)
   split = np.load(tmp_path / "run" / "assets" / "split_rows.npz")
   np.testing.assert_array_equal(split["train"], d.train.raw_row)
   np.testing.assert_array_equal(split["val"], d.val.raw_row)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import tiny_config
+from linnaeus_jax import config as config_lib
 from linnaeus_jax import memory, sharding, train
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax.data import pipeline
 
@@ -66,9 +68,12 @@ def test_a_resumed_run_keeps_its_recorded_batch(tmp_path):
   c.data.batch_size = 24
   (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
   c.data.batch_size = "auto"
-  notes = train._resolve_auto(c, None, None, str(tmp_path), resuming=True)  # pylint: disable=protected-access
-  assert c.data.batch_size == 24
-  assert "data.batch_size=auto -> 24, the batch of the run being resumed" in notes
+  earlier = config_lib.read_json(str(tmp_path / "config.json"))
+  resolved, notes = resolve_lib._batch(c, None, None, earlier)  # pylint: disable=protected-access
+  assert resolved.data.batch_size == 24 and c.data.batch_size == "auto"
+  assert notes == ["data.batch_size=auto -> 24, the batch of the run being resumed"]
+  with pytest.raises(ValueError, match="trained with data.batch_size=24, this run has 32"):
+    resolve_lib._batch(config_lib.with_changes(c, {"data.batch_size": 32}), None, None, earlier)  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
@@ -78,7 +83,7 @@ def test_auto_batch_trains_with_the_largest_batch_that_fits(small_dataset, tmp_p
   trains at batch 8 (the search's line through batches 2 and 8 predicts no larger multiple),
   and the run records it."""
   c = tiny_config(small_dataset[0], steps=1)
-  config, data = state_lib.resolve(c)
+  config, data = resolve_lib.resolve(c)
   mesh = sharding.make_mesh(config)
   n8 = memory.step_bytes(memory.compile_train_step(
       config, 8, mesh, state_lib.loss_constants(config, data),

@@ -26,7 +26,7 @@ MEAN, STD = (0.5, 0.25, 0.125), (0.2, 0.4, 0.8)
 @pytest.fixture(scope="module")
 def standardised_workdir(trained_workdir, tmp_path_factory):
   """The trained run, copied, with data.image_mean/std in its config.json and preprocessing.json
-  as a run with them writes it (`state.write_assets`)."""
+  as a run with them writes it (`assets.write`)."""
   workdir = str(tmp_path_factory.mktemp("standardised") / "run")
   shutil.copytree(trained_workdir, workdir)
   path = os.path.join(workdir, "config.json")

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from linnaeus_jax import config as config_lib
 from linnaeus_jax import models, pretrained, train
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax.data import synthetic
 from linnaeus_jax.inference import bundle, predictor
 from linnaeus_jax.tools import convert_torch as ct
@@ -44,7 +45,7 @@ def _fixture_model(dataset_dir="/unused", rope_depth=3, scan=True):
 
 
 def _target_shapes(config):
-  unscanned = config_lib.load_overrides(config)
+  unscanned = config_lib.with_defaults(config)
   unscanned.model.scan_blocks = False
   return {p: tuple(v.shape) for p, v in ct._flatten(ct._abstract_params(unscanned)[0]).items()}
 
@@ -241,11 +242,10 @@ def test_allow_partial_with_nothing_loaded_is_an_error_and_normalisation_follows
   c.model.init.ropevit = bad
   _, report = pretrained.load(c, {})
   assert pretrained.loaded_sources(report) == ["convnext"]
-  assert "ImageNet" in pretrained.match_normalization(c, pretrained.loaded_sources(report))
-  c.data.image_mean, c.data.image_std = (), ()
+  changes, note = pretrained.normalization(c, pretrained.loaded_sources(report))
+  assert "ImageNet" in note and changes["data.image_mean"] == pretrained.IMAGENET_MEAN
   c.model.init.convnext = ""
-  c.model.init.checkpoint = ""
-  assert pretrained.match_normalization(c, []) is None and tuple(c.data.image_mean) == ()
+  assert pretrained.normalization(c, []) == ({}, None)  # the ViT source loaded nothing
 
 
 # ----------------------------------------------------------------------------- Earlier models
@@ -308,7 +308,7 @@ def test_imagenet_init_then_finetune_on_another_dataset(small_dataset, tmp_path,
   c = _fixture_model(other)
   c.train.steps = 2
   c.model.init.checkpoint = source
-  resolved, data = train.state_lib.resolve(c)
+  resolved, data = resolve_lib.resolve(c)
   loaded, report = pretrained.load(resolved, data.class_to_idx)
   src = pretrained.read_checkpoint(source, c)["weights"]
   np.testing.assert_array_equal(loaded[("stage3", "blocks", 0, "attn", "qkv", "kernel")],
@@ -335,16 +335,17 @@ def test_imagenet_init_then_finetune_on_another_dataset(small_dataset, tmp_path,
   assert report["resumed"][0]["step"] == 2 and "checkpoint" in report["sources"]
 
 
-def test_match_normalization_takes_the_sources_unless_set():
+def test_normalization_takes_the_sources_unless_set():
   c = _fixture_model()
   c.model.init.ropevit = os.path.join(DATA, ROPEVIT["timm"])
-  assert "ImageNet" in pretrained.match_normalization(c)
-  assert tuple(c.data.image_mean) == pretrained.IMAGENET_MEAN
+  changes, note = pretrained.normalization(c)
+  assert "ImageNet" in note and changes == {"data.image_mean": pretrained.IMAGENET_MEAN,
+                                            "data.image_std": pretrained.IMAGENET_STD}
   c.data.image_mean, c.data.image_std = (0.5,) * 3, (0.25,) * 3
-  assert pretrained.match_normalization(c) is None and tuple(c.data.image_std) == (0.25,) * 3
+  assert pretrained.normalization(c) == ({}, None)  # set values win
   c.data.image_mean, c.data.image_std = (), ()
   c.model.init.match_normalization = False
-  assert pretrained.match_normalization(c) is None and tuple(c.data.image_mean) == ()
+  assert pretrained.normalization(c) == ({}, None)
 
 def test_axial_or_ape_vits_are_refused():
   shapes = pretrained._shapes(pretrained.read_weights(os.path.join(DATA, ROPEVIT["official"])))

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from linnaeus_jax import state as state_lib, train
+from linnaeus_jax import resolve as resolve_lib
+from linnaeus_jax import train
 
 from conftest import ROOT, tiny_config
 
@@ -129,7 +130,7 @@ def test_head_size_mismatch_with_data_is_an_error(small_dataset, tmp_path):
   c = tiny_config(small_dataset[0])
   c.model.classification.heads.taxa_L10.num_classes = 5
   with pytest.raises(ValueError, match="taxa_L10.num_classes is 5 but the data has 17"):
-    state_lib.resolve(c)
+    resolve_lib.resolve(c)
 
 
 def _main(*args):

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from linnaeus_jax import optim, schedules
+from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax import state as state_lib
 from linnaeus_jax import train_step
 from linnaeus_jax.data import pipeline
@@ -21,7 +22,7 @@ def _step_setup(small_dataset, **train_kw):
   c = tiny_config(small_dataset[0], **train_kw)
   c.model.drop_path_rate = 0.0
   c.schedule.meta_masking.enabled = False
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   tx, lrs = optim.build(c, 100, 10)
   graphdef, init = state_lib.create_state(c, data.taxonomy.parents)
   state = jax.jit(lambda: init(tx))()
@@ -89,7 +90,7 @@ def test_split_micro_keeps_pairs_and_first_micro_matches_accumulation():
 
 def test_prepare_batch_masks_by_the_schedule(small_dataset):
   c = tiny_config(small_dataset[0])
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   cfg = train_step.StepConfig.from_config(c)
   scheds = schedules.Schedules.from_config(c, 100, 10)
   batch = jax.tree.map(jnp.asarray, next(iter(pipeline.train_dataset(data, c, 100, 0, 1))))
@@ -111,7 +112,7 @@ MEAN, STD = (0.5, 0.25, 0.125), (0.2, 0.4, 0.8)
 def test_prepare_batch_standardises_with_the_configs_mean_and_std(small_dataset):
   c = tiny_config(small_dataset[0])
   c.data.image_mean, c.data.image_std = MEAN, STD
-  c, data = state_lib.resolve(c)
+  c, data = resolve_lib.resolve(c)
   cfg = train_step.StepConfig.from_config(c)
   assert (cfg.image_mean, cfg.image_std) == (MEAN, STD)
   hash(cfg)  # still a static jit argument

@@ -149,14 +149,18 @@ _UNREADABLE: dict[str, str] = {}  # path -> reason: the unreadable images this p
 
 
 def _note_unreadable(path: str, error: Exception, action: str) -> None:
-  """Warns about the first unreadable image this process meets; counts the others
-  (`unreadable_images`), so a bad file read every epoch does not flood the console."""
+  """Warns about an unreadable image the first time this process meets it; later reads of it
+  (every epoch) are silent. The closing summary of a run counts them (`unreadable_images`)."""
   if path in _UNREADABLE:
     return
   _UNREADABLE[path] = str(error)
-  if len(_UNREADABLE) == 1:
-    logging.warning("image %s unreadable (%s); %s. Further unreadable images are counted and "
-                    "reported at the end of the run.", path, error, action)
+  logging.warning("image %s unreadable (%s); %s. Warned once; counted at the end of the run.",
+                  path, error, action)
+
+
+def reset_unreadable() -> None:
+  """Forgets the unreadable images met so far (a new run in the same process)."""
+  _UNREADABLE.clear()
 
 
 def unreadable_images() -> dict[str, str]:

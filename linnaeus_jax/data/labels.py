@@ -87,11 +87,13 @@ class Dataset:
   def write_assets(self, folder: str) -> None:
     """The JSON assets, plus `split_rows.npz`: the raw labels-file rows of train and val."""
     os.makedirs(folder, exist_ok=True)
-    for name, text in self.assets().items():
-      with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+    for name, text in self.assets().items():  # each replaced whole
+      with open(os.path.join(folder, name + ".tmp"), "w", encoding="utf-8") as f:
         f.write(text)
-    np.savez_compressed(os.path.join(folder, "split_rows.npz"), train=self.train.raw_row,
-                        val=self.val.raw_row)
+      os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    with open(os.path.join(folder, "split_rows.npz.tmp"), "wb") as f:
+      np.savez_compressed(f, train=self.train.raw_row, val=self.val.raw_row)
+    os.replace(os.path.join(folder, "split_rows.npz.tmp"), os.path.join(folder, "split_rows.npz"))
 
   def assets(self) -> dict[str, str]:
     """JSON assets in the original's formats: file name -> text."""

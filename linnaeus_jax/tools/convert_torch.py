@@ -169,7 +169,7 @@ SWITCH_REASONS = {
 def compat_config(config, flash_attn_trained: bool = False):
   """(config with the original's numerics, [switch records]); the input is not modified."""
   from linnaeus_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_overrides(config)
+  config = config_lib.with_defaults(config)
   m, records = config.model, []
 
   def switch(key, node, attr, value, why):
@@ -322,15 +322,14 @@ def convert_with_report(state_dict: dict, config, flash_attn_trained: bool = Fal
   sd = {torch_pickle.strip_prefixes(k): np.asarray(v) for k, v in state_dict.items()}
   if len(sd) != len(state_dict):
     raise ConversionError([], [], [], ["keys repeat once module. prefixes are stripped"])
-  base = config_lib.load_overrides(config)
+  base = config_lib.with_defaults(config)
   tasks = list(base.data.task_keys_h5)
   types = _torch_head_types(sd, tasks)
   missing, mismatched, other = [], [], []
   _check_config(sd, base, tasks, types, other)
   config, switches = compat_config(base, flash_attn_trained)
   config_lib.validate(config, need_data=False)
-  unscanned = config_lib.load_overrides(config)
-  unscanned.model.scan_blocks = False
+  unscanned = config_lib.with_changes(config, {"model.scan_blocks": False})
   expected, _ = _abstract_params(unscanned)
   expected = _flatten(expected)
   entries = param_names(config, {t: head_prefix(t, types[t]) for t in tasks})
@@ -475,7 +474,7 @@ def load_config(spec: str, overrides=()):
     config = module.get_config(*arg)
     if not isinstance(config, ml_collections.ConfigDict):
       raise ValueError(f"{spec}: get_config() returned {type(config).__name__}, not a ConfigDict")
-  config = config_lib.load_overrides(config)
+  config = config_lib.with_defaults(config)
   for assignment in overrides:
     _override(config, assignment)
   return config
@@ -508,7 +507,7 @@ def run(checkpoint: str, config, out_dir: str, *, flash_attn_trained=False, over
   if isinstance(config, str):
     config_source, config = config, load_config(config, overrides)
   else:
-    config = config_lib.load_overrides(config)
+    config = config_lib.with_defaults(config)
   state_dict = torch_pickle.load_torch_checkpoint(checkpoint)
   variables, config, report = convert_with_report(state_dict, config, flash_attn_trained)
   record = {"source": os.path.abspath(checkpoint), "sha256": sha256(checkpoint),

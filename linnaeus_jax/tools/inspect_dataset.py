@@ -38,11 +38,12 @@ def summary(data, partial: bool) -> dict:
 
 
 def main(argv):
-  from linnaeus_jax import cli, state as state_lib  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import assets, cli  # pylint: disable=g-import-not-at-top
+  from linnaeus_jax import resolve as resolve_lib  # pylint: disable=g-import-not-at-top
   cli.start(argv)
-  config, data = cli.call(state_lib.resolve, _CONFIG.value)
+  config, data = cli.call(resolve_lib.resolve, _CONFIG.value)
   if _WORKDIR.value:
-    state_lib.write_assets(_WORKDIR.value, config, data)
+    assets.write(_WORKDIR.value, config, data)
   print(json.dumps(summary(data, config.data.partial.levels), indent=1))
 
 

@@ -38,7 +38,7 @@ def summary(config, train_batch: int = 0, device_gib=(), headroom: float = 0.0) 
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from linnaeus_jax import config as config_lib, models  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_overrides(config)
+  config = config_lib.with_defaults(config)
   config_lib.validate(config, need_data=False)
   heads = config.model.classification.heads
   missing = [t for t in config.data.task_keys_h5 if heads[t].num_classes < 1]
@@ -63,8 +63,7 @@ def summary(config, train_batch: int = 0, device_gib=(), headroom: float = 0.0) 
 
   params, compiled, seconds = compile_forward(config)
   if config.model.scan_blocks:  # XLA counts a loop body once: count FLOPs on the unrolled model
-    unrolled = config_lib.load_overrides(config)
-    unrolled.model.scan_blocks = False
+    unrolled = config_lib.with_changes(config, {"model.scan_blocks": False})
     _, compiled, _ = compile_forward(unrolled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -45,7 +45,7 @@ def compute(config, steps_per_epoch: int = 0, points: int = 2000) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from linnaeus_jax import config as config_lib, optim, schedules  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_overrides(config)
+  config = config_lib.with_defaults(config)
   placeholders = []
   for name, head in config.model.classification.heads.items():
     if head.num_classes < 1:
