@@ -80,7 +80,7 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   else:
     try:
       out = torch_pickle.load_torch_checkpoint(path)
-    except torch_pickle.CheckpointError as e:
+    except torch_pickle.TorchFileError as e:
       raise InitError(str(e)) from None
   return out
 
@@ -415,7 +415,7 @@ def read_checkpoint(spec: str, config) -> dict:
     else:
       raise InitError(f"model.init.checkpoint={spec}: not a workdir (no checkpoints/), a bundle "
                       "(no bundle.json), a converted checkpoint (no conversion.json) or a file")
-  except (OSError, ValueError, KeyError) as e:  # BundleError, ConversionError, CheckpointError
+  except (OSError, ValueError, KeyError) as e:  # BundleError, ConversionError, TorchFileError
     if isinstance(e, InitError):
       raise
     raise InitError(f"model.init.checkpoint={spec}: {type(e).__name__}: {e}") from None

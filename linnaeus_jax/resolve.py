@@ -94,7 +94,8 @@ def for_training(config, workdir: str, mesh) -> Run:
   earlier = config_lib.read_json(earlier) if steps and os.path.exists(earlier) else None
   changes, notes = hardware.choices(config)
   config = config_lib.with_changes(config, changes)
-  config, batch_notes = _batch(config, data, mesh, earlier)
+  config, batch_notes = _batch(config, data, mesh, earlier,
+                               f"{workdir} (latest step {steps[-1]})" if steps else "")
   notes += batch_notes
   init_weights, config = _init(config, data, workdir, resuming=bool(steps))
   for note in notes:
@@ -106,11 +107,13 @@ def for_training(config, workdir: str, mesh) -> Run:
   return Run(config_lib.freeze(config), data, steps, init_weights)
 
 
-def _batch(config, data, mesh, earlier) -> tuple[ml_collections.ConfigDict, list[str]]:
+def _batch(config, data, mesh, earlier, where: str = ""
+           ) -> tuple[ml_collections.ConfigDict, list[str]]:
   """data.batch_size: 'auto' becomes the resumed run's own batch (its data position depends on
-  it) or the largest that fits (memory.py); a resumed run keeps the batch it was trained with."""
+  it) or the largest that fits (memory.py); a resumed run (`earlier`: its config, `where`: its
+  checkpoints) keeps the batch it was trained with."""
   if earlier is not None and config.data.batch_size not in ("auto", earlier.data.batch_size):
-    raise ValueError(f"the checkpoints in this workdir were trained with data.batch_size="
+    raise ValueError(f"the checkpoints in {where} were trained with data.batch_size="
                      f"{earlier.data.batch_size}, this run has {config.data.batch_size}: the "
                      "train order and the step count depend on it, so resume with the same "
                      "global batch")

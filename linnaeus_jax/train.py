@@ -226,6 +226,16 @@ class Saver:
     with jax.transfer_guard("allow"):  # Orbax copies the state to the host: a written sync
       self.ckpt.save(step, state, train_iter, progress, metric, provisional)
 
+  def exit_preempted(self, state, train_iter, step: int, prog: dict, last_val: dict,
+                     saved: bool) -> None:
+    """SIGTERM: saves the state at `step` (unless just saved), waits for it, and ends the run."""
+    if not saved:
+      self.save(state, train_iter, step, prog, last_val, provisional=False)
+    self.ckpt.wait()
+    _log(f"\nSIGTERM: saved the checkpoint at step {step} in {self.ckpt.directory}; exiting. "
+         "Rerun the same command to resume.")
+    raise preemption.Preempted(step)
+
   def settle(self, state, step: int) -> None:
     """After the step that followed a provisional save: keep it if that step was finite."""
     if not self.ckpt.provisional:
@@ -321,7 +331,6 @@ class TrainLog:
 def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   """`run` once the config and the data (and model.init's weights) are known good."""
   config, data = start_point.config, start_point.data
-  pidx, pcount = jax.process_index(), jax.process_count()
   _log(f"data: {data.summary()}")
 
   # ---- The step, compiled before any state or checkpoint exists, so that a batch too big for
@@ -342,32 +351,25 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   ckpt = cleanup.enter_context(ckpt_lib.Checkpointer(  # closing waits for asynchronous saves
       os.path.join(workdir, "checkpoints"), config.schedule.checkpoint.keep_last_n,
       keep_top_n=config.schedule.checkpoint.keep_top_n, best_mode=es_mode))
-  start, data_from, same_layout = _resume_point(ckpt, config, abstract, pcount)
-  train_iter = iter(pipeline.train_dataset(data, config, total, pidx, pcount, data_from))
-  state, progress = (None, {}) if start is None else ckpt.restore(
-      start, abstract, train_iter if same_layout else None)
-  start = start or 0
-  assets.write(workdir, config, data)
-  state = _start_state(state, init, tx, state_sharding, start_point, workdir, start, progress)
+  start, data_from, train_iter, state, progress = _resume_or_start(
+      ckpt, start_point, abstract, init, tx, state_sharding, workdir, total)
   prog = {"early_stop": progress.get("early_stop", early_stopping.init_state()),
           "stopped_at": progress.get("stopped_at")}
   end = total if prog["stopped_at"] is None else prog["stopped_at"]
 
   # ---- Logs, validation, checkpoints.
-  writer = metric_writers.MetricWriter(  # records past the checkpoint are about to be redone
+  closing = lambda x: cleanup.enter_context(contextlib.closing(x))
+  writer = closing(metric_writers.MetricWriter(  # records past the checkpoint: to be redone
       workdir, resume_step=start, redo_eval_at_resume=start == end,
-      wandb_config=config.logging.wandb, run_config=json.loads(config_lib.to_json(config)))
-  cleanup.callback(writer.close)
+      wandb_config=config.logging.wandb, run_config=json.loads(config_lib.to_json(config))))
   _print_header(config, data, mesh, state, total, spe, workdir)
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   validate = Validator(config, data, graphdef, state_sharding, mesh, consts, writer, workdir,
                        progress_bar)
   saver = Saver(ckpt, config, total, spe, data_from)
   log = TrainLog(writer, progress_bar, data.task_keys, config.data.batch_size, spe, start)
-  preempt = preemption.Watch()
-  cleanup.callback(preempt.close)
-  profile = Profile(workdir, config.logging.profile_steps)
-  cleanup.callback(profile.close)
+  preempt = closing(preemption.Watch())
+  profile = closing(Profile(workdir, config.logging.profile_steps))
 
   # ---- The loop.
   last_val, track_best = {}, es.active or config.schedule.checkpoint.keep_top_n > 0
@@ -395,12 +397,7 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
         saver.save(state, train_iter, done, prog, last_val)
         saved = True
       if preempt.reached(done) and done != total:
-        if not saved:
-          saver.save(state, train_iter, done, prog, last_val, provisional=False)
-        ckpt.wait()
-        _log(f"\nSIGTERM: saved the checkpoint at step {done} in {ckpt.directory}; exiting. "
-             "Rerun the same command to resume.")
-        raise preemption.Preempted(done)
+        saver.exit_preempted(state, train_iter, done, prog, last_val, saved)
     end = total if prog["stopped_at"] is None else prog["stopped_at"]
     if ckpt.latest_step() != end:
       saver.save(state, train_iter, end, prog, last_val, provisional=False)
@@ -426,6 +423,22 @@ def _compile_step(config, data, graphdef, tx, lrs, total, spe, mesh, state_shard
                      donate_argnums=(0,)).lower(abstract, spec, consts).compile()
   memory.check_memory(compiled)
   return compiled
+
+
+def _resume_or_start(ckpt, start_point, abstract, init, tx, state_sharding, workdir: str,
+                     total: int):
+  """(start step, data_from, train iterator, state, saved progress): restored from the
+  checkpoint to resume from (`_resume_point`), else fresh; then the assets are written."""
+  config, data = start_point.config, start_point.data
+  pidx, pcount = jax.process_index(), jax.process_count()
+  start, data_from, same_layout = _resume_point(ckpt, config, abstract, pcount)
+  train_iter = iter(pipeline.train_dataset(data, config, total, pidx, pcount, data_from))
+  state, progress = (None, {}) if start is None else ckpt.restore(
+      start, abstract, train_iter if same_layout else None)
+  start = start or 0
+  assets.write(workdir, config, data)
+  state = _start_state(state, init, tx, state_sharding, start_point, workdir, start, progress)
+  return start, data_from, train_iter, state, progress
 
 
 def _start_state(restored, init, tx, state_sharding, start_point, workdir: str, start: int,

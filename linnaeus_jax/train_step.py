@@ -85,19 +85,19 @@ class Prepared(NamedTuple):
   mixed: jax.Array  # scalar bool: the batch was mixed
 
 
-def prepare_batch(cfg: StepConfig, scheds, batch: dict, key, sched: dict) -> Prepared:
+def prepare_batch(cfg: StepConfig, schedules, batch: dict, key, probs: dict) -> Prepared:
   """Pixels normalised (`cfg.image_mean/std`), scheduled metadata masks ANDed into the validity,
   selective mixing of partners, erasing."""
   k_mask, k_mix, k_erase = jax.random.split(key, 3)
   meta_valid, masked_BxC = masking.meta_masks(
-      k_mask, batch["meta_valid"], sched["schedule/meta_mask_prob"],
-      sched["schedule/partial_mask_prob"], scheds.combos_KxC, scheds.combo_weights)
+      k_mask, batch["meta_valid"], probs["schedule/meta_mask_prob"],
+      probs["schedule/partial_mask_prob"], schedules.combos_KxC, schedules.combo_weights)
   image = preprocessing.normalize(batch["image"], cfg.image_mean, cfg.image_std)
   meta = batch["meta"]
   mix, mixed = (None, None), jnp.zeros((), bool)
-  if cfg.mix.active and scheds.mix.enabled:
+  if cfg.mix.active and schedules.mix.enabled:
     image, meta, meta_valid, lam_B, partner_B, mixed = mixing.mix_batch(
-        k_mix, cfg.mix, sched["schedule/mix_prob"], image, meta, meta_valid, batch["pair_ok"])
+        k_mix, cfg.mix, probs["schedule/mix_prob"], image, meta, meta_valid, batch["pair_ok"])
     mix = (lam_B, partner_B)
   prob, area, aspect, mode = cfg.erase
   if prob > 0:
@@ -131,27 +131,27 @@ def losses_and_counts(cfg: StepConfig, logits: dict, batch: dict, consts: dict, 
   return per_task, counts
 
 
-def forward_losses(graphdef, cfg: StepConfig, scheds, state, consts, sched, batch, key, params,
+def forward_losses(graphdef, cfg: StepConfig, schedules, state, consts, probs, batch, key, params,
                    *, no_meta: bool = False, refine: bool = True):
   """(Prepared, {task: TaskLoss}, counts) of a micro-batch's training forward pass. The train
   loss and GradNorm's re-forward both come from here, so that with the same key they see the same
   masks, mixing, dropout and null coins."""
   k_prep, k_model = jax.random.split(key)
   k_drop, k_null = jax.random.split(k_model)
-  prep = prepare_batch(cfg, scheds, batch, k_prep, sched)
+  prep = prepare_batch(cfg, schedules, batch, k_prep, probs)
   meta_valid = jnp.zeros_like(prep.meta_valid) if no_meta else prep.meta_valid
   logits = nnx.merge(graphdef, params, state.buffers)(
       prep.image, prep.meta, meta_valid, train=True, key=k_drop, refine=refine)
   per_task, counts = losses_and_counts(cfg, logits, batch, consts, train=True, mix=prep.mix,
-                                       null_keep=sched["schedule/null_incl_prob"], key=k_null)
+                                       null_keep=probs["schedule/null_incl_prob"], key=k_null)
   return prep, per_task, counts
 
 
-def micro_step(graphdef, cfg: StepConfig, scheds, state, consts, sched, batch, key):
+def micro_step(graphdef, cfg: StepConfig, schedules, state, consts, probs, batch, key):
   """(loss, grads, per-task losses (T,), sums to accumulate) of one micro-batch."""
 
   def loss_fn(params):
-    prep, per_task, counts = forward_losses(graphdef, cfg, scheds, state, consts, sched, batch,
+    prep, per_task, counts = forward_losses(graphdef, cfg, schedules, state, consts, probs, batch,
                                             key, params)
     loss = losses.total_loss(per_task, cfg.tasks, state.gradnorm["weights"])
     return loss, (jnp.stack([per_task[t].mean for t in cfg.tasks]), counts, prep)
@@ -196,13 +196,13 @@ def accumulate_grads(fn, batch: dict, key, k: int):
   return loss / k, jax.tree.map(lambda g: g / k, grads), task_T / k, sums
 
 
-def gradnorm_update(graphdef, cfg: StepConfig, scheds, state, consts, sched, batch, key):
+def gradnorm_update(graphdef, cfg: StepConfig, schedules, state, consts, probs, batch, key):
   """(GradNorm state, logged values) after the closed-form update on `batch` (the first
   micro-batch, with its key: the train loss's masks, mixing, dropout and null coins), re-forwarded
   without metadata (`zero_aux_info`) and without hierarchical refinement. Only on update steps:
   the re-forward runs under `lax.cond` (`gradnorm.maybe_update`)."""
   def task_means(params):
-    _, per_task, _ = forward_losses(graphdef, cfg, scheds, state, consts, sched, batch, key,
+    _, per_task, _ = forward_losses(graphdef, cfg, schedules, state, consts, probs, batch, key,
                                     params, no_meta=cfg.gn_zero_aux, refine=False)
     return jnp.stack([per_task[t].mean for t in cfg.tasks])
   gn_state, info = gradnorm.maybe_update(
@@ -229,25 +229,25 @@ def apply_update(tx, state, grads, loss, gn_state):
       nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32)), grad_norm
 
 
-def make_train_step(graphdef, tx, cfg: StepConfig, lrs: dict, scheds):
+def make_train_step(graphdef, tx, cfg: StepConfig, lrs: dict, schedules):
   """train_step(state, batch, consts) -> (state, out); `consts` from `state.loss_constants`,
   `lrs` each parameter group's LR schedule (`optim.build`). `out["acc"]` holds sums that the loop
   adds up between log steps; the rest is the step's own values."""
 
   def train_step(state, batch, consts):
     key = jax.random.fold_in(state.rng, state.step)
-    sched = scheds.values(state.step)
-    micro = lambda b, k: micro_step(graphdef, cfg, scheds, state, consts, sched, b, k)
+    probs = schedules.values(state.step)
+    micro = lambda b, k: micro_step(graphdef, cfg, schedules, state, consts, probs, b, k)
     loss, grads, task_T, sums = accumulate_grads(micro, batch, key, cfg.accum)
     gn_state, gn_out = state.gradnorm, {}
     if cfg.gradnorm:
       first, first_key = first_micro(batch, key, cfg.accum)
-      gn_state, gn_out = gradnorm_update(graphdef, cfg, scheds, state, consts, sched, first,
+      gn_state, gn_out = gradnorm_update(graphdef, cfg, schedules, state, consts, probs, first,
                                          first_key)
     new_state, grad_norm = apply_update(tx, state, grads, loss, gn_state)
     t = state.step
     out = {"loss": loss, "grad_norm": grad_norm, "lr": lrs["default"](t),
-           **{f"lr/{g}": fn(t) for g, fn in lrs.items()}, **sched,
+           **{f"lr/{g}": fn(t) for g, fn in lrs.items()}, **probs,
            **{f"loss/{task}": task_T[i] for i, task in enumerate(cfg.tasks)},
            **{f"gradnorm/weight/{task}": gn_state["weights"][i]
               for i, task in enumerate(cfg.tasks)},

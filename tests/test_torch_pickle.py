@@ -71,7 +71,7 @@ def test_loader_reads_a_real_torch_file_without_torch(tmp_path):
   assert list(torch_pickle.load_torch_checkpoint(npz)) == ["x.weight"]
   bad = tmp_path / "bad.pth"
   bad.write_bytes(b"\x80\x02not a zip")
-  with pytest.raises(torch_pickle.CheckpointError, match="legacy"):
+  with pytest.raises(torch_pickle.TorchFileError, match="legacy"):
     torch_pickle.load_torch_checkpoint(str(bad))
 
 
@@ -89,7 +89,7 @@ def test_unknown_globals_stay_inert(tmp_path):
   marker, path = tmp_path / "ran", tmp_path / "evil.pth"
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", pickle.dumps({"model": _Evil(marker)}, protocol=2))
-  with pytest.raises(torch_pickle.CheckpointError, match="'model' entry is <opaque"):
+  with pytest.raises(torch_pickle.TorchFileError, match="'model' entry is <opaque"):
     torch_pickle.load_torch_checkpoint(str(path))
   assert not marker.exists()
 
@@ -205,7 +205,7 @@ def test_hostile_layouts_and_sizes_are_refused_before_reading(tmp_path, monkeypa
     return read(self, name, *args)
   monkeypatch.setattr(zipfile.ZipFile, "read", guarded_read)
   monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load called"))
-  with pytest.raises(torch_pickle.CheckpointError, match=error) as e:
+  with pytest.raises(torch_pickle.TorchFileError, match=error) as e:
     torch_pickle.load_torch_checkpoint(str(path))
   assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
 

@@ -4,9 +4,11 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
+from linnaeus_jax import config as config_lib
 from linnaeus_jax import resolve as resolve_lib
 from linnaeus_jax import train
 
@@ -290,3 +292,85 @@ def test_resuming_with_another_global_batch_is_refused(small_dataset, trained_wo
                                        r"data.batch_size=16, this run has 8"):
     train.run(c, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+# ----------------------------------------------------------------------------- The run level
+
+
+def test_the_config_handed_to_training_is_frozen(small_dataset, tmp_path):
+  """Resolution returns a FrozenConfigDict with the data's classes and the machine's choices;
+  the caller's config is left as it was."""
+  c = tiny_config(small_dataset[0])
+  c.model.dtype = "auto"
+  mesh = train.sharding.make_mesh(c)
+  start = resolve_lib.for_training(c, str(tmp_path / "run"), mesh)
+  assert isinstance(start.config, ml_collections.FrozenConfigDict)
+  with pytest.raises(AttributeError, match="immutable"):
+    start.config.data.batch_size = 8
+  assert start.config.model.dtype == "float32" and c.model.dtype == "auto"
+  assert start.config.model.classification.heads.taxa_L10.num_classes == (
+      start.data.num_classes["taxa_L10"]) and c.model.classification.heads.taxa_L10.num_classes == 0
+  assert any(n.startswith("model.dtype=auto -> float32") for n in start.config.misc.auto_choices)
+  assert not os.path.exists(tmp_path / "run")  # resolution touches no workdir
+
+
+def test_due_decides_every_periodic_action():
+  """Intervals from the durations; validation and checkpoints are not periodic at the last
+  step (the run ends with its own), the console line is."""
+  c = tiny_config("/unused")
+  c.schedule.validation.interval_steps = 4
+  c.schedule.validation.mask_meta_interval_fraction = 0.5
+  c.schedule.checkpoint.interval_steps = 5
+  c.schedule.metrics.console_interval, c.schedule.metrics.tensorboard_interval = 3, 2
+  due = train.Due.from_config(c, total=10, spe=100)
+  assert due.every == {"log": 2, "console": 3, "validate": 4, "mask_meta": 5, "partial": 0,
+                       "checkpoint": 5}
+  assert due(4) == {"log", "validate"}
+  assert due(5) == {"mask_meta", "checkpoint"}
+  assert due(6) == {"log", "console"}
+  assert due(10) == {"log", "console"}  # the last step: logs only
+  assert due(7) == frozenset()
+
+
+@pytest.mark.slow
+def test_md_trains_with_the_recipe_of_sm_under_the_transfer_guard_with_a_profile(
+    small_dataset, tmp_path):
+  """configs/mformer.py:md (sm's recipe, shrunk to the test's model and data) trains with
+  GradNorm, metadata, partial and null masking and mixing, as its logged schedule values show;
+  the loop runs under transfer_guard('disallow'); logging.profile_steps writes a trace."""
+  md = config_lib.sibling(os.path.join(ROOT, "configs", "x.py"), "mformer.py", "md")
+  c = tiny_config(small_dataset[0], steps=8)
+  for key in ("schedule", "loss"):
+    c[key] = md[key]
+  c.schedule.mix.group_levels = ("taxa_L20",)
+  c.schedule.metrics.tensorboard_interval = 1
+  c.schedule.checkpoint.interval_steps = 4
+  c.loss.grad_weighting.task.update_interval = 2
+  c.logging.profile_steps = (2, 4)
+  assert c.train.transfer_guard == "disallow"
+  workdir = str(tmp_path / "md")
+  train.run(c, workdir)
+  records = _train_records(workdir)
+  assert sorted(records) == list(range(1, 9))
+  r = records[8]
+  for key in ("schedule/meta_mask_prob", "schedule/partial_mask_prob", "schedule/mix_prob",
+              "schedule/null_incl_prob", "gradnorm/weight/taxa_L10", "gradnorm/updated",
+              "mix/mixed_batch_frac", "meta_masking/masked_frac/SPATIAL"):
+    assert key in r, key
+  assert 0 < records[1]["schedule/mix_prob"] and 0 < records[1]["schedule/meta_mask_prob"]
+  assert any(records[s]["gradnorm/updated"] for s in records)
+  traces = [f for _, _, fs in os.walk(os.path.join(workdir, "tensorboard", "plugins", "profile"))
+            for f in fs if f.endswith(".xplane.pb")]
+  assert len(traces) == 1
+
+
+def test_an_implicit_transfer_in_the_loop_fails_under_the_guard(small_dataset, tmp_path,
+                                                                monkeypatch):
+  """The guard is real: a batch handed to the step as host arrays (an implicit transfer, where
+  the loop writes sharding.global_batch) stops the run. (On the CPU only host-to-device
+  transfers can be caught: device arrays already live in host memory.)"""
+  monkeypatch.setattr(train.sharding, "global_batch", lambda batch, mesh: batch)
+  c = tiny_config(small_dataset[0], steps=2)
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train.run(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")

@@ -7,7 +7,7 @@ globals and a few builtins resolve; any other global (a config class, optimizer 
 code) becomes an inert `Opaque` stand-in, so nothing in the file is imported or executed. Tensor
 data is read from the archive's storages only when a tensor is materialised, and only after its
 layout is checked against its storage and the storage's size against what the file can hold
-(`_check_member`): a hostile file gets a `CheckpointError`, never a huge allocation.
+(`_check_member`): a hostile file gets a `TorchFileError`, never a huge allocation.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import zipfile
 import numpy as np
 
 
-class CheckpointError(ValueError):
-  """A file this loader cannot read as a checkpoint."""
+class TorchFileError(ValueError):
+  """A file this loader cannot read as a PyTorch checkpoint (checkpoint.CheckpointError is
+  about our own, Orbax, checkpoints)."""
 
 
 _NP_DTYPES = {"float32": "f4", "float64": "f8", "float16": "f2", "bfloat16": "u2", "int64": "i8",
@@ -49,17 +50,17 @@ _DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032x
 def _check_member(info: zipfile.ZipInfo, file_bytes: int, what: str) -> None:
   """Refuses a zip member whose declared size the file cannot hold (before anything is read)."""
   if info.compress_size > file_bytes:
-    raise CheckpointError(f"{what}: {info.compress_size} compressed bytes in a file of "
+    raise TorchFileError(f"{what}: {info.compress_size} compressed bytes in a file of "
                           f"{file_bytes} bytes")
   if info.compress_type == zipfile.ZIP_STORED:
     limit = info.compress_size
   elif info.compress_type == zipfile.ZIP_DEFLATED:
     limit = _DEFLATE_MAX_RATIO * info.compress_size
   else:
-    raise CheckpointError(f"{what}: zip compression method {info.compress_type} (only stored "
+    raise TorchFileError(f"{what}: zip compression method {info.compress_type} (only stored "
                           "and deflated members are read)")
   if info.file_size > limit:
-    raise CheckpointError(f"{what}: declares {info.file_size} bytes, more than its "
+    raise TorchFileError(f"{what}: declares {info.file_size} bytes, more than its "
                           f"{info.compress_size} bytes in the file can hold")
 
 
@@ -125,28 +126,28 @@ class LazyTensor:
   dtype: str  # torch dtype name; bfloat16 is returned as float32
 
   def numpy(self) -> np.ndarray:
-    """The values; CheckpointError when the layout reads outside the storage."""
+    """The values; TorchFileError when the layout reads outside the storage."""
     storage, dtype = self.storage, self.dtype
     if not isinstance(dtype, str) or dtype not in _NP_DTYPES:
-      raise CheckpointError(f"unsupported tensor dtype {dtype!r:.100}")
+      raise TorchFileError(f"unsupported tensor dtype {dtype!r:.100}")
     size, stride, offset = tuple(self.size), tuple(self.stride), self.offset
     layout = f"size {size}, stride {stride}, offset {offset}"
     if not all(isinstance(v, int) for v in (*size, *stride, offset)) or len(size) != len(stride):
-      raise CheckpointError(f"storage {storage.key}: unsupported tensor layout: {layout}")
+      raise TorchFileError(f"storage {storage.key}: unsupported tensor layout: {layout}")
     if min((*size, *stride, offset)) < 0:
-      raise CheckpointError(f"storage {storage.key}: negative tensor layout: {layout}")
+      raise TorchFileError(f"storage {storage.key}: negative tensor layout: {layout}")
     item = np.dtype(_NP_DTYPES[dtype]).itemsize
     nbytes = storage.numel * np.dtype(_NP_DTYPES[storage.dtype]).itemsize
     if nbytes % item:  # _rebuild_tensor_v3: a byte storage viewed as `dtype`
-      raise CheckpointError(f"storage {storage.key}: {nbytes} bytes are not whole {dtype} "
+      raise TorchFileError(f"storage {storage.key}: {nbytes} bytes are not whole {dtype} "
                             "elements")
     numel, count = nbytes // item, math.prod(size)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if count else offset - 1
     if offset > numel or last >= numel:
-      raise CheckpointError(f"storage {storage.key}: a tensor of {layout} reads past the "
+      raise TorchFileError(f"storage {storage.key}: a tensor of {layout} reads past the "
                             f"storage's {numel} {dtype} elements")
     if count > numel and count * item > storage.archive.file_bytes:  # zero strides: expanded
-      raise CheckpointError(f"storage {storage.key}: a tensor of {layout} expands "
+      raise TorchFileError(f"storage {storage.key}: a tensor of {layout} expands "
                             f"{numel} elements into {count} ({count * item} bytes), more than "
                             f"the file's {storage.archive.file_bytes} bytes")
     flat = storage.flat()
@@ -168,7 +169,7 @@ def _rebuild_tensor_v2(storage, offset, size, stride, *unused):
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
   if not isinstance(storage, _Storage):
-    raise CheckpointError(f"a tensor rebuilt from {storage!r:.100}, not a storage")
+    raise TorchFileError(f"a tensor rebuilt from {storage!r:.100}, not a storage")
   if dtype is None:  # v2: the storage's dtype
     name = storage.dtype
   else:
@@ -214,10 +215,10 @@ class _Unpickler(pickle.Unpickler):
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
             and isinstance(pid[1], _StorageType)):
-      raise CheckpointError(f"unsupported persistent id in the pickle: {pid!r:.200}")
+      raise TorchFileError(f"unsupported persistent id in the pickle: {pid!r:.200}")
     _, storage_type, key, _, numel = pid
     if not isinstance(numel, int) or numel < 0:
-      raise CheckpointError(f"storage {key}: {numel!r:.100} elements")
+      raise TorchFileError(f"storage {key}: {numel!r:.100} elements")
     return self.archive.storage(str(key), storage_type.dtype, numel)
 
 
@@ -229,17 +230,17 @@ class _Archive:
     names = set(zf.namelist())
     order = f"{prefix}/byteorder"
     if order in names and zf.getinfo(order).file_size > 16:
-      raise CheckpointError(f"{order}: {zf.getinfo(order).file_size} bytes, not a byte order")
+      raise TorchFileError(f"{order}: {zf.getinfo(order).file_size} bytes, not a byte order")
     self.byteorder = zf.read(order).decode().strip() if order in names else "little"
     if self.byteorder not in ("little", "big"):
-      raise CheckpointError(f"unknown byteorder {self.byteorder!r}")
+      raise TorchFileError(f"unknown byteorder {self.byteorder!r}")
 
   def storage(self, key: str, dtype: str, numel: int) -> _Storage:
     if key not in self.storages:
       self.storages[key] = _Storage(self, key, dtype, numel)
     old = self.storages[key]
     if (old.dtype, old.numel) != (dtype, numel):  # torch.save refuses to write this
-      raise CheckpointError(f"storage {key} is declared as {old.numel} {old.dtype} and as "
+      raise TorchFileError(f"storage {key} is declared as {old.numel} {old.dtype} and as "
                             f"{numel} {dtype} elements")
     return old
 
@@ -249,15 +250,15 @@ class _Archive:
     try:
       info = self.zf.getinfo(name)
     except KeyError:
-      raise CheckpointError(f"storage {key} is missing from the archive") from None
+      raise TorchFileError(f"storage {key} is missing from the archive") from None
     dt = np.dtype(_NP_DTYPES[dtype]).newbyteorder("<" if self.byteorder == "little" else ">")
     if info.file_size != numel * dt.itemsize:
-      raise CheckpointError(f"storage {key}: {numel} {dtype} elements ({numel * dt.itemsize} "
+      raise TorchFileError(f"storage {key}: {numel} {dtype} elements ({numel * dt.itemsize} "
                             f"bytes) declared, {info.file_size} bytes in the archive")
     _check_member(info, self.file_bytes, f"storage {key}")
     raw = self.zf.read(name)
     if len(raw) != numel * dt.itemsize:
-      raise CheckpointError(f"storage {key}: {len(raw)} bytes for {numel} {dtype} elements")
+      raise TorchFileError(f"storage {key}: {len(raw)} bytes for {numel} {dtype} elements")
     return np.frombuffer(raw, dt).astype(dt.newbyteorder("="), copy=False)
 
 
@@ -278,14 +279,14 @@ def _unwrap(obj, source: str) -> dict:
   while isinstance(obj, dict):
     for key in WRAPPERS:
       if key in obj and not isinstance(obj[key], dict):
-        raise CheckpointError(f"{source}: its {key!r} entry is {obj[key]!r:.100}, not a state "
+        raise TorchFileError(f"{source}: its {key!r} entry is {obj[key]!r:.100}, not a state "
                               "dict; save model.state_dict() instead")
     inner = next((obj[k] for k in WRAPPERS if k in obj), None)
     if inner is None:
       break
     obj = inner
   if not isinstance(obj, dict):
-    raise CheckpointError(f"{source}: no state dict (a dict of tensors) found, got {obj!r:.100}")
+    raise TorchFileError(f"{source}: no state dict (a dict of tensors) found, got {obj!r:.100}")
   out, bad = {}, []
   for key, value in obj.items():
     if not isinstance(value, (LazyTensor, np.ndarray)):
@@ -293,13 +294,13 @@ def _unwrap(obj, source: str) -> dict:
       continue
     name = strip_prefixes(str(key))
     if name in out:
-      raise CheckpointError(f"{source}: key {name!r} appears twice once prefixes are stripped")
+      raise TorchFileError(f"{source}: key {name!r} appears twice once prefixes are stripped")
     try:
       out[name] = value.numpy() if isinstance(value, LazyTensor) else value
-    except CheckpointError as e:
-      raise CheckpointError(f"{source}: tensor {key}: {e}") from None
+    except TorchFileError as e:
+      raise TorchFileError(f"{source}: tensor {key}: {e}") from None
   if bad:
-    raise CheckpointError(f"{source}: the state dict has non-tensor entries: {', '.join(bad)}")
+    raise TorchFileError(f"{source}: the state dict has non-tensor entries: {', '.join(bad)}")
   return out
 
 
@@ -313,10 +314,10 @@ def _check_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, file_bytes: int, what
       read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
       shape, _, dtype = read_header(f)
     except ValueError as e:
-      raise CheckpointError(f"{what}: not a .npy array: {e}") from None
+      raise TorchFileError(f"{what}: not a .npy array: {e}") from None
     data = math.prod(shape) * dtype.itemsize
     if data > info.file_size - f.tell():
-      raise CheckpointError(f"{what}: shape {shape} of {dtype} needs {data} bytes, the member "
+      raise TorchFileError(f"{what}: shape {shape} of {dtype} needs {data} bytes, the member "
                             f"holds {info.file_size - f.tell()}")
 
 
@@ -331,9 +332,9 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
       head = f.read(2)
     if head[:1] == b"\x80":
-      raise CheckpointError(f"{path}: a legacy (torch < 1.6, non-zip) checkpoint; re-save it "
+      raise TorchFileError(f"{path}: a legacy (torch < 1.6, non-zip) checkpoint; re-save it "
                             "with torch.save under torch >= 1.6")
-    raise CheckpointError(f"{path}: neither a torch.save zip archive nor an .npz")
+    raise TorchFileError(f"{path}: neither a torch.save zip archive nor an .npz")
   file_bytes = os.path.getsize(path)
   try:
     with zipfile.ZipFile(path) as zf:
@@ -344,18 +345,18 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
         with zf.open(pickles[0]) as f:
           try:
             obj = _Unpickler(f, _Archive(zf, pickles[0].split("/")[0], file_bytes)).load()
-          except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+          except TorchFileError as e:
+            raise TorchFileError(f"{path}: {e}") from None
           except Exception as e:  # malformed pickles raise about anything
-            raise CheckpointError(f"{path}: cannot unpickle data.pkl: {e!r}") from e
+            raise TorchFileError(f"{path}: cannot unpickle data.pkl: {e!r}") from e
         return _unwrap(obj, path)
       if any(n.endswith("constants.pkl") for n in names):
-        raise CheckpointError(f"{path}: a TorchScript archive; save model.state_dict() instead")
+        raise TorchFileError(f"{path}: a TorchScript archive; save model.state_dict() instead")
       if names and all(n.endswith(".npy") for n in names):
         for info in zf.infolist():
           _check_npy(zf, info, file_bytes, f"{path}: {info.filename}")
         with np.load(path, allow_pickle=False) as f:
           return _unwrap({k: f[k] for k in f.files}, path)
   except (zipfile.BadZipFile, EOFError) as e:  # EOFError: a member cut short
-    raise CheckpointError(f"{path}: a damaged zip archive: {e}") from e
-  raise CheckpointError(f"{path}: a zip without <prefix>/data.pkl (torch.save) or .npy members")
+    raise TorchFileError(f"{path}: a damaged zip archive: {e}") from e
+  raise TorchFileError(f"{path}: a zip without <prefix>/data.pkl (torch.save) or .npy members")
