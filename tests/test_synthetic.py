@@ -195,3 +195,27 @@ def test_harder_variants_confuse_pixels_spread_metadata_and_noise_labels(small_d
                      != open(tmp_path / "images" / f, "rb").read() for f in names])
   assert 0.5 * 0.5 * 0.5 < changed < 0.5 * 0.9  # redrawn as itself 1/siblings of the time
   assert n == len(names)
+
+
+def test_taxa_json_names_every_taxon_consistently_with_the_labels(small_dataset, tmp_path):
+  """Every raw id of every rank has a name, and a species' name starts with its genus's name
+  (the lineage of the rows); `ensure` adds taxa.json to a dataset made before it existed."""
+  import json  # pylint: disable=g-import-not-at-top
+  folder, paths = small_dataset
+  with open(os.path.join(folder, "taxa.json"), encoding="utf-8") as f:
+    taxa = json.load(f)
+  with h5py.File(paths["labels_path"], "r") as h5:
+    labels = {t: h5[t][:] for t in ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")}
+  for task, ids in labels.items():
+    assert {str(int(x)) for x in ids if x} == set(taxa[task]), task
+  for s, g in zip(labels["taxa_L10"], labels["taxa_L20"]):
+    if s and g:
+      genus = taxa["taxa_L20"][str(int(g))]["name"]
+      assert taxa["taxa_L10"][str(int(s))]["name"].startswith(genus + " sp. ")
+  opts = dataclasses.replace(SMALL, max_samples_per_species=4, min_samples_per_species=2)
+  made = synthetic.ensure(opts, str(tmp_path))
+  out = os.path.dirname(made["labels_path"])
+  before = open(os.path.join(out, "taxa.json")).read()
+  os.remove(os.path.join(out, "taxa.json"))
+  synthetic.ensure(opts, str(tmp_path))
+  assert open(os.path.join(out, "taxa.json")).read() == before

@@ -134,6 +134,30 @@ def make_taxonomy(opts: SyntheticOptions, rng: np.random.Generator) -> Taxonomy:
                   family_order=np.arange(n_f) // opts.families_per_order)
 
 
+def taxa_json(tax: Taxonomy) -> str:
+  """`taxa.json` as the dataset builder writes it ({task: {raw id: {"name"}}}): readable names
+  (order 1, family 2, genus 3, "genus 3 sp. 2") that training shows in its tables and plots."""
+  seen = np.zeros(len(tax.genus), int)
+  species = {}
+  for s, g in enumerate(tax.species_genus):
+    seen[g] += 1
+    species[str(int(tax.species[s]))] = {"name": f"genus {g + 1} sp. {seen[g]}"}
+  out = {"taxa_L10": species}
+  for task, ids, rank in (("taxa_L20", tax.genus, "genus"), ("taxa_L30", tax.family, "family"),
+                          ("taxa_L40", tax.order, "order")):
+    out[task] = {str(int(x)): {"name": f"{rank} {i + 1}"} for i, x in enumerate(ids)}
+  return json.dumps(out, indent=1)
+
+
+def _write_taxa(out_dir: str, opts: SyntheticOptions) -> None:
+  """taxa.json beside labels.h5 (the taxonomy is the generator's first draw, so it is the same
+  for a dataset generated before taxa.json existed)."""
+  path = os.path.join(out_dir, "taxa.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(taxa_json(make_taxonomy(opts, np.random.default_rng(opts.seed))))
+  os.replace(path + ".tmp", path)
+
+
 def species_counts(opts: SyntheticOptions, n_species: int, rng: np.random.Generator) -> np.ndarray:
   """Zipf-like imbalance: the species of (random) rank r gets max * r**-exponent samples."""
   ranks = rng.permutation(n_species) + 1
@@ -369,6 +393,7 @@ def generate(out_dir: str, opts: SyntheticOptions = SyntheticOptions(), verbose:
   labels_path = os.path.join(out_dir, "labels.h5")
   _write_labels(labels_path + ".tmp", opts, ids, labels, meta, _encode_metadata(opts, meta))
   images = _write_images(out_dir, opts, ids, rows, g_img, f_img, verbose)
+  _write_taxa(out_dir, opts)
   os.replace(labels_path + ".tmp", labels_path)  # labels.h5 last: marks a complete dataset
   if verbose:
     print(f"synthetic dataset: {n} rows, {len(tax.species)} species -> {out_dir}",
@@ -391,6 +416,8 @@ def ensure(opts: SyntheticOptions, cache_dir: str | None = None) -> dict:
     print(f"Generating the synthetic dataset into {out} (first use) ...", file=sys.stderr)
     return generate(out, opts)
   paths = {"labels_path": labels}
+  if not os.path.exists(os.path.join(out, "taxa.json")):  # generated before taxa.json existed
+    _write_taxa(out, opts)
   if opts.image_format == "h5":
     paths["images_path"] = os.path.join(out, "images.h5")
   else:
