@@ -175,7 +175,8 @@ def auto_batch(config, mesh, consts, record, parents) -> tuple[int, list[str]]:
   for line in lines:
     if jax.process_index() == 0:
       print(line, flush=True)
-  return r["batch"], [f"data.batch_size=auto -> {r['batch']}: {r['bytes'] / GIB:,.2f} GiB of {where}'s "
-          f"{have / GIB:,.2f} GiB per device ({h:.0%} headroom; {r['fixed_bytes'] / GIB:,.2f} "
-          f"GiB + {r['bytes_per_sample'] / 2**20:,.1f} MiB per sample; {r['compiles']} "
-          "compilations)"]
+  return r["batch"], [
+      f"data.batch_size=auto -> {r['batch']}: {r['bytes'] / GIB:,.2f} GiB of {where}'s "
+      f"{have / GIB:,.2f} GiB per device ({h:.0%} headroom; {r['fixed_bytes'] / GIB:,.2f} "
+      f"GiB + {r['bytes_per_sample'] / 2**20:,.1f} MiB per sample; {r['compiles']} "
+      "compilations)"]

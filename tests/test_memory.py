@@ -73,7 +73,8 @@ def test_a_resumed_run_keeps_its_recorded_batch(tmp_path):
   assert resolved.data.batch_size == 24 and c.data.batch_size == "auto"
   assert notes == ["data.batch_size=auto -> 24, the batch of the run being resumed"]
   with pytest.raises(ValueError, match="trained with data.batch_size=24, this run has 32"):
-    resolve_lib._batch(config_lib.with_changes(c, {"data.batch_size": 32}), None, None, earlier)  # pylint: disable=protected-access
+    bigger = config_lib.with_changes(c, {"data.batch_size": 32})
+    resolve_lib._batch(bigger, None, None, earlier)  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
