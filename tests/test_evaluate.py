@@ -73,7 +73,7 @@ def test_masked_passes_in_one_call_equal_direct_forwards(small_dataset):
   graphdef, params, buffers = nnx.split(models.build(c, nnx.Rngs(0)), nnx.Param, ...)
   variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
   order = sorted(k for k in data.class_to_idx["taxa_L40"] if k != "null")[0]
-  c.metrics.taxa_subsets = [["first_order", "taxa_L40", order]]
+  c = config_lib.with_changes(c, {"metrics.taxa_subsets": [["first_order", "taxa_L40", order]]})
   plist = evaluate.phases(c, partial=True)
   step = jax.jit(evaluate.make_eval_step(graphdef, train_step.StepConfig.from_config(c), plist))
   got = evaluate.run(step, variables, pipeline.eval_dataset(data, c), mesh, data.task_keys,
