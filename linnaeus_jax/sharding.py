@@ -81,7 +81,20 @@ def check_process_rows(mesh, global_batch_size: int) -> None:
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded along the batch axis."""
+  """Per-process numpy batch (this process's rows, `check_process_rows`) -> global jax.Arrays
+  sharded along the batch axis.
+
+  Each local device's rows are copied by an explicit `jax.device_put`: the train loop runs under
+  `jax.transfer_guard(train.transfer_guard)`, whose 'disallow' lets only explicit transfers
+  through, and with several processes `jax.make_array_from_process_local_data` transfers
+  implicitly."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+
+  def put(x):
+    x = np.asarray(x)
+    n, first = len(x) * jax.process_count(), len(x) * jax.process_index()
+    parts = sharding.addressable_devices_indices_map((n,) + x.shape[1:])
+    rows = [x[a - first:b - first] for a, b, _ in (i[0].indices(n) for i in parts.values())]
+    return jax.make_array_from_single_device_arrays((n,) + x.shape[1:], sharding,
+                                                    jax.device_put(rows, list(parts)))
+  return jax.tree.map(put, local_batch)

@@ -339,7 +339,9 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   total = config_lib.total_steps(config, spe)
   due = Due.from_config(config, total, spe)
   tx, lrs = optim.build(config, total, spe)
-  consts = state_lib.loss_constants(config, data)
+  # Replicated on the mesh once: else every step copies them there, an implicit transfer that
+  # train.transfer_guard='disallow' refuses with several processes.
+  consts = jax.device_put(state_lib.loss_constants(config, data), sharding.replicated(mesh))
   graphdef, init = state_lib.create_state(config, data.taxonomy.parents)
   abstract, state_sharding = state_lib.abstract_state(init, tx, mesh, config)
   step_fn = _compile_step(config, data, graphdef, tx, lrs, total, spe, mesh, state_sharding,

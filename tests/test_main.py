@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -239,6 +240,55 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _launch_two(config_file, workdir, *flags):
+  """One run as 2 local processes of 2 CPU devices each (gloo collectives between them)."""
+  port = _free_port()
+  return [_launch(config_file, workdir, f"--coordinator_address=127.0.0.1:{port}",
+                  "--num_processes=2", f"--process_id={i}", *flags, devices=2)
+          for i in range(2)]
+
+
+def _kill(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()  # SIGKILL: JAX takes SIGTERM for a preemption notice and waits for its peers
+
+
+def _finish_all(procs, timeout=900, grace=60):
+  """The outputs of the processes of one multi-process run, all of which must exit 0. A
+  deadlock (processes waiting for each other in a collective never finish) or a process that
+  failed (its peers then wait for it forever) fails the test with every process's output, after
+  killing them all, instead of stalling the suite: after `timeout` s, or `grace` s after the
+  first failure."""
+  outs = [""] * len(procs)
+
+  def read(i):
+    outs[i] = procs[i].communicate()[0]
+  readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+  for t in readers:
+    t.start()
+  deadline, problem = time.time() + timeout, None
+  while any(t.is_alive() for t in readers):
+    failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+    if failed and problem is None:
+      problem = f"process {failed[0]} exited with {procs[failed[0]].returncode}"
+      deadline = min(deadline, time.time() + grace)
+    if time.time() > deadline:
+      problem = problem or f"not finished after {timeout} s: deadlocked?"
+      _kill(procs)
+      for t in readers:
+        t.join(60)
+      break
+    time.sleep(0.2)
+  if problem is None and any(p.returncode != 0 for p in procs):
+    problem = "exit codes " + ", ".join(str(p.returncode) for p in procs)
+  if problem is not None:
+    pytest.fail(f"{len(procs)}-process run: {problem}\n" + "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{outs[i][-3000:]}"
+        for i, p in enumerate(procs)), pytrace=False)
+  return outs
+
+
 def _copy_at(workdir, dest, step):
   """A copy of `workdir` whose latest checkpoint is `step` (the later ones deleted): a run on it
   resumes there, as if stopped right after that checkpoint."""
@@ -276,17 +326,15 @@ def test_two_processes_resume_from_one_device_change_mesh_and_go_back(config_fil
   then the checkpoint of step 10, written by both processes, goes back to 1 device. Every hop
   equals the uninterrupted 1-device run."""
   ref_dir, ref = reference
-
-  def launch(workdir, *flags):
-    port = _free_port()
-    return [_launch(config_file, workdir, f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2", f"--process_id={i}", *flags, devices=2)
-            for i in range(2)]
   run = _copy_at(Path(ref_dir), tmp_path / "run", 5)
-  procs = launch(run, *FSDP4)
-  _wait_for_step(procs[0], run, 8)
+  procs = _launch_two(config_file, run, *FSDP4)
+  try:
+    _wait_for_step(procs[0], run, 8)
+  except BaseException:
+    _kill(procs)
+    raise
   procs[1].send_signal(signal.SIGTERM)
-  outs = [_finish(p) for p in procs]
+  outs = _finish_all(procs)
   assert "written by 1 process(es), this run has 2" in outs[0], outs[0][-3000:]
   total, per_device, per_process = _state_mib(outs[0])
   assert "mesh data=1 x fsdp=4" in outs[0] and per_device < 0.35 * total, outs[0][-3000:]
@@ -296,7 +344,7 @@ def test_two_processes_resume_from_one_device_change_mesh_and_go_back(config_fil
   with ocp.CheckpointManager(str(run / "checkpoints")) as m:
     assert m.latest_step() == last
 
-  outs = [_finish(p) for p in launch(run, "--config.mesh.fsdp=2", FSDP4[1])]
+  outs = _finish_all(_launch_two(config_file, run, "--config.mesh.fsdp=2", FSDP4[1]))
   assert "on 4 device(s)" in outs[0] and f"resumed from step {last} " in outs[0]
   assert "mesh data=2 x fsdp=2" in outs[0] and "process(es)" not in outs[0]
   _assert_losses_match(run, ref, 6)
@@ -313,20 +361,25 @@ def test_two_processes_resume_from_one_device_change_mesh_and_go_back(config_fil
   _assert_losses_match(back, ref, 11)
 
 
-def test_checkpoints_move_between_fsdp_and_data_meshes(config_file, reference, tmp_path):
-  """One process of 4 devices: fsdp=4 from scratch, then its step 5 resumed as data=4 (the other
-  direction, data -> fsdp, is the two-process test's first hop). Orbax reshards on restore; the
-  losses equal 1 device's."""
+def test_fsdp_across_two_processes_from_scratch_then_data_mesh_on_one(config_file, reference,
+                                                                       tmp_path):
+  """fsdp=4 from scratch (no checkpoint) across 2 processes of 2 devices: the first step once
+  deadlocked there (a conditional holding the kernel's all-gathers, layers.py), so the run is
+  guarded (`_finish_all`). Then its step 5 resumed as data=4 in one process of 4 devices (the
+  other direction, data -> fsdp, is the two-process test's first hop). Orbax reshards on
+  restore; the losses equal 1 device's."""
   ref = reference[1]
   fsdp = tmp_path / "fsdp"
-  out = _finish(_launch(config_file, fsdp, *FSDP4, devices=4))
-  total, per_device, per_process = _state_mib(out)
-  assert "mesh data=1 x fsdp=4" in out and per_device < 0.35 * total, out
-  assert per_process == pytest.approx(4 * per_device, rel=0.01)
+  outs = _finish_all(_launch_two(config_file, fsdp, *FSDP4))
+  total, per_device, per_process = _state_mib(outs[0])
+  assert "mesh data=1 x fsdp=4" in outs[0] and per_device < 0.35 * total, outs[0][-3000:]
+  assert per_process == pytest.approx(2 * per_device, rel=0.01)
+  assert "resumed" not in outs[0] and "on 4 device(s)" in outs[0]
   _assert_losses_match(fsdp, ref, 1)
   data = _copy_at(fsdp, tmp_path / "data", 5)
   out = _finish(_launch(config_file, data, devices=4))
   assert "mesh data=4 x fsdp=1" in out and "resumed from step 5 " in out
+  assert "written by 2 process(es), this run has 1" in out
   _assert_losses_match(data, ref, 6)
 
 

@@ -99,6 +99,8 @@ def _shifted_sum_once(x, kernel):
 
 
 def _depthwise_fwd(x, kernel):
+  if jax.device_count() > 1:  # no platform_dependent: see _depthwise_bwd
+    return _shifted_sum(x, kernel), (x, kernel)
   y = jax.lax.platform_dependent(x, kernel, cpu=_shifted_sum_once, default=_shifted_sum)
   return y, (x, kernel)
 
@@ -109,10 +111,15 @@ def _depthwise_bwd(res, g):
   g = g.astype(x.dtype)
   dx = _shifted_sum(g, kernel[::-1, ::-1])
   xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-  # The blocked loop slices the batch, which makes XLA gather a sharded batch onto every device
-  # (and then run the whole backward replicated): only with one device.
-  blocked = _kernel_grad_blocked if jax.device_count() == 1 else _kernel_grad_full
-  dk = jax.lax.platform_dependent(xp, g, cpu=blocked, default=_kernel_grad_full)
+  # The CPU variants only with one device. The blocked loop slices the batch, which makes XLA
+  # gather a sharded batch onto every device (and then run the whole backward replicated). And
+  # platform_dependent is a conditional: with the kernel split (mesh.fsdp) its branch held the
+  # kernel's all-gathers, which XLA's CPU runtime did not order with the step's other
+  # collectives, so FSDP across processes (gloo) deadlocked in the first step.
+  if jax.device_count() > 1:
+    dk = _kernel_grad_full(xp, g)
+  else:
+    dk = jax.lax.platform_dependent(xp, g, cpu=_kernel_grad_blocked, default=_kernel_grad_full)
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
