@@ -353,10 +353,8 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   ckpt = cleanup.enter_context(ckpt_lib.Checkpointer(  # closing waits for asynchronous saves
       os.path.join(workdir, "checkpoints"), config.schedule.checkpoint.keep_last_n,
       keep_top_n=config.schedule.checkpoint.keep_top_n, best_mode=es_mode))
-  start, data_from, train_iter, state, progress = _resume_or_start(
+  start, data_from, train_iter, state, prog = _resume_or_start(
       ckpt, start_point, abstract, init, tx, state_sharding, workdir, total)
-  prog = {"early_stop": progress.get("early_stop", early_stopping.init_state()),
-          "stopped_at": progress.get("stopped_at")}
   end = total if prog["stopped_at"] is None else prog["stopped_at"]
 
   # ---- Logs, validation, checkpoints.
@@ -364,7 +362,7 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   writer = closing(metric_writers.MetricWriter(  # records past the checkpoint: to be redone
       workdir, resume_step=start, redo_eval_at_resume=start == end,
       wandb_config=config.logging.wandb, run_config=json.loads(config_lib.to_json(config))))
-  _print_header(config, data, mesh, state, total, spe, workdir)
+  _print_header(config.data.batch_size, data, mesh, state, total, spe, workdir)
   progress_bar = metric_writers.Progress(total, start, config.data.batch_size)
   validate = Validator(config, data, graphdef, state_sharding, mesh, consts, writer, workdir,
                        progress_bar)
@@ -374,7 +372,8 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
   profile = closing(Profile(workdir, config.logging.profile_steps))
 
   # ---- The loop.
-  last_val, track_best = {}, es.active or config.schedule.checkpoint.keep_top_n > 0
+  keep_top_n = config.schedule.checkpoint.keep_top_n
+  last_val, track_best = {}, es.active or keep_top_n > 0
   with jax.transfer_guard(config.train.transfer_guard):
     for step in range(start, end):
       profile.before(step)
@@ -386,13 +385,13 @@ def _train(start_point: resolve_lib.Run, mesh, workdir: str, cleanup) -> dict:
       now, saved = due(done), False
       if now & {"log", "console"}:
         log.write(done, out, now)
-        _check_finite(state, config, done, saver)  # where the outputs are fetched anyway
+        _check_finite(state, config.train.nonfinite_patience, done, saver)  # fetched anyway
       if now & {"validate", "mask_meta", "partial"}:
         results = validate(state, done, now)
         last_val = results.get("val", {})
         if track_best:
-          saved = _track_best(results, done, prog, es, es_mode, config, saver, state, train_iter,
-                              last_val)
+          saved = _track_best(results, done, prog, es, es_mode, keep_top_n, saver, state,
+                              train_iter, last_val)
         if prog["stopped_at"] is not None:
           break
       if "checkpoint" in now and not saved:
@@ -429,7 +428,7 @@ def _compile_step(config, data, graphdef, tx, lrs, total, spe, mesh, state_shard
 
 def _resume_or_start(ckpt, start_point, abstract, init, tx, state_sharding, workdir: str,
                      total: int):
-  """(start step, data_from, train iterator, state, saved progress): restored from the
+  """(start step, data_from, train iterator, state, early-stopping progress): restored from the
   checkpoint to resume from (`_resume_point`), else fresh; then the assets are written."""
   config, data = start_point.config, start_point.data
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -440,7 +439,9 @@ def _resume_or_start(ckpt, start_point, abstract, init, tx, state_sharding, work
   start = start or 0
   assets.write(workdir, config, data)
   state = _start_state(state, init, tx, state_sharding, start_point, workdir, start, progress)
-  return start, data_from, train_iter, state, progress
+  prog = {"early_stop": progress.get("early_stop", early_stopping.init_state()),
+          "stopped_at": progress.get("stopped_at")}
+  return start, data_from, train_iter, state, prog
 
 
 def _start_state(restored, init, tx, state_sharding, start_point, workdir: str, start: int,
@@ -467,12 +468,12 @@ def _start_state(restored, init, tx, state_sharding, start_point, workdir: str, 
   return state
 
 
-def _print_header(config, data, mesh, state, total: int, spe: int, workdir: str) -> None:
+def _print_header(batch: int, data, mesh, state, total: int, spe: int, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   print(f"mFormerV1: {state_lib.count_params(state.params):,} parameters; {len(data.train)} "
         f"train / {len(data.val)} val rows; {total} steps ({spe} per epoch), batch "
-        f"{config.data.batch_size} on {jax.device_count()} device(s); workdir {workdir}",
+        f"{batch} on {jax.device_count()} device(s); workdir {workdir}",
         flush=True)
   leaves = jax.tree.leaves(state)
   mib = lambda n: f"{n / 2**20:,.1f} MiB"
@@ -483,15 +484,15 @@ def _print_header(config, data, mesh, state, total: int, spe: int, workdir: str)
         "process", flush=True)
 
 
-def _check_finite(state, config, step: int, saver: Saver) -> None:
+def _check_finite(state, patience: int, step: int, saver: Saver) -> None:
   streak = int(jax.device_get(state.nonfinite_streak))
-  if streak >= config.train.nonfinite_patience:
+  if streak >= patience:
     raise FloatingPointError(
         f"loss or gradients non-finite for {streak} steps in a row at step {step}; updates were "
         f"skipped. {saver.last_good()}")
 
 
-def _track_best(results, step, prog, es, es_mode, config, saver, state, train_iter,
+def _track_best(results, step, prog, es, es_mode, keep_top_n, saver, state, train_iter,
                 last_val) -> bool:
   """Early stopping's bookkeeping after a validation: saves an improved state as a candidate
   for the best checkpoints (keep_top_n) and, when patience runs out, the last state; returns
@@ -500,7 +501,7 @@ def _track_best(results, step, prog, es, es_mode, config, saver, state, train_it
   prog["early_stop"], improved = early_stopping.update(prog["early_stop"], value, step, es_mode,
                                                        es.min_delta)
   saved = False
-  if improved and config.schedule.checkpoint.keep_top_n > 0:
+  if improved and keep_top_n > 0:
     saver.save(state, train_iter, step, prog, last_val, value)
     saved = True
   if es.active and early_stopping.should_stop(prog["early_stop"], es.patience_evals):
